@@ -1,0 +1,1 @@
+"""Pallas paged-attention kernels, each beside its pure-jnp reference."""

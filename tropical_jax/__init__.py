@@ -1,0 +1,1 @@
+"""tropical_jax: SLO-aware LLM serving in JAX."""
