@@ -1,0 +1,52 @@
+import pytest
+
+from tropical_jax.kv.allocator import BlockTable, OutOfPages, PageAllocator
+
+
+def test_allocate_free_roundtrip_and_counts():
+    a = PageAllocator(num_pages=8, page_size=16)
+    pages = a.allocate(3)
+    assert pages == [0, 1, 2]
+    assert (a.num_used, a.num_free) == (3, 5)
+    a.free(pages)
+    assert (a.num_used, a.num_free) == (0, 8)
+
+
+def test_all_or_nothing_allocation():
+    a = PageAllocator(num_pages=4, page_size=8)
+    a.allocate(3)
+    with pytest.raises(OutOfPages, match="need 2 pages, 1 of 4 free"):
+        a.allocate(2)
+    assert a.num_free == 1
+
+
+def test_double_free_raises_and_changes_nothing():
+    a = PageAllocator(num_pages=4, page_size=8)
+    p = a.allocate(2)
+    a.free(p[:1])
+    with pytest.raises(ValueError, match="double free of page 0"):
+        a.free(p)  # page 0 again, page 1 legitimately
+    assert a.num_free == 3 and a.ref_count(p[1]) == 1
+
+
+def test_shared_pages_free_only_at_zero():
+    a = PageAllocator(num_pages=4, page_size=8)
+    p = a.allocate(1)
+    a.incref(p)
+    a.free(p)
+    assert a.num_free == 3
+    a.free(p)
+    assert a.num_free == 4
+    with pytest.raises(ValueError):
+        a.incref(p)
+
+
+def test_block_table_grows_by_pages_and_fails_atomically():
+    a = PageAllocator(num_pages=3, page_size=4)
+    t = BlockTable()
+    assert t.ensure(a, 5) and len(t.pages) == 2
+    assert t.ensure(a, 8) and len(t.pages) == 2  # still fits in 2 pages
+    assert not t.ensure(a, 13)  # needs 4 pages, only 3 exist
+    assert len(t.pages) == 2 and t.num_tokens == 8 and a.num_free == 1
+    t.release(a)
+    assert a.num_free == 3 and t.pages == [] and t.num_tokens == 0

@@ -1,0 +1,1 @@
+"""KV cache: host-side page allocation (pure Python) and device page pools."""
