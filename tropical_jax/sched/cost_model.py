@@ -1,0 +1,242 @@
+"""Latency cost model: how long a prefill, a chunk, a decode step, a mixed step and a KV transfer take.
+
+All methods return **seconds**; profiles are written in **milliseconds**.
+
+Forms (DESIGN §3):
+    t_prefill(L)            = c2·L² + c1·L + c0                        one request alone
+    t_chunk(C, ctx)         = k2·C² + kx·C·ctx + k1·C + k0             C new tokens on top of ctx cached ones
+    t_decode(B, T)          = d0 + d1·B + d2·T                         B requests reading T KV tokens in all
+    t_mixed(C, ctx, B, T)   = m0 + mc2·C² + mcx·C·ctx + mc1·C + mb·B + mt·T   one chunk + a decode batch
+    t_transfer(tokens)      = latency + tokens · kv_bytes_per_token / bandwidth
+A step with no chunk is a decode step, a step with no decodes is a chunk; t_decode(0, ·) = 0.
+
+JSON profile schema (one object; unknown keys are kept in `extra` and ignored):
+    {
+      "name":   "a100-internlm2.5-20b-tp2",          optional
+      "source": "where every number comes from",     optional, strongly recommended
+      "units":  "ms",                                 required, must be "ms"
+      "prefill": {"c2": .., "c1": .., "c0": ..}                    required: coefficients (ms)
+                 | {"points": [[L, ms], ...]}                       or points (>= 3), least-squares fit
+                 | {"points": {"512": 63, "1024": 115, ...}}        (same, as a mapping L -> ms)
+      "chunk":   {"k2": .., "kx": .., "k1": .., "k0": ..}          optional: coefficients
+                 | {"points": [[C, ctx, ms], ...]}                  or points (>= 4, ctx varied)
+                 absent -> derived from prefill: k2 = c2, kx = 2·c2, k1 = c1, k0 = c0, so that
+                 t_chunk(L, 0) = t_prefill(L) and the attention term of a chunk is c2·((ctx+C)² − ctx²).
+      "decode":  {"d0": .., "d1": .., "d2": ..}                    required: coefficients (ms)
+                 | {"points": [[B, T, ms], ...]}                    or points (>= 3, B and T varied)
+      "mixed":   {"m0","mc2","mcx","mc1","mb","mt"}                optional: coefficients (ms)
+                 | {"points": [[C, ctx, B, T, ms], ...]}            or points (>= 6, all features varied)
+                 absent -> t_mixed = t_chunk + t_decode − min(c0, d0) (one step's fixed overhead is
+                 shared; published profiles have no mixed-step data) and `mixed_derived` is True.
+      "kv_bytes_per_token": 196608                                  required: this ...
+      "model": {"num_layers": 48, "num_kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}
+                                                                    ... or the model shape, from which
+                 kv_bytes_per_token = 2 (K and V) · layers · kv_heads · head_dim · dtype_bytes.
+      "transfer": {"bandwidth_GBps": 200, "latency_ms": 1.0}        required (GB = 1e9 bytes)
+      "kv_capacity_tokens": 500000                                  optional: KV tokens one worker holds
+    }
+A missing file, a missing required section, a wrong unit or too few points raises `ProfileError`:
+a scheduler without a cost model must not silently stop multiplexing (a defect of the reference
+implementation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ProfileError(ValueError):
+    """The latency profile is missing or unusable."""
+
+
+def _lstsq(rows: list[list[float]], ys: list[float], names: tuple[str, ...], what: str) -> dict[str, float]:
+    a = np.asarray(rows, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    if a.shape[0] < a.shape[1]:
+        raise ProfileError(f"{what}: {a.shape[0]} points cannot fit {a.shape[1]} coefficients {names}")
+    coef, _, rank, _ = np.linalg.lstsq(a, y, rcond=None)
+    if rank < a.shape[1]:
+        raise ProfileError(f"{what}: points do not vary every feature of {names} (rank {rank}); "
+                           "profile more shapes or give coefficients")
+    return {n: float(c) for n, c in zip(names, coef)}
+
+
+def _points(section, width: int, what: str) -> list[list[float]]:
+    pts = section["points"]
+    if isinstance(pts, dict):  # {"512": 63, ...} -> [[512, 63], ...]
+        pts = [[float(k), v] for k, v in pts.items()]
+    out = []
+    for p in pts:
+        if len(p) != width:
+            raise ProfileError(f"{what}: each point needs {width} numbers, got {p!r}")
+        out.append([float(x) for x in p])
+    return out
+
+
+def _section(d: dict, key: str, names: tuple[str, ...], features, width: int) -> dict[str, float]:
+    """Coefficients (ms) of one section, given directly or fitted from points."""
+    sec = d[key]
+    if not isinstance(sec, dict):
+        raise ProfileError(f"profile section {key!r} must be an object")
+    if "points" in sec:
+        pts = _points(sec, width, key)
+        return _lstsq([features(*p[:-1]) for p in pts], [p[-1] for p in pts], names, key)
+    missing = [n for n in names if n not in sec]
+    if missing:
+        raise ProfileError(f"profile section {key!r} lacks {missing} (or give 'points')")
+    return {n: float(sec[n]) for n in names}
+
+
+@dataclass
+class CostModel:
+    # Coefficients in ms (as in the profile); methods convert to seconds.
+    prefill: dict[str, float]            # c2, c1, c0
+    chunk: dict[str, float]              # k2, kx, k1, k0
+    decode: dict[str, float]             # d0, d1, d2
+    mixed: dict[str, float] | None       # m0, mc2, mcx, mc1, mb, mt; None -> derived
+    kv_bytes_per_token: int
+    bandwidth_Bps: float                 # bytes per second
+    transfer_latency: float              # s
+    kv_capacity_tokens: int | None = None
+    name: str = ""
+    source: str = ""
+    chunk_derived: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def mixed_derived(self) -> bool:
+        """True when mixed steps are estimated as t_chunk + t_decode − min(c0, d0) (no mixed data)."""
+        return self.mixed is None
+
+    # ---------------- predictions (seconds) ----------------
+    def t_prefill(self, L: int) -> float:
+        p = self.prefill
+        return (p["c2"] * L * L + p["c1"] * L + p["c0"]) * 1e-3
+
+    def t_chunk(self, C: int, ctx: int = 0) -> float:
+        k = self.chunk
+        return (k["k2"] * C * C + k["kx"] * C * ctx + k["k1"] * C + k["k0"]) * 1e-3
+
+    def t_decode(self, B: int, T: int) -> float:
+        if B <= 0:
+            return 0.0
+        d = self.decode
+        return (d["d0"] + d["d1"] * B + d["d2"] * T) * 1e-3
+
+    def t_mixed(self, C: int, ctx: int, B: int, T: int) -> float:
+        if C <= 0:
+            return self.t_decode(B, T)
+        if B <= 0:
+            return self.t_chunk(C, ctx)
+        m = self.mixed
+        if m is None:
+            shared = min(self.prefill["c0"], self.decode["d0"]) * 1e-3
+            return self.t_chunk(C, ctx) + self.t_decode(B, T) - shared
+        return (m["m0"] + m["mc2"] * C * C + m["mcx"] * C * ctx + m["mc1"] * C
+                + m["mb"] * B + m["mt"] * T) * 1e-3
+
+    def t_transfer(self, tokens: int) -> float:
+        return self.transfer_latency + tokens * self.kv_bytes_per_token / self.bandwidth_Bps
+
+    def t_prefill_chunked(self, L: int, chunk: int, start: int = 0) -> float:
+        """Time to prefill tokens [start, L) alone in chunks of `chunk` tokens (how a P worker runs it)."""
+        t, ctx = 0.0, start
+        while ctx < L:
+            c = min(chunk, L - ctx)
+            t += self.t_chunk(c, ctx)
+            ctx += c
+        return t
+
+    # ---------------- loading ----------------
+    @classmethod
+    def from_json(cls, src: str | os.PathLike | dict) -> "CostModel":
+        """Load a profile from a path or an already-parsed dict. Raises ProfileError if unusable."""
+        if isinstance(src, dict):
+            d = src
+        else:
+            try:
+                with open(src) as f:
+                    d = json.load(f)
+            except FileNotFoundError as e:
+                raise ProfileError(f"latency profile not found: {src}") from e
+            except json.JSONDecodeError as e:
+                raise ProfileError(f"latency profile {src} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ProfileError("a latency profile is a JSON object")
+        if d.get("units") != "ms":
+            raise ProfileError(f"profile 'units' must be \"ms\", got {d.get('units')!r}")
+        for key in ("prefill", "decode", "transfer"):
+            if key not in d:
+                raise ProfileError(f"profile lacks required section {key!r}")
+
+        prefill = _section(d, "prefill", ("c2", "c1", "c0"), lambda L: [L * L, L, 1.0], 2)
+        if "chunk" in d:
+            chunk = _section(d, "chunk", ("k2", "kx", "k1", "k0"),
+                             lambda C, x: [C * C, C * x, C, 1.0], 3)
+        else:
+            chunk = {"k2": prefill["c2"], "kx": 2 * prefill["c2"], "k1": prefill["c1"], "k0": prefill["c0"]}
+        decode = _section(d, "decode", ("d0", "d1", "d2"), lambda B, T: [1.0, B, T], 3)
+        mixed = None
+        if "mixed" in d:
+            mixed = _section(d, "mixed", ("m0", "mc2", "mcx", "mc1", "mb", "mt"),
+                             lambda C, x, B, T: [1.0, C * C, C * x, C, B, T], 5)
+
+        if "kv_bytes_per_token" in d:
+            kvb = int(d["kv_bytes_per_token"])
+        elif "model" in d:
+            m = d["model"]
+            try:
+                kvb = 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * int(m["dtype_bytes"])
+            except KeyError as e:
+                raise ProfileError(f"profile 'model' lacks {e}") from e
+        else:
+            raise ProfileError("profile needs 'kv_bytes_per_token' or 'model' (KV bytes per token)")
+        tr = d["transfer"]
+        try:
+            bw = float(tr["bandwidth_GBps"]) * 1e9
+            lat = float(tr["latency_ms"]) * 1e-3
+        except (KeyError, TypeError) as e:
+            raise ProfileError(f"profile 'transfer' needs bandwidth_GBps and latency_ms: {e}") from e
+        cap = d.get("kv_capacity_tokens")
+        known = {"name", "source", "units", "prefill", "chunk", "decode", "mixed", "kv_bytes_per_token",
+                 "model", "transfer", "kv_capacity_tokens"}
+        cm = cls(prefill=prefill, chunk=chunk, decode=decode, mixed=mixed, kv_bytes_per_token=kvb,
+                 bandwidth_Bps=bw, transfer_latency=lat,
+                 kv_capacity_tokens=None if cap is None else int(cap),
+                 name=str(d.get("name", "")), source=str(d.get("source", "")),
+                 chunk_derived="chunk" not in d,
+                 extra={k: v for k, v in d.items() if k not in known})
+        cm._validate()
+        return cm
+
+    def _validate(self) -> None:
+        vals = [*self.prefill.values(), *self.chunk.values(), *self.decode.values(),
+                *(self.mixed or {}).values()]
+        if not all(math.isfinite(v) for v in vals):
+            raise ProfileError("profile coefficients must be finite")
+        if self.kv_bytes_per_token <= 0 or self.bandwidth_Bps <= 0 or self.transfer_latency < 0:
+            raise ProfileError("kv_bytes_per_token and bandwidth must be positive, latency >= 0")
+        # A model that predicts non-positive times would make every plan look free.
+        for L in (1, 128, 4096):
+            if self.t_prefill(L) <= 0 or self.t_chunk(L, 0) <= 0:
+                raise ProfileError(f"profile predicts a non-positive prefill time at L={L}")
+        if self.t_decode(1, 1) <= 0:
+            raise ProfileError("profile predicts a non-positive decode step time")
+
+    def to_dict(self) -> dict:
+        """Coefficient form of this model, loadable by from_json."""
+        d = {"name": self.name, "source": self.source, "units": "ms", "prefill": dict(self.prefill),
+             "decode": dict(self.decode), "kv_bytes_per_token": self.kv_bytes_per_token,
+             "transfer": {"bandwidth_GBps": self.bandwidth_Bps / 1e9, "latency_ms": self.transfer_latency * 1e3}}
+        if not self.chunk_derived:
+            d["chunk"] = dict(self.chunk)
+        if self.mixed is not None:
+            d["mixed"] = dict(self.mixed)
+        if self.kv_capacity_tokens is not None:
+            d["kv_capacity_tokens"] = self.kv_capacity_tokens
+        return d
