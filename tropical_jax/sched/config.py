@@ -1,0 +1,167 @@
+"""Scheduler settings: the cluster layout (`parse_cluster`) and the policy with its knobs (`PolicyConfig`).
+
+Cluster strings (DESIGN §3): a count and a role, repeated — "1P1M", "2P2M", "2C", "1P1D" — or the
+explicit form with tensor parallelism per worker, "P:tp2,M:tp2,M:tp2" (the simulator ignores tp; the
+real engine carves meshes from it). Roles:
+    P  prefill worker: prefills only, hands the KV cache to an M or D worker
+    M  multiplexing worker: decodes, and runs inline prefills in mixed steps (tropical)
+    D  decode worker: decodes only (disaggregated)
+    C  colocated worker: prefills and decodes (colocated, chunked)
+Workers are named role + index within the role: P0, P1, M0, ...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+
+ROLES = ("P", "M", "D", "C")
+POLICIES = ("tropical", "colocated", "chunked", "disaggregated")
+# Roles each policy runs on; every listed role with a "+" must appear at least once.
+_POLICY_ROLES = {
+    "tropical": ({"P", "M"}, {"M"}),
+    "colocated": ({"C"}, {"C"}),
+    "chunked": ({"C"}, {"C"}),
+    "disaggregated": ({"P", "D"}, {"P", "D"}),
+}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str   # "P0", "M1", ...
+    role: str   # one of ROLES
+    tp: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    workers: tuple[WorkerSpec, ...]
+    text: str = ""
+
+    def by_role(self, role: str) -> list[WorkerSpec]:
+        return [w for w in self.workers if w.role == role]
+
+    def __str__(self) -> str:
+        return self.text or ",".join(f"{w.role}:tp{w.tp}" for w in self.workers)
+
+
+def parse_cluster(text: str | ClusterSpec) -> ClusterSpec:
+    """"1P1M" / "2C" / "P:tp2,M:tp2" -> ClusterSpec. Raises ValueError on anything else."""
+    if isinstance(text, ClusterSpec):
+        return text
+    s = text.strip()
+    roles: list[tuple[str, int]] = []
+    if ":" in s or "," in s:
+        for part in s.split(","):
+            m = re.fullmatch(r"\s*([PMDC])(?::tp(\d+))?\s*", part)
+            if not m:
+                raise ValueError(f"bad worker {part!r} in cluster {text!r} (expected e.g. 'P:tp2')")
+            roles.append((m.group(1), int(m.group(2) or 1)))
+    else:
+        if not re.fullmatch(r"(\d+[PMDC])+", s):
+            raise ValueError(f"bad cluster {text!r} (expected e.g. '1P1M', '2C', '1P1D')")
+        for n, role in re.findall(r"(\d+)([PMDC])", s):
+            roles.extend([(role, 1)] * int(n))
+    if not roles:
+        raise ValueError(f"cluster {text!r} has no workers")
+    counts = {r: 0 for r in ROLES}
+    workers = []
+    for role, tp in roles:
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1 in cluster {text!r}")
+        workers.append(WorkerSpec(f"{role}{counts[role]}", role, tp))
+        counts[role] += 1
+    return ClusterSpec(tuple(workers), s)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A dispatch policy and every knob of DESIGN §3. Times in seconds."""
+    policy: str = "tropical"
+    # Order of rules 1 and 2 for tropical: try a prefill worker first, or a multiplexing worker first.
+    prefer: str = "prefill"
+    # Longest prompt that may be inlined on an M worker (None: no cap).
+    max_multiplex_tokens: int | None = 8192
+    # Prompts shorter than this skip the per-step slack check (their stall is below noise).
+    short_prompt_tokens: int = 512
+    # An inline is refused if the batch's predicted decode step (newcomer included) exceeds this x tpot_slo.
+    decode_latency_watermark: float = 0.85
+    # A new prompt is admitted to a worker only if its KV pages keep usage under this fraction.
+    memory_watermark: float = 0.90
+    # Every predicted time is multiplied by this before it is compared with a deadline or a slack.
+    safety_factor: float = 1.02
+    # Order of the dispatcher's waiting list and of every worker's local prefill queue:
+    # sjf (shortest predicted prefill first; SRPT at chunk boundaries), edf (deadline), fcfs (arrival).
+    # For disaggregated this is the prefill queue order (DistServe FCFS or SJF).
+    queue_order: str = "sjf"
+    # A request whose prefill has not started this long after arrival is rejected (HTTP 429). None: never.
+    queue_timeout: float | None = None
+    # Slack a decode must keep at each of its tokens during a planned inline (s).
+    slack_margin: float = 0.0
+    # Prefill chunk sizes the engine has executables for. P workers use the largest; M workers the
+    # largest that fits the slack budget.
+    chunk_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    # Tokens per step: chunked (Sarathi) puts decodes + one prefill chunk up to this budget in a step
+    # (default 2048); colocated runs a prefill alone in chunks of at most this many tokens (default
+    # None: the whole prompt in one step, i.e. a budget of max(8192, longest input)).
+    token_budget: int | None = None
+    # Default TTFT SLO for requests that carry none: ttft_scale x isolated prefill time.
+    ttft_scale: float = 5.0
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose from {POLICIES}")
+        if self.prefer not in ("prefill", "multiplex"):
+            raise ValueError(f"prefer must be 'prefill' or 'multiplex', got {self.prefer!r}")
+        if self.queue_order not in ("sjf", "edf", "fcfs"):
+            raise ValueError(f"queue_order must be sjf, edf or fcfs, got {self.queue_order!r}")
+        if not self.chunk_buckets or any(b <= 0 for b in self.chunk_buckets):
+            raise ValueError("chunk_buckets must be positive sizes")
+        object.__setattr__(self, "chunk_buckets", tuple(sorted(set(self.chunk_buckets))))
+        if not 0 < self.memory_watermark <= 1:
+            raise ValueError("memory_watermark is a fraction in (0, 1]")
+        if self.decode_latency_watermark <= 0 or self.safety_factor <= 0:
+            raise ValueError("decode_latency_watermark and safety_factor must be positive")
+        if self.token_budget is not None and self.token_budget <= 0:
+            raise ValueError("token_budget must be positive")
+        if self.queue_timeout is not None and self.queue_timeout < 0:
+            raise ValueError("queue_timeout must be >= 0")
+
+    @property
+    def chunked_budget(self) -> int:
+        return 2048 if self.token_budget is None else self.token_budget
+
+    def check_cluster(self, cluster: ClusterSpec) -> None:
+        allowed, required = _POLICY_ROLES[self.policy]
+        roles = {w.role for w in cluster.workers}
+        if not roles <= allowed or not required <= roles:
+            raise ValueError(f"policy {self.policy!r} runs on roles {sorted(allowed)} (needs {sorted(required)}); "
+                             f"cluster {cluster} has {sorted(roles)}")
+
+    @classmethod
+    def parse(cls, text: str | "PolicyConfig", **overrides) -> "PolicyConfig":
+        """"tropical" or "chunked:token_budget=512,queue_order=fcfs" (knobs after a colon) -> PolicyConfig."""
+        if isinstance(text, PolicyConfig):
+            return replace(text, **overrides) if overrides else text
+        name, _, rest = text.partition(":")
+        kw: dict = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for item in filter(None, (x.strip() for x in rest.split(","))):
+            k, eq, v = item.partition("=")
+            if not eq or k not in types:
+                raise ValueError(f"bad policy knob {item!r}; knobs: {sorted(types)}")
+            kw[k] = _parse_value(k, v)
+        kw.update(overrides)
+        return cls(policy=name.strip(), **kw)
+
+
+def _parse_value(key: str, v: str):
+    if v.lower() in ("none", "null"):
+        return None
+    if key == "chunk_buckets":
+        return tuple(int(x) for x in v.split("/"))
+    if key in ("prefer", "queue_order", "policy"):
+        return v
+    if key in ("max_multiplex_tokens", "short_prompt_tokens", "token_budget"):
+        return int(v)
+    return float(v)
