@@ -32,9 +32,12 @@ def paged_decode_reference(q, k_pool, v_pool, block_tables, lengths):
     qg = q.reshape(b, kvh, g, d)
     s = jnp.einsum("bhgd,bthd->bhgt", qg, k, preferred_element_type=jnp.float32,
                    precision="highest") / math.sqrt(d)
-    valid = (jnp.arange(p * ps)[None, :] < lengths[:, None])[:, None, None, :]
+    live = jnp.arange(p * ps)[None, :] < lengths[:, None]
+    valid = live[:, None, None, :]
     w = jax.nn.softmax(jnp.where(valid, s, NEG), axis=-1)
-    o = jnp.einsum("bhgt,bthd->bhgd", w, v.astype(jnp.float32), precision="highest")
+    # Slots past a sequence's length may hold anything (even NaN); never let it reach the sum.
+    v = jnp.where(live[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgt,bthd->bhgd", w, v, precision="highest")
     o = jnp.where((lengths > 0)[:, None, None, None], o, 0.0)
     return o.reshape(q.shape).astype(q.dtype)
 

@@ -58,7 +58,9 @@ def ragged_paged_attention_reference(q, k_pool, v_pool, block_tables, kv_lens, c
     valid = (col <= pos[:, None]) & (col < kv_lens[seq][:, None]) & (t < total)[:, None]
     valid = valid[:, None, None, :]
     w = jax.nn.softmax(jnp.where(valid, s, NEG), axis=-1)
-    o = jnp.einsum("thgl,tlhd->thgd", w, v.astype(jnp.float32), precision="highest")
+    # Slots past a sequence's kv_len may hold anything (even NaN); never let it reach the sum.
+    v = jnp.where((col < kv_lens[seq][:, None])[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("thgl,tlhd->thgd", w, v, precision="highest")
     o = jnp.where(valid.any(axis=-1, keepdims=True), o, 0.0)
     return o.reshape(q.shape).astype(q.dtype)
 
