@@ -1,0 +1,1 @@
+"""Simulator: the real scheduler with a virtual clock and a cost-model executor (DESIGN §2)."""
