@@ -43,7 +43,13 @@ class Request:
     recomputed: bool = False                # a failed KV transfer made the decode worker redo the prefill
 
     # ---- scheduler bookkeeping (not outcome) ----
-    prefilled: int = field(default=0, repr=False)  # prompt tokens already in a KV cache
+    prefilled: int = field(default=0, repr=False)      # tokens of the current prefill already in a KV cache
+    recompute_len: int = field(default=0, repr=False)  # > 0 while a recompute (lost KV) is pending: tokens to redo
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens the current prefill must bring into the cache (the prompt, or the lost KV)."""
+        return self.recompute_len or self.prompt_len
 
     @property
     def deadline(self) -> float:

@@ -1,0 +1,211 @@
+"""Dispatch: where does a waiting request's prefill run (DESIGN §3).
+
+`TropicalDispatcher` applies rules 1-3 to one waiting request at a time; `BaselineDispatcher`
+places every request at once by least outstanding work (colocated, chunked, disaggregated).
+Dispatchers only read the monitor and return a `Decision`; the scheduler applies it. Per dispatch
+pass (one state of the monitor) each worker's queue simulation or inline base plan is computed
+once and shared by every waiting request; `invalidate(worker)` drops it after a placement.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
+from tropical_jax.sched.multiplex import PlanState, plan_prefill, queued_state
+from tropical_jax.sched.request import PATH_COLOCATED, PATH_INLINE, PATH_PREFILL, Request
+
+WAIT = "wait"
+
+
+@dataclass
+class Decision:
+    action: str             # PATH_PREFILL | PATH_INLINE | PATH_COLOCATED | WAIT
+    worker: str | None
+    reason: str = ""
+    first_token: float = math.inf   # predicted time of the first token (safety factor included)
+    late: bool = False              # placed best effort: its own deadline was out of reach
+
+
+class _PQueue:
+    """A P worker's queue in its local order, for inserting a newcomer in O(log n) (rule 1)."""
+
+    def __init__(self, mon: Monitor, w: WorkerState, now: float):
+        sf = mon.cfg.safety_factor
+        self.worker = w
+        self.t0 = now + (w.free_at(now) - now) * sf   # the chunk in flight finishes first
+        items = sorted((local_key(mon, r, rem), rem * sf, r.deadline) for r, rem in w.rem.items())
+        self.keys = [k for k, _, _ in items]
+        self.prefix = [0.0]
+        for _, x, _ in items:
+            self.prefix.append(self.prefix[-1] + x)
+        # margin[p]: how much later every protected request at position >= p may finish. A request
+        # already late in the current order cannot be saved and is not protected (DESIGN §3).
+        n = len(items)
+        self.margin = [math.inf] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            m = items[i][2] - (self.t0 + self.prefix[i + 1])
+            self.margin[i] = min(self.margin[i + 1], m) if m >= 0 else self.margin[i + 1]
+        self.outstanding = self.t0 - now + self.prefix[-1]
+
+    def insert(self, key: tuple, x: float) -> tuple[bool, float]:
+        """(others all still on time, newcomer's predicted finish) for a newcomer taking x seconds."""
+        p = bisect.bisect_left(self.keys, key)
+        return x <= self.margin[p], self.t0 + self.prefix[p] + x
+
+
+class _MBase:
+    """An M worker's plan after the inlines already queued on it, shared by every newcomer (rule 2)."""
+
+    def __init__(self, mon: Monitor, w: WorkerState, now: float):
+        self.worker = w
+        self.state: PlanState = queued_state(mon, w, now)
+
+
+class TropicalDispatcher:
+    def __init__(self, mon: Monitor):
+        self.mon = mon
+        self._p: dict[str, _PQueue] = {}
+        self._m: dict[str, _MBase] = {}
+        self._now = None
+
+    def begin_pass(self, now: float) -> None:
+        self._p.clear()
+        self._m.clear()
+        self._now = now
+
+    def invalidate(self, worker: str) -> None:
+        self._p.pop(worker, None)
+        self._m.pop(worker, None)
+
+    def _pq(self, w: WorkerState) -> _PQueue:
+        q = self._p.get(w.name)
+        if q is None:
+            q = self._p[w.name] = _PQueue(self.mon, w, self._now)
+        return q
+
+    def _mb(self, w: WorkerState) -> _MBase:
+        b = self._m.get(w.name)
+        if b is None:
+            b = self._m[w.name] = _MBase(self.mon, w, self._now)
+        return b
+
+    def late_at(self, r: Request) -> float:
+        """From this time on no worker can serve r by its deadline: even an idle P worker is too late."""
+        return r.deadline - self.mon.iso[r] * self.mon.cfg.safety_factor
+
+    def is_late(self, r: Request, now: float) -> bool:
+        return now >= self.late_at(r)
+
+    # ---------------- rule 1 ----------------
+    def rule1(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str]]:
+        """Eligible P workers as (outstanding prefill time, first token, name)."""
+        mon = self.mon
+        iso = mon.iso[r]
+        key = local_key(mon, r, iso)
+        x = iso * mon.cfg.safety_factor
+        out = []
+        for w in mon.of_role("P"):
+            q = self._pq(w)
+            ok, finish = q.insert(key, x)
+            if not ok:
+                why is not None and why.append(f"{w.name}: would make a queued request late")
+            elif not late and finish > r.deadline:
+                why is not None and why.append(f"{w.name}: first token {finish:.3f} > deadline {r.deadline:.3f}")
+            else:
+                out.append((q.outstanding, finish, w.name))
+        return out
+
+    # ---------------- rule 2 ----------------
+    def rule2(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str]]:
+        """Eligible M workers as (min slack left after the plan, first token, name)."""
+        mon, cfg = self.mon, self.mon.cfg
+        L = r.prompt_len
+        out = []
+        for w in mon.of_role("M"):
+            if cfg.max_multiplex_tokens is not None and L > cfg.max_multiplex_tokens:
+                why is not None and why.append(f"{w.name}: prompt {L} > max_multiplex_tokens {cfg.max_multiplex_tokens}")
+                continue
+            if not w.can_admit(L + 1, cfg.memory_watermark):
+                why is not None and why.append(f"{w.name}: KV memory over the {cfg.memory_watermark:.0%} watermark")
+                continue
+            base = self._mb(w).state
+            tpot = min([r.tpot_slo, *base.min_a])
+            step = mon.cost.t_decode(base.B + 1, base.T + L + 1) * cfg.safety_factor
+            if step > cfg.decode_latency_watermark * tpot:
+                why is not None and why.append(
+                    f"{w.name}: decode step {step * 1e3:.1f} ms > {cfg.decode_latency_watermark} x TPOT {tpot * 1e3:.0f} ms")
+                continue
+            st = base.copy()
+            if not plan_prefill(mon, st, r, 0, strict=True, deadline=math.inf if late else r.deadline):
+                if why is not None:
+                    end = st.t0 + st.S
+                    why.append(f"{w.name}: plan ends {end:.3f} > deadline {r.deadline:.3f}" if end > r.deadline
+                               else f"{w.name}: no chunk keeps every decode on time (step {st.j + 1})")
+                continue
+            out.append((st.min_slack_left(), st.t0 + st.S, w.name))
+        return out
+
+    # ---------------- rules 1-3 ----------------
+    def decide(self, r: Request, now: float, explain: bool) -> Decision:
+        why = [] if explain else None
+        late = self.is_late(r, now)
+        if not late:
+            rules = (self._p_choice, self._m_choice)
+            if self.mon.cfg.prefer == "multiplex":
+                rules = rules[::-1]
+            for rule in rules:
+                d = rule(r, why)
+                if d is not None:
+                    return d
+            return Decision(WAIT, None, "; ".join(why) if why else "")
+        # Best effort: wherever the first token comes soonest without making anyone else late.
+        cands = [(f, n, PATH_PREFILL) for _, f, n in self.rule1(r, True, why)]
+        cands += [(f, n, PATH_INLINE) for _, f, n in self.rule2(r, True, why)]
+        if not cands:
+            return Decision(WAIT, None, "late; " + "; ".join(why) if why else "", late=True)
+        f, name, path = min(cands)
+        return Decision(path, name, f"late, best effort: first token {f:.3f} (deadline {r.deadline:.3f})" if explain else "",
+                        f, late=True)
+
+    def _p_choice(self, r: Request, why) -> Decision | None:
+        el = self.rule1(r, False, why)
+        if not el:
+            return None
+        out, f, name = min(el)
+        return Decision(PATH_PREFILL, name, f"rule 1: first token {f:.3f} <= deadline {r.deadline:.3f}, "
+                        f"outstanding {out:.3f} s" if why is not None else "", f)
+
+    def _m_choice(self, r: Request, why) -> Decision | None:
+        el = self.rule2(r, False, why)
+        if not el:
+            return None
+        # Largest minimum slack left; ties to the earlier plan end, then the worker name.
+        left, f, name = min(el, key=lambda e: (-e[0], e[1], e[2]))
+        return Decision(PATH_INLINE, name, f"rule 2: plan ends {f:.3f} <= deadline {r.deadline:.3f}, "
+                        f"min slack left {left:.3f} s" if why is not None else "", f)
+
+
+class BaselineDispatcher:
+    """colocated / chunked: the C worker with least outstanding work; disaggregated: the P worker with
+    least outstanding prefill time. Requests never wait in the dispatcher (they queue at the worker)."""
+
+    def __init__(self, mon: Monitor):
+        self.mon = mon
+        self.role, self.path = ("P", PATH_PREFILL) if mon.cfg.policy == "disaggregated" else ("C", PATH_COLOCATED)
+
+    def begin_pass(self, now: float) -> None:
+        pass
+
+    def invalidate(self, worker: str) -> None:
+        pass
+
+    def decide(self, r: Request, now: float, explain: bool) -> Decision:
+        w = min(self.mon.of_role(self.role), key=lambda w: (w.outstanding_prefill(now), w.decode_load(), w.name))
+        return Decision(self.path, w.name, "least outstanding work" if explain else "")
+
+
+def make_dispatcher(mon: Monitor):
+    return TropicalDispatcher(mon) if mon.cfg.policy == "tropical" else BaselineDispatcher(mon)

@@ -1,0 +1,132 @@
+"""The monitor: per-worker state the dispatcher and the batchers read.
+
+Per worker: its local prefill queue, the step in flight and its predicted end, the decode batch,
+requests whose KV is in transit to it, and its KV pages (a PageAllocator and one BlockTable per
+request). Banked TPOT slack is a function of a request and the time (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from tropical_jax.kv.allocator import BlockTable, PageAllocator
+from tropical_jax.sched.config import PolicyConfig, WorkerSpec
+from tropical_jax.sched.cost_model import CostModel
+from tropical_jax.sched.plan import StepPlan
+from tropical_jax.sched.request import Request
+
+
+def slack(r: Request, now: float) -> float:
+    """Time left before r's next token is due if r is to stay on track (DESIGN §3)."""
+    return r.first_token_time + r.tpot_slo * r.n_out - now
+
+
+def decode_ctx(r: Request) -> int:
+    """KV tokens a decode step of r reads (the cached ones plus the token it feeds)."""
+    return r.prompt_len + r.n_out
+
+
+def local_key(mon: "Monitor", r: Request, rem: float) -> tuple:
+    """Order of a worker's local prefill queue and of the dispatcher's waiting list (rem: predicted
+    remaining prefill time, used by sjf)."""
+    order = mon.cfg.queue_order
+    if order == "sjf":
+        return (rem, r.arrival, mon.seq[r])
+    if order == "edf":
+        return (r.deadline, r.arrival, mon.seq[r])
+    return (r.arrival, mon.seq[r])
+
+
+class WorkerState:
+    def __init__(self, spec: WorkerSpec, num_pages: int, page_size: int):
+        self.name = spec.name
+        self.role = spec.role
+        self.spec = spec
+        self.alloc = PageAllocator(num_pages, page_size)
+        self.tables: dict[Request, BlockTable] = {}
+        self.busy: StepPlan | None = None
+        # Prefills assigned here and not finished. P and C: served in the local order. M and D:
+        # recomputes first, then inlines in the order they were admitted (their plans assume it).
+        self.queue: list[Request] = []
+        self.decoding: list[Request] = []   # decode batch, oldest first (the youngest is preempted first)
+        self.incoming: list[Request] = []   # KV in transit to this worker
+        self.handoff: list[Request] = []    # P: prefilled, waiting for a destination with room
+        self.rem: dict[Request, float] = {}  # predicted remaining prefill time (s, no safety factor) of queued requests
+
+    # ---------------- time ----------------
+    def free_at(self, now: float) -> float:
+        """Predicted time the step in flight ends (now if idle)."""
+        return max(now, self.busy.end) if self.busy is not None else now
+
+    def inflight_tokens(self, r: Request) -> int:
+        """Prefill tokens of r in the chunk now running here (0 if none)."""
+        b = self.busy
+        if b is not None and b.chunk is not None and b.chunk.request is r:
+            return b.chunk.length
+        return 0
+
+    def outstanding_prefill(self, now: float) -> float:
+        """Predicted prefill time still to do here: the step in flight plus the queue (s, no safety factor)."""
+        return self.free_at(now) - now + sum(self.rem.values())
+
+    def decode_load(self) -> int:
+        """KV tokens of the decode batch, requests in transit to here included."""
+        return sum(decode_ctx(r) for r in self.decoding) + sum(decode_ctx(r) for r in self.incoming)
+
+    # ---------------- KV pages ----------------
+    def can_admit(self, tokens: int, watermark: float) -> bool:
+        """Would `tokens` more tokens of a new sequence keep page usage within the watermark?"""
+        a = self.alloc
+        return a.num_used + a.pages_for(tokens) <= watermark * a.num_pages
+
+    def reserve(self, r: Request, tokens: int) -> bool:
+        """Grow r's block table here to `tokens` tokens; False (nothing changed) if pages run out."""
+        t = self.tables.get(r)
+        if t is None:
+            t = self.tables[r] = BlockTable()
+        return t.ensure(self.alloc, tokens)
+
+    def release(self, r: Request) -> None:
+        t = self.tables.pop(r, None)
+        if t is not None:
+            t.release(self.alloc)
+
+
+class Monitor:
+    """All workers' state plus what every decision needs: the cost model and the policy's knobs."""
+
+    def __init__(self, workers: list[WorkerState], cost: CostModel, cfg: PolicyConfig):
+        self.workers = {w.name: w for w in workers}
+        self.cost = cost
+        self.cfg = cfg
+        self.big_chunk = cfg.chunk_buckets[-1]
+        # Per live request: submission order (deterministic tie-breaks) and isolated prefill time.
+        self.seq: dict[Request, int] = {}
+        self.iso: dict[Request, float] = {}
+
+    def of_role(self, *roles: str) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.role in roles]
+
+    def chunk_limit(self, w: WorkerState) -> int | None:
+        """Largest prefill chunk worker w runs alone (None: the whole rest of the prompt)."""
+        if w.role == "C":
+            return self.cfg.chunked_budget if self.cfg.policy == "chunked" else self.cfg.token_budget
+        return self.big_chunk
+
+    def remaining_time(self, w: WorkerState, r: Request) -> float:
+        """Predicted time (no safety factor) to finish r's prefill alone on w, after the chunk in flight."""
+        start = r.prefilled + w.inflight_tokens(r)
+        limit = self.chunk_limit(w)
+        target = r.prefill_target
+        if start >= target:
+            return 0.0
+        if limit is None:
+            return self.cost.t_chunk(target - start, start)
+        return self.cost.t_prefill_chunked(target, limit, start)
+
+    def track(self, r: Request, seq: int) -> None:
+        self.seq[r] = seq
+        # Isolated prefill time of r on a P worker (chunks of the largest bucket), no safety factor.
+        self.iso[r] = self.cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+
+    def forget(self, r: Request) -> None:
+        self.seq.pop(r, None)
+        self.iso.pop(r, None)

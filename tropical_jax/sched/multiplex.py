@@ -1,0 +1,152 @@
+"""Planning inline prefills on a multiplexing worker (DESIGN §3 rule 2) without letting a decode fall behind.
+
+An inline runs as k mixed steps (decode batch + one prefill chunk) with predicted times ŝ_1..ŝ_k
+(cost model x safety factor). A decode r keeps every token on time iff, for each planned step j,
+    S_j <= A_r + (j-1)·tpot_r − slack_margin,      S_j = ŝ_1 + ... + ŝ_j,
+where A_r is r's slack at the plan's start (a request that starts decoding during the plan, at the
+end of step m, has A_r = S_m − (m−1)·tpot_r: one TPOT of slack at its first token). The chunk of
+each step is the largest bucket whose mixed step satisfies every r (the "budget" of the step).
+Constraints are grouped by TPOT SLO so a step costs O(#distinct SLOs), not O(batch).
+
+The same `pick_chunk` decides the chunk of the next real step (batcher), so plans and runs agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tropical_jax.sched.monitor import Monitor, WorkerState, decode_ctx, slack
+from tropical_jax.sched.request import Request
+
+# A queued inline that fits no chunk plans a decode-only step (banking slack); after this many in a
+# row the estimate assumes the smallest chunk runs, so a plan always ends.
+_MAX_IDLE_STEPS = 64
+
+
+@dataclass
+class PlanState:
+    t0: float                     # when the plan's first step starts (the step in flight ends)
+    B: int = 0                    # decodes in each planned step (in-transit ones included)
+    T: int = 0                    # KV tokens they read
+    S: float = 0.0                # planned time so far (safety factor included)
+    j: int = 0                    # steps planned so far
+    min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
+
+    def copy(self) -> "PlanState":
+        return PlanState(self.t0, self.B, self.T, self.S, self.j, dict(self.min_a))
+
+    def add_decode(self, a: float, tpot: float, ctx: int) -> None:
+        if a < self.min_a.get(tpot, math.inf):
+            self.min_a[tpot] = a
+        self.B += 1
+        self.T += ctx
+
+    def budget(self, margin: float) -> float:
+        """Longest next step (s) that keeps every decode's token of that step on time."""
+        if not self.min_a:
+            return math.inf
+        j = self.j + 1
+        return min(a + (j - 1) * tp for tp, a in self.min_a.items()) - margin - self.S
+
+    def min_slack_left(self) -> float:
+        """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
+        if not self.min_a:
+            return math.inf
+        return min(a + self.j * tp for tp, a in self.min_a.items()) - self.S
+
+    def advance(self, seconds: float) -> None:
+        self.S += seconds
+        self.j += 1
+        self.T += self.B  # every decode cached one more token
+
+
+def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slack: bool) -> tuple[int, float]:
+    """Largest bucket-sized chunk (or the rest of the prompt) whose mixed step fits the budget.
+
+    Returns (chunk tokens, predicted step time with safety factor); (0, 0.0) when none fits.
+    """
+    sf = mon.cfg.safety_factor
+    budget = st.budget(mon.cfg.slack_margin) if check_slack else math.inf
+    prev = None
+    for b in reversed(mon.cfg.chunk_buckets):
+        c = min(b, remaining)
+        if c == prev:
+            continue
+        prev = c
+        s = mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
+        if s <= budget:
+            return c, s
+    return 0, 0.0
+
+
+def is_short(mon: Monitor, r: Request) -> bool:
+    """Short prompts skip the slack check (DESIGN §3): their stall is below noise."""
+    return r.prefill_target < mon.cfg.short_prompt_tokens
+
+
+def start_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
+    """Decode constraints on w when its step in flight ends (decodes in that step get their token then).
+
+    A prefill whose last chunk is in flight is still in w.queue; queued_state joins it to the batch.
+    """
+    st = PlanState(t0=w.free_at(now))
+    in_flight = w.busy.decodes if w.busy is not None else ()
+    in_step = {id(r) for r in in_flight}
+    for r in w.decoding:
+        n = r.n_out + (1 if id(r) in in_step else 0)
+        st.add_decode(r.first_token_time + r.tpot_slo * n - st.t0, r.tpot_slo, r.prompt_len + n)
+    for r in w.incoming:
+        st.add_decode(slack(r, st.t0), r.tpot_slo, decode_ctx(r))
+    return st
+
+
+def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bool,
+                 deadline: float = math.inf) -> bool:
+    """Plan r's prefill from token `start` onto st (mutated); `join` it afterwards if it is to decode.
+
+    strict: every step must carry a chunk that keeps every decode on time, and the plan must end by
+    `deadline`; returns False as soon as it cannot. Non-strict (inlines already admitted): a step
+    that fits no chunk is a decode-only step that banks slack.
+    """
+    target = r.prefill_target
+    check = not is_short(mon, r)
+    sf = mon.cfg.safety_factor
+    ctx, idle = start, 0
+    while ctx < target:
+        c, s = pick_chunk(mon, st, target - ctx, ctx, check)
+        if c == 0:
+            if strict:
+                return False
+            idle += 1
+            if idle > _MAX_IDLE_STEPS or st.B == 0:
+                c = min(mon.cfg.chunk_buckets[0], target - ctx)
+                s = mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
+            else:
+                st.advance(mon.cost.t_decode(st.B, st.T) * sf)
+                continue
+        idle = 0
+        st.advance(s)
+        ctx += c
+        if strict and st.t0 + st.S > deadline:
+            return False
+    return True
+
+
+def join(st: PlanState, r: Request) -> None:
+    """r, whose prefill the plan just finished, decodes from now on: a new request has one TPOT of
+    slack at its first token; a recompute keeps the slack it had (its tokens were due all along)."""
+    if r.recompute_len:
+        a = r.first_token_time + r.tpot_slo * r.n_out - st.t0 - st.j * r.tpot_slo
+        st.add_decode(a, r.tpot_slo, decode_ctx(r))
+    else:
+        st.add_decode(st.S - (st.j - 1) * r.tpot_slo, r.tpot_slo, r.prompt_len + 1)
+
+
+def queued_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
+    """Plan state after every prefill already queued on w (non-strict), ready for a newcomer."""
+    st = start_state(mon, w, now)
+    for q in w.queue:
+        plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
+        join(st, q)
+    return st

@@ -1,0 +1,56 @@
+"""What the scheduler hands a worker to run: one device step (StepPlan), and KV handoffs (Transfer).
+
+A step has the shape of the engine's device step (notes/interfaces.md): at most ONE prefill chunk of
+one sequence plus a decode batch. Executors (the simulator's cost model, the real JAX runtime) run
+it and report back with Scheduler.step_done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tropical_jax.sched.request import Request
+
+
+@dataclass
+class Chunk:
+    request: Request
+    start: int        # tokens of this sequence already cached (first position of the chunk)
+    length: int       # tokens in this chunk
+    last: bool        # the chunk completes the prefill
+    recompute: bool   # re-prefill of lost KV (failed transfer / preemption): its last chunk emits no token
+
+
+@dataclass
+class StepPlan:
+    worker: str
+    chunk: Chunk | None
+    decodes: list[Request]
+    decode_tokens: int     # T: KV tokens the decode batch reads (sum over decodes of their context)
+    predicted: float       # predicted duration, s (cost model, without the safety factor)
+    start: float
+
+    @property
+    def end(self) -> float:
+        """Predicted end of the step."""
+        return self.start + self.predicted
+
+    def emitting(self) -> list[Request]:
+        """Requests that receive a token when this step completes."""
+        out = list(self.decodes)
+        c = self.chunk
+        if c is not None and c.last and not c.recompute:
+            out.append(c.request)
+        return out
+
+
+@dataclass
+class Transfer:
+    """Move a request's KV (`tokens` tokens) from worker src to worker dst; dst pages are already allocated."""
+    request: Request
+    src: str
+    dst: str
+    tokens: int
+    start: float
+    src_pages: list[int] = field(default_factory=list)
+    dst_pages: list[int] = field(default_factory=list)

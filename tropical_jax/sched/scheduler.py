@@ -1,0 +1,323 @@
+"""The scheduler: a passive, thread-safe state machine that a clock and executors drive.
+
+Calls (every one takes `now`, seconds on the caller's clock, and must not go back in time):
+    submit(request, now)                 a request arrives; dispatch runs
+    next_step(worker, now) -> StepPlan   an idle worker asks for its next step (None: nothing to do)
+    step_done(worker, plan, now, finished)   the step ran; `finished` = requests that stopped at the
+                                         token this step produced (EOS). max_tokens is enforced here.
+    take_transfers() -> [Transfer]       KV handoffs P -> M/D the driver must now start
+    transfer_done(transfer, now, ok)     a handoff landed (ok) or failed (recompute on the destination)
+    tick(now)                            time passed (queue timeouts, requests turning late)
+    next_timer() -> float | None         when tick should next be called if nothing else happens
+The simulator (sim/simulator.py) is an event loop over these calls with a virtual clock; the real
+engine calls the very same methods from its worker threads with a wall clock.
+
+Every dispatch decision is counted (`counters`: prefill / inline / colocated / waited / rejected /
+late, plus transfers, transfer_failures, recomputes, preemptions), logged at DEBUG on the
+"tropical_jax.sched" logger with its reason, and recorded in `decisions` when asked.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from tropical_jax.sched.batcher import Batcher
+from tropical_jax.sched.config import ClusterSpec, PolicyConfig, parse_cluster
+from tropical_jax.sched.cost_model import CostModel
+from tropical_jax.sched.dispatch import WAIT, Decision, make_dispatcher
+from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
+from tropical_jax.sched.plan import StepPlan, Transfer
+from tropical_jax.sched.request import PATH_INLINE, PATH_PREFILL, PATH_REJECTED, Request
+
+log = logging.getLogger("tropical_jax.sched")
+
+
+@dataclass
+class DecisionRecord:
+    time: float
+    request: int | str
+    action: str          # prefill | inline | colocated | wait | rejected | handoff | transfer_failed | preempted
+    worker: str | None
+    reason: str
+    late: bool = False
+
+
+class Scheduler:
+    def __init__(self, cluster: str | ClusterSpec, policy: str | PolicyConfig, cost_model: CostModel, *,
+                 kv_capacity_tokens: int | None = None, page_size: int = 16, record_decisions: bool = False):
+        self.cluster = parse_cluster(cluster)
+        self.cfg = PolicyConfig.parse(policy)
+        self.cfg.check_cluster(self.cluster)
+        cap = kv_capacity_tokens if kv_capacity_tokens is not None else cost_model.kv_capacity_tokens
+        if cap is None:
+            raise ValueError("KV capacity unknown: give kv_capacity_tokens or put it in the profile")
+        num_pages = cap // page_size
+        if num_pages <= 0:
+            raise ValueError(f"kv_capacity_tokens={cap} holds no page of {page_size} tokens")
+        self.cost = cost_model
+        workers = [WorkerState(spec, num_pages, page_size) for spec in self.cluster.workers]
+        self.mon = Monitor(workers, cost_model, self.cfg)
+        self.dispatcher = make_dispatcher(self.mon)
+        self.batcher = Batcher(self.mon, self._preempted)
+        self.waiting: list[tuple[tuple, Request]] = []  # tropical: not yet placed, in queue order
+        self.counters: Counter = Counter()
+        self.decisions: list[DecisionRecord] | None = [] if record_decisions else None
+        self._transfers: list[Transfer] = []
+        self._timer: float | None = None
+        self._seq = 0
+        self._waited: set[int] = set()
+        self._lock = threading.RLock()
+        self.live = 0  # submitted and neither finished nor rejected
+
+    # ================= public API =================
+    def submit(self, r: Request, now: float) -> None:
+        with self._lock:
+            if r.prompt_len < 1 or r.max_tokens < 1:
+                raise ValueError(f"request {r.id}: prompt_len and max_tokens must be >= 1")
+            if r.ttft_slo is None:
+                r.ttft_slo = self.cfg.ttft_scale * self.cost.t_prefill(r.prompt_len)
+            self.mon.track(r, self._seq)
+            self._seq += 1
+            self.live += 1
+            why = self._never_fits(r)
+            if why:
+                self._reject(r, now, why)
+            elif self.cfg.policy == "tropical":
+                key = local_key(self.mon, r, self.mon.iso[r])
+                bisect.insort(self.waiting, (key, r), key=lambda e: e[0])
+            else:
+                self._apply(r, self.dispatcher.decide(r, now, self._explain), now)
+            self._dispatch(now)
+
+    def next_step(self, worker: str, now: float) -> StepPlan | None:
+        with self._lock:
+            w = self.mon.workers[worker]
+            if w.busy is not None:
+                return None
+            plan = self.batcher.next_step(w, now)
+            if plan is None:
+                return None
+            w.busy = plan
+            c = plan.chunk
+            if c is not None:
+                if c.request.first_scheduled is None:
+                    c.request.first_scheduled = now
+                w.rem[c.request] = self.mon.remaining_time(w, c.request)
+            self.dispatcher.invalidate(worker)
+            return plan
+
+    def step_done(self, worker: str, plan: StepPlan, now: float, finished=()) -> None:
+        with self._lock:
+            w = self.mon.workers[worker]
+            if w.busy is not plan:
+                raise ValueError(f"{worker}: step_done for a plan that is not in flight")
+            w.busy = None
+            stop = {id(r) for r in finished}
+            for r in plan.decodes:
+                self._token(w, r, now, id(r) in stop)
+            c = plan.chunk
+            if c is not None:
+                r = c.request
+                r.prefilled += c.length
+                if not c.last:
+                    w.rem[r] = self.mon.remaining_time(w, r)
+                else:
+                    w.queue.remove(r)
+                    w.rem.pop(r, None)
+                    if c.recompute:
+                        r.recompute_len = 0
+                        r.prefilled = r.prompt_len
+                        w.decoding.append(r)
+                    else:
+                        self._first_token(w, r, now, id(r) in stop)
+            self._dispatch(now)
+
+    def take_transfers(self) -> list[Transfer]:
+        with self._lock:
+            out, self._transfers = self._transfers, []
+            return out
+
+    def transfer_done(self, t: Transfer, now: float, ok: bool = True) -> None:
+        with self._lock:
+            src, dst, r = self.mon.workers[t.src], self.mon.workers[t.dst], t.request
+            src.release(r)
+            dst.incoming.remove(r)
+            r.transfer_time = now - t.start
+            if ok:
+                dst.decoding.append(r)
+            else:
+                # The request must not be lost: redo its prefill on the destination (pages already there).
+                self.counters["transfer_failures"] += 1
+                self.counters["recomputes"] += 1
+                r.recomputed = True
+                r.recompute_len = r.prompt_len
+                r.prefilled = 0
+                dst.queue.insert(sum(1 for q in dst.queue if q.recompute_len), r)
+                dst.rem[r] = self.mon.remaining_time(dst, r)
+                self._record(now, r, "transfer_failed", dst.name, "recompute the prefill on the destination")
+            self._dispatch(now)
+
+    def tick(self, now: float) -> None:
+        with self._lock:
+            self._dispatch(now)
+
+    def next_timer(self) -> float | None:
+        with self._lock:
+            return self._timer
+
+    def block_table(self, worker: str, r: Request):
+        """r's BlockTable on worker (the real engine builds device metadata from it)."""
+        return self.mon.workers[worker].tables[r]
+
+    @property
+    def workers(self) -> dict[str, WorkerState]:
+        return self.mon.workers
+
+    # ================= internals =================
+    @property
+    def _explain(self) -> bool:
+        return self.decisions is not None or log.isEnabledFor(logging.DEBUG)
+
+    def _record(self, now: float, r: Request, action: str, worker: str | None, reason: str, late=False) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("t=%.4f req %s -> %s %s (%s)", now, r.id, action, worker or "", reason)
+        if self.decisions is not None:
+            self.decisions.append(DecisionRecord(now, r.id, action, worker, reason, late))
+
+    def _never_fits(self, r: Request) -> str:
+        """Why no worker of this cluster could ever serve r ('' if some could)."""
+        cfg = self.cfg
+        w = next(iter(self.mon.workers.values()))  # all workers have the same KV capacity
+        if w.alloc.pages_for(r.prompt_len + 1) > cfg.memory_watermark * w.alloc.num_pages:
+            return f"prompt of {r.prompt_len} tokens exceeds a worker's KV memory (below the watermark)"
+        if cfg.policy == "tropical" and not self.mon.of_role("P") and cfg.max_multiplex_tokens is not None \
+                and r.prompt_len > cfg.max_multiplex_tokens:
+            return "no prefill worker and the prompt exceeds max_multiplex_tokens"
+        return ""
+
+    def _reject(self, r: Request, now: float, reason: str) -> None:
+        r.rejected = True
+        r.path = PATH_REJECTED
+        self.counters["rejected"] += 1
+        self.live -= 1
+        self.mon.forget(r)
+        self._record(now, r, "rejected", None, reason)
+
+    def _apply(self, r: Request, d: Decision, now: float) -> None:
+        w = self.mon.workers[d.worker]
+        if d.action == PATH_INLINE and not w.reserve(r, r.prompt_len + 1):
+            raise AssertionError("rule 2 admitted an inline without pages")  # can_admit was checked
+        r.path = d.action
+        r.prefill_worker = w.name
+        if d.action != PATH_PREFILL:
+            r.decode_worker = w.name
+        r.late = d.late
+        w.queue.append(r)
+        w.rem[r] = self.mon.remaining_time(w, r)
+        self.counters[d.action] += 1
+        if d.late:
+            self.counters["late"] += 1
+        self.dispatcher.invalidate(w.name)
+        self._record(now, r, d.action, w.name, d.reason, d.late)
+
+    def _token(self, w: WorkerState, r: Request, now: float, stop: bool) -> None:
+        r.n_out += 1
+        r.last_token_time = now
+        if stop or r.n_out >= r.max_tokens:
+            w.decoding.remove(r)
+            self._finish(w, r, now)
+
+    def _first_token(self, w: WorkerState, r: Request, now: float, stop: bool) -> None:
+        r.n_out = 1
+        r.first_token_time = r.last_token_time = now
+        if stop or r.max_tokens <= 1:
+            self._finish(w, r, now)
+        elif w.role == "P":
+            w.handoff.append(r)
+        else:
+            w.decoding.append(r)
+
+    def _finish(self, w: WorkerState, r: Request, now: float) -> None:
+        r.finish_time = now
+        w.release(r)
+        self.live -= 1
+        self.mon.forget(r)
+
+    def _preempted(self, w: WorkerState, r: Request, now: float) -> None:
+        self.counters["preemptions"] += 1
+        self.counters["recomputes"] += 1
+        r.recomputed = True
+        self._record(now, r, "preempted", w.name, "decode ran out of KV pages")
+
+    def _handoffs(self, now: float) -> None:
+        """Send finished prefills to the M/D worker with the least decode load that has room."""
+        cfg = self.cfg
+        for p in self.mon.of_role("P"):
+            while p.handoff:
+                r = p.handoff[0]
+                need = r.prompt_len + 1
+                dests = [w for w in self.mon.of_role("M", "D") if w.can_admit(need, cfg.memory_watermark)]
+                if not dests:
+                    break  # retried at the next state change (decodes finishing free pages)
+                d = min(dests, key=lambda w: (w.decode_load(), w.name))
+                p.handoff.pop(0)
+                d.reserve(r, need)
+                d.incoming.append(r)
+                r.decode_worker = d.name
+                self._transfers.append(Transfer(r, p.name, d.name, r.prompt_len, now))
+                self.counters["transfers"] += 1
+                self.dispatcher.invalidate(d.name)
+
+    def _timeouts(self, now: float) -> None:
+        limit = self.cfg.queue_timeout
+        if self.waiting:
+            keep = []
+            for e in self.waiting:
+                if now >= e[1].arrival + limit:
+                    self._reject(e[1], now, f"not started within queue_timeout {limit} s")
+                else:
+                    keep.append(e)
+            self.waiting = keep
+        for w in self.mon.workers.values():
+            for r in [q for q in w.queue if q.first_scheduled is None and now >= q.arrival + limit]:
+                w.queue.remove(r)
+                w.rem.pop(r, None)
+                w.release(r)
+                self._reject(r, now, f"not started within queue_timeout {limit} s")
+                self.dispatcher.invalidate(w.name)
+
+    def _dispatch(self, now: float) -> None:
+        if self.cfg.queue_timeout is not None:
+            self._timeouts(now)
+        self._handoffs(now)
+        timer = math.inf
+        if self.waiting:
+            disp = self.dispatcher
+            disp.begin_pass(now)
+            explain = self._explain
+            keep = []
+            for e in self.waiting:
+                r = e[1]
+                d = disp.decide(r, now, explain)
+                if d.action != WAIT:
+                    self._apply(r, d, now)
+                    continue
+                keep.append(e)
+                if id(r) not in self._waited:
+                    self._waited.add(id(r))
+                    self.counters["waited"] += 1
+                    self._record(now, r, WAIT, None, d.reason, d.late)
+                if not d.late:  # it turns late (best effort) then, even if nothing else happens
+                    timer = min(timer, disp.late_at(r))
+            self.waiting = keep
+        if self.cfg.queue_timeout is not None:
+            starts = [r.arrival for _, r in self.waiting]
+            starts += [q.arrival for w in self.mon.workers.values() for q in w.queue if q.first_scheduled is None]
+            if starts:
+                timer = min(timer, min(starts) + self.cfg.queue_timeout)
+        self._timer = timer if timer < math.inf else None

@@ -1,0 +1,56 @@
+"""Cost-model executor: how long the simulator says a step or a KV transfer takes, and when requests stop.
+
+Step time = the cost model's prediction for the step's shape (chunk C on ctx cached tokens, B decodes
+reading T KV tokens) times an optional multiplicative noise factor, lognormal with mean 1:
+exp(noise·z − noise²/2), z ~ N(0, 1). KV transfer = latency + tokens · kv_bytes_per_token / bandwidth
+(the profile's model shape gives the bytes per token); each transfer has its own link (no contention).
+A request stops when it has produced min(output_len, max_tokens) tokens; only this executor reads
+output_len — the scheduler never does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from tropical_jax.sched.cost_model import CostModel
+from tropical_jax.sched.plan import StepPlan, Transfer
+from tropical_jax.sched.request import Request
+
+
+class CostModelExecutor:
+    def __init__(self, cost: CostModel, noise: float = 0.0, seed: int = 0, transfer_failure_rate: float = 0.0):
+        if noise < 0 or not 0 <= transfer_failure_rate <= 1:
+            raise ValueError("noise must be >= 0 and transfer_failure_rate in [0, 1]")
+        self.cost = cost
+        self.noise = noise
+        self.transfer_failure_rate = transfer_failure_rate
+        self.rng = random.Random(seed)
+
+    def _factor(self) -> float:
+        if not self.noise:
+            return 1.0
+        return math.exp(self.noise * self.rng.gauss(0.0, 1.0) - self.noise * self.noise / 2)
+
+    def step_time(self, plan: StepPlan) -> float:
+        c = plan.chunk
+        if c is None:
+            t = self.cost.t_decode(len(plan.decodes), plan.decode_tokens)
+        else:
+            t = self.cost.t_mixed(c.length, c.start, len(plan.decodes), plan.decode_tokens)
+        return t * self._factor()
+
+    @staticmethod
+    def stops(r: Request) -> bool:
+        """Does r stop at its next token? (r.n_out counts tokens produced before it.)"""
+        n = r.max_tokens if r.output_len is None else min(r.output_len, r.max_tokens)
+        return r.n_out + 1 >= n
+
+    def finished(self, plan: StepPlan) -> list[Request]:
+        """Requests whose token from this step is their last (call before step_done updates n_out)."""
+        return [r for r in plan.emitting() if self.stops(r)]
+
+    def transfer(self, t: Transfer) -> tuple[float, bool]:
+        """(duration, succeeded) of a KV handoff. A failure is noticed after the full transfer time."""
+        ok = not (self.transfer_failure_rate and self.rng.random() < self.transfer_failure_rate)
+        return self.cost.t_transfer(t.tokens) * self._factor(), ok
