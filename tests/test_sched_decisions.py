@@ -1,0 +1,408 @@
+"""Dispatch and batching decisions on hand-built monitor states, one test per condition of DESIGN §3.
+
+Cost model with round numbers (ms):  t_prefill(L) = t_chunk(L) = 0.25·L + 10,  t_decode = 20,
+mixed (derived, shared overhead min(c0, d0) = 10) = 0.25·C + 20  ->  C=128: 52, 256: 84, 512: 148,
+1024: 276.  Chunk buckets (128, 256, 512, 1024); safety factor 1 unless a test says otherwise.
+A prefill on a P worker runs in chunks of 1024 (10 ms overhead each): L=2048 -> 532 ms.
+"""
+
+import math
+
+import pytest
+
+from tropical_jax.sched.config import PolicyConfig
+from tropical_jax.sched.cost_model import CostModel, ProfileError
+from tropical_jax.sched.plan import StepPlan
+from tropical_jax.sched.request import Request
+from tropical_jax.sched.scheduler import Scheduler
+
+PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.25, "c0": 10.0}, "decode": {"d0": 20.0, "d1": 0.0, "d2": 0.0},
+           "kv_bytes_per_token": 1000, "transfer": {"bandwidth_GBps": 1.0, "latency_ms": 1.0}}
+COST = CostModel.from_json(PROFILE)
+NOW = 100.0
+_ids = iter(range(10**9))
+
+
+def make(cluster="2M", policy="tropical", cost=COST, cap=100_000, **knobs):
+    knobs.setdefault("safety_factor", 1.0)
+    knobs.setdefault("chunk_buckets", (128, 256, 512, 1024))
+    return Scheduler(cluster, PolicyConfig(policy=policy, **knobs), cost, kv_capacity_tokens=cap, page_size=16,
+                     record_decisions=True)
+
+
+def req(L, ttft_slo=5.0, arrival=NOW, tpot=0.1, out=10):
+    return Request(next(_ids), arrival, L, out, ttft_slo, tpot, out)
+
+
+def decoding(s, worker, L=100, slack=0.3, n_out=10, tpot=0.1):
+    """Put a request in worker's decode batch whose banked slack at NOW is `slack`."""
+    r = req(L, tpot=tpot, arrival=0.0)
+    r.n_out = n_out
+    r.first_token_time = NOW + slack - tpot * n_out
+    r.last_token_time = NOW - 0.001
+    r.path = "inline"
+    w = s.workers[worker]
+    s.mon.track(r, next(_ids))
+    assert w.reserve(r, L + n_out - 1)  # the last sampled token is not in the cache yet
+    w.decoding.append(r)
+    s.live += 1
+    return r
+
+
+def queued(s, worker, r):
+    """Put r in worker's local prefill queue (as if dispatched there earlier)."""
+    w = s.workers[worker]
+    s.mon.track(r, next(_ids))
+    if w.role == "M":
+        assert w.reserve(r, r.prompt_len + 1)
+    w.queue.append(r)
+    w.rem[r] = s.mon.remaining_time(w, r)
+    s.live += 1
+    return r
+
+
+def busy_until(s, worker, end):
+    s.workers[worker].busy = StepPlan(worker, None, [], 0, end - NOW, NOW)
+
+
+def placed(s, r):
+    s.submit(r, NOW)
+    return r.path, r.prefill_worker
+
+
+# ---------------- cost model ----------------
+def test_cost_model_fits_points_and_derives_mixed():
+    pts = {str(L): 2e-6 * L * L + 0.1 * L + 20 for L in (512, 1024, 4096, 16384)}
+    cm = CostModel.from_json({**PROFILE, "prefill": {"points": pts},
+                              "decode": {"points": [[1, 1000, 21.1], [8, 1000, 28.1], [8, 9000, 36.1]]}})
+    assert cm.prefill["c2"] == pytest.approx(2e-6) and cm.prefill["c0"] == pytest.approx(20)
+    assert cm.decode["d1"] == pytest.approx(1.0) and cm.decode["d2"] == pytest.approx(0.001)
+    assert cm.mixed_derived
+    # chunk derived from prefill: attention term c2*((ctx+C)^2 - ctx^2)
+    assert cm.t_chunk(1000, 3000) == pytest.approx((2e-6 * (4000**2 - 3000**2) + 100 + 20) / 1e3)
+    assert cm.decode["d0"] == pytest.approx(19.1)  # shared overhead: min(c0=20, d0=19.1)
+    assert cm.t_mixed(100, 0, 8, 1000) == pytest.approx(cm.t_chunk(100) + cm.t_decode(8, 1000) - 0.0191)
+    assert cm.t_transfer(1000) == pytest.approx(0.001 + 1000 * 1000 / 1e9)
+
+
+def test_cost_model_kv_bytes_from_model_shape_and_errors(tmp_path):
+    d = {k: v for k, v in PROFILE.items() if k != "kv_bytes_per_token"}
+    cm = CostModel.from_json({**d, "model": {"num_layers": 48, "num_kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}})
+    assert cm.kv_bytes_per_token == 196608
+    with pytest.raises(ProfileError, match="not found"):
+        CostModel.from_json(tmp_path / "missing.json")
+    with pytest.raises(ProfileError, match="kv_bytes_per_token"):
+        CostModel.from_json(d)
+    with pytest.raises(ProfileError, match="decode"):
+        CostModel.from_json({k: v for k, v in PROFILE.items() if k != "decode"})
+    with pytest.raises(ProfileError, match="units"):
+        CostModel.from_json({**PROFILE, "units": "s"})
+    with pytest.raises(ProfileError, match="cannot fit"):
+        CostModel.from_json({**PROFILE, "prefill": {"points": [[1, 2.0], [2, 3.0]]}})
+    p = tmp_path / "p.json"
+    p.write_text(__import__("json").dumps(cm.to_dict()))
+    assert CostModel.from_json(p).t_mixed(300, 10, 4, 500) == pytest.approx(cm.t_mixed(300, 10, 4, 500))
+
+
+# ---------------- rule 1: prefill workers ----------------
+def test_rule1_queue_simulation_protects_queued_deadlines():
+    s = make("2P1M")
+    busy_until(s, "P0", NOW + 0.2)                  # in-flight chunk: 0.2 s left
+    queued(s, "P0", req(1000, ttft_slo=0.5))        # 260 ms; alone it ends at 0.46 <= 0.5
+    queued(s, "P1", req(1000, ttft_slo=5.0))        # P1 is idle
+    r = req(400)                                    # 110 ms, SJF puts it first: P0's queued request would end at 0.57
+    assert placed(s, r) == ("prefill", "P1")
+
+
+def test_rule1_in_flight_chunk_and_own_deadline():
+    s = make("1P1M", max_multiplex_tokens=100)     # keep M out of it
+    busy_until(s, "P0", NOW + 0.3)
+    assert placed(s, req(1000, ttft_slo=0.55)) == (None, None)   # 0.3 + 0.26 = 0.56 > 0.55 -> wait
+    s = make("1P1M", max_multiplex_tokens=100)
+    busy_until(s, "P0", NOW + 0.3)
+    r = req(1000, ttft_slo=0.57)
+    assert placed(s, r) == ("prefill", "P0")
+
+
+def test_rule1_picks_least_outstanding_time_not_tokens():
+    s = make("2P1M", max_multiplex_tokens=100)
+    queued(s, "P0", req(1200))                      # 1200 tokens, 2 chunks: 320 ms
+    for _ in range(40):
+        queued(s, "P1", req(1))                     # 40 tokens, 40 x 10.25 ms = 410 ms
+    assert placed(s, req(3000, ttft_slo=50)) == ("prefill", "P0")
+
+
+# ---------------- rule 2: multiplexing workers ----------------
+def test_rule2_plan_per_step_and_pick_largest_min_slack_left():
+    # M0: decode slack 0.3 -> chunks 1024, 256, 256, 512 (steps 276, 84, 84, 148 ms; budgets 300, 124,
+    #     140, 156): plan 0.592 s, min slack left 0.3 + 0.4 - 0.592 = 0.108.
+    # M1: decode slack 0.2 -> chunks 512, 512, 256, 256, 256, 256: plan 0.632 s, slack left 0.168.
+    s = make("2M")
+    decoding(s, "M0", slack=0.3)
+    decoding(s, "M1", slack=0.2)
+    r = req(2048)
+    assert placed(s, r) == ("inline", "M1")
+    assert "min slack left 0.168" in s.decisions[-1].reason
+    assert "plan ends 100.632" in s.decisions[-1].reason
+
+
+def test_rule2_slack_checked_at_every_planned_step():
+    # tpot 50 ms, slack 57 ms; every 128-chunk step (52 ms) spends 2 ms net: steps 1-3 fit, step 4 does not.
+    for L, ok in ((384, True), (512, False)):
+        s = make("1M", short_prompt_tokens=0)
+        decoding(s, "M0", slack=0.057, tpot=0.05)
+        r = req(L)
+        s.submit(r, NOW)
+        assert (r.path == "inline") == ok, L
+        if not ok:
+            assert "no chunk keeps every decode on time (step 4)" in s.decisions[-1].reason
+
+
+def test_rule2_short_prompts_skip_the_slack_check():
+    s = make("1M")
+    decoding(s, "M0", slack=0.01)                   # no chunk fits 10 ms
+    assert placed(s, req(511)) == ("inline", "M0")  # short: stall below noise
+    s = make("1M")
+    decoding(s, "M0", slack=0.01)
+    assert placed(s, req(512)) == (None, None)
+    assert s.counters["waited"] == 1
+
+
+def test_rule2_slack_margin():
+    for margin, ok in ((0.0, True), (0.26, False)):  # 600 tokens: 512 + 88; budget 0.3 - margin
+        s = make("1M", slack_margin=margin)
+        decoding(s, "M0", slack=0.3)
+        r = req(600)
+        s.submit(r, NOW)
+        assert (r.path == "inline") == ok
+
+
+def test_rule2_max_multiplex_tokens():
+    s = make("1P1M")
+    busy_until(s, "P0", NOW + 100)                  # P cannot meet anyone's deadline
+    assert placed(s, req(8193)) == (None, None)
+    assert "max_multiplex_tokens" in s.decisions[-1].reason
+    assert placed(s, req(8192, ttft_slo=10)) == ("inline", "M0")
+    s = make("1P1M", max_multiplex_tokens=None)
+    busy_until(s, "P0", NOW + 100)
+    assert placed(s, req(20000, ttft_slo=20)) == ("inline", "M0")
+
+
+def test_rule2_memory_watermark():
+    # 100k tokens = 6250 pages; watermark 90% = 5625. M0 holds 89,009 tokens (5564 pages); +1001 -> 5627.
+    s = make("2M")
+    decoding(s, "M0", L=89_000, slack=5.0)
+    decoding(s, "M1", slack=0.3)                    # M0 would win on slack
+    assert placed(s, req(1000)) == ("inline", "M1")
+    s = make("2M", memory_watermark=1.0)
+    decoding(s, "M0", L=89_000, slack=5.0)
+    decoding(s, "M1", slack=0.3)
+    assert placed(s, req(1000)) == ("inline", "M0")
+
+
+def test_rule2_decode_latency_watermark_is_a_fraction_of_tpot():
+    # t_decode = 20 ms + 0.001 ms per KV token. Watermark 0.85 x TPOT.
+    cost = CostModel.from_json({**PROFILE, "decode": {"d0": 20.0, "d1": 0.0, "d2": 0.001}})
+    s = make("2M", cost=cost)
+    decoding(s, "M0", L=64_990, slack=5.0)          # with the newcomer: 20 + 66 = 86 ms > 85
+    decoding(s, "M1", L=10_000, slack=0.5)
+    assert placed(s, req(1000)) == ("inline", "M1")
+    s = make("2M", cost=cost)
+    decoding(s, "M0", L=64_990, slack=5.0, tpot=0.2)  # same step, TPOT 200 ms for every request
+    decoding(s, "M1", L=10_000, slack=0.5, tpot=0.2)
+    assert placed(s, req(1000, tpot=0.2)) == ("inline", "M0")
+    s = make("2M", cost=cost, decode_latency_watermark=0.5)
+    decoding(s, "M0", L=20_000, slack=0.5)          # 20 + 21 = 41 ms <= 50
+    decoding(s, "M1", L=30_000, slack=5.0)          # 51 ms > 50 (M1 would win on slack)
+    assert placed(s, req(1000)) == ("inline", "M0")
+    s = make("1M", cost=cost, decode_latency_watermark=0.5)
+    decoding(s, "M0", L=30_000, slack=5.0)
+    assert placed(s, req(1000)) == (None, None)
+
+
+def test_rule2_plan_must_end_by_deadline():
+    s = make("1M")
+    decoding(s, "M0", slack=0.2)                    # L=2048 plan ends at 0.632 (see above)
+    assert placed(s, req(2048, ttft_slo=0.6)) == (None, None)
+    s = make("1M")
+    decoding(s, "M0", slack=0.2)
+    assert placed(s, req(2048, ttft_slo=0.64)) == ("inline", "M0")
+
+
+def test_rule2_plans_after_inlines_already_queued():
+    # M0 idle, no decodes: a queued 4096-token inline runs first, 4 chunk-only steps of 266 ms
+    # (1.064 s). It then decodes with one TPOT of slack, so the newcomer's 1024 tokens go in 256-token
+    # chunks (84 ms; budgets 100, 116, 132, 148 ms): the plan ends at 1.064 + 4 x 0.084 = 1.4 s.
+    s = make("1M")
+    queued(s, "M0", req(4096))
+    assert placed(s, req(1024, ttft_slo=1.3)) == (None, None)
+    s = make("1M")
+    queued(s, "M0", req(4096))
+    r = req(1024, ttft_slo=1.45)
+    assert placed(s, r) == ("inline", "M0")
+    assert "plan ends 101.400" in s.decisions[-1].reason
+
+
+# ---------------- prefer, waiting, timeouts, late ----------------
+def test_prefer_prefill_or_multiplex():
+    assert placed(make("1P1M"), req(1000)) == ("prefill", "P0")
+    assert placed(make("1P1M", prefer="multiplex"), req(1000)) == ("inline", "M0")
+
+
+def test_waiting_does_not_block_requests_behind():
+    s = make("1P1M", queue_order="fcfs")
+    busy_until(s, "P0", NOW + 100)
+    long_ = req(9000, arrival=NOW - 1)              # P too late, too long to inline: waits at the head
+    s.submit(long_, NOW - 1)
+    short = req(600)
+    s.submit(short, NOW)
+    assert long_.path is None and [e[1] for e in s.waiting] == [long_]
+    assert (short.path, short.prefill_worker) == ("inline", "M0")
+    assert s.counters["waited"] == 1 and s.counters["inline"] == 1
+
+
+def test_queue_timeout_rejects_and_timer_fires():
+    s = make("1P1M", queue_timeout=2.0)
+    busy_until(s, "P0", NOW + 100)
+    r = req(9000, ttft_slo=50)
+    s.submit(r, NOW)
+    assert r.path is None and s.next_timer() == pytest.approx(NOW + 2.0)
+    s.tick(NOW + 1.9)
+    assert not r.rejected
+    s.tick(NOW + 2.0)
+    assert r.rejected and r.path == "rejected" and s.counters["rejected"] == 1 and not s.waiting
+    assert s.live == 0
+
+
+def test_late_request_best_effort_soonest_first_token():
+    # Deadline already out of reach: served where its first token comes soonest.
+    s = make("1P1M")
+    busy_until(s, "P0", NOW + 1.0)
+    r = req(1000, ttft_slo=0.001)
+    assert placed(s, r) == ("inline", "M0") and r.late           # M0: 0.26 s, P0: 1.26 s
+    assert s.counters["late"] == 1
+    s = make("1P1M")
+    busy_until(s, "P0", NOW + 1.0)
+    r = req(9000, ttft_slo=0.001)                                 # too long to inline
+    assert placed(s, r) == ("prefill", "P0") and r.late
+
+
+def test_late_request_never_makes_another_late():
+    s = make("1P1M", max_multiplex_tokens=100)
+    queued(s, "P0", req(4000, ttft_slo=1.1))                     # 4 chunks: 1.04 s, on time
+    r = req(500, ttft_slo=0.001)                                  # SJF would put it first: 0.135 s -> 1.175 > 1.1
+    assert placed(s, r) == (None, None)
+    assert "would make a queued request late" in s.decisions[-1].reason
+    assert s.next_timer() is None                                 # already late; retried on state changes
+
+
+def test_request_turns_late_by_timer():
+    s = make("1P1M", max_multiplex_tokens=100)
+    busy_until(s, "P0", NOW + 10)
+    r = req(1000, ttft_slo=1.0)                                   # waits; late from NOW + 1 - 0.26
+    s.submit(r, NOW)
+    assert r.path is None and s.next_timer() == pytest.approx(NOW + 0.74)
+    s.tick(NOW + 0.7)
+    assert r.path is None
+    s.tick(s.next_timer())
+    assert r.path == "prefill" and r.late
+
+
+def test_safety_factor_scales_predictions():
+    for sf, late in ((1.0, False), (1.1, True)):                  # 0.26 s vs 0.286 s, deadline 0.27 s
+        s = make("1P1M", max_multiplex_tokens=100, safety_factor=sf)
+        r = req(1000, ttft_slo=0.27)
+        assert placed(s, r) == ("prefill", "P0") and r.late == late
+
+
+def test_default_ttft_slo_is_scale_times_isolated_prefill():
+    s = make("1P1M", ttft_scale=4.0)
+    r = Request(1, NOW, 1000, 5)
+    s.submit(r, NOW)
+    assert r.ttft_slo == pytest.approx(4 * 0.26) and r.tpot_slo == 0.1
+
+
+# ---------------- per-worker batching ----------------
+@pytest.mark.parametrize("slack,chunk", [(0.3, 1024), (0.2, 512), (0.06, 128), (0.04, None)])
+def test_m_step_chunk_is_largest_bucket_within_slack(slack, chunk):
+    s = make("1M")
+    d = decoding(s, "M0", slack=slack)
+    queued(s, "M0", req(2048))
+    plan = s.next_step("M0", NOW)
+    assert plan.decodes == [d]
+    assert (plan.chunk.length if plan.chunk else None) == chunk
+
+
+def test_p_worker_srpt_at_chunk_boundary():
+    s = make("1P1M", max_multiplex_tokens=100)
+    a = req(3000)
+    s.submit(a, NOW)
+    plan = s.next_step("P0", NOW)
+    assert plan.chunk.request is a and plan.chunk.length == 1024 and not plan.decodes
+    b = req(500)
+    s.submit(b, NOW + 0.1)                              # shorter than a's remaining 1976 tokens
+    assert b.path == "prefill"
+    s.step_done("P0", plan, NOW + 0.266)
+    plan = s.next_step("P0", NOW + 0.266)
+    assert plan.chunk.request is b and plan.chunk.length == 500 and plan.chunk.last
+
+
+def test_handoff_to_least_loaded_m_with_room_and_failed_transfer_recomputes():
+    s = make("1P2M", cap=20_000)                        # 1250 pages, watermark 1125
+    decoding(s, "M0", L=4000, slack=5)
+    decoding(s, "M1", L=1000, slack=5)                  # less decode load than M0, but a queued
+    queued(s, "M1", req(16_000))                        # inline holds 1001 pages: no room for 188 more
+    r = req(3000)
+    s.submit(r, NOW)
+    plan = s.next_step("P0", NOW)
+    while not plan.chunk.last:
+        s.step_done("P0", plan, NOW)
+        plan = s.next_step("P0", NOW)
+    s.step_done("P0", plan, NOW + 1)
+    assert r.first_token_time == NOW + 1 and r.n_out == 1
+    (t,) = s.take_transfers()
+    assert (t.src, t.dst, t.tokens) == ("P0", "M0", 3000) and r.decode_worker == "M0"
+    s.transfer_done(t, NOW + 1.5, ok=False)
+    assert r.recomputed and r.transfer_time == pytest.approx(0.5)
+    assert s.workers["P0"].alloc.num_used == 0 and s.workers["M0"].queue == [r]
+    plan = s.next_step("M0", NOW + 1.5)
+    assert plan.chunk.request is r and plan.chunk.recompute
+
+
+def test_colocated_prefill_runs_alone_and_chunked_fills_budget():
+    s = make("1C", policy="colocated")
+    d = decoding(s, "C0")
+    r = req(3000)
+    s.submit(r, NOW)
+    plan = s.next_step("C0", NOW)
+    assert plan.chunk.request is r and plan.chunk.length == 3000 and plan.decodes == []
+    s = make("1C", policy="colocated", token_budget=2048)
+    decoding(s, "C0")
+    s.submit(req(3000), NOW)
+    assert s.next_step("C0", NOW).chunk.length == 2048
+    s = make("1C", policy="chunked", token_budget=512)
+    ds = [decoding(s, "C0") for _ in range(3)]
+    s.submit(req(3000), NOW)
+    plan = s.next_step("C0", NOW)
+    assert plan.chunk.length == 509 and plan.decodes == ds
+    assert d is not None
+
+
+@pytest.mark.parametrize("order,first", [("fcfs", 0), ("sjf", 1)])
+def test_disaggregated_prefill_queue_order(order, first):
+    s = make("1P1D", policy="disaggregated", queue_order=order)
+    busy_until(s, "P0", NOW + 1)
+    rs = [req(3000, arrival=NOW), req(500, arrival=NOW + 0.1)]
+    for r in rs:
+        s.submit(r, r.arrival)
+    s.workers["P0"].busy = None
+    assert s.next_step("P0", NOW + 1).chunk.request is rs[first]
+
+
+def test_decode_out_of_pages_preempts_youngest():
+    s = make("1C", policy="colocated", cap=1600)        # 100 pages of 16
+    a = decoding(s, "C0", L=791, n_out=10)              # 800 tokens cached: exactly 50 pages
+    b = decoding(s, "C0", L=791, n_out=10)
+    plan = s.next_step("C0", NOW)                       # each needs a 51st page: b (youngest) is preempted
+    assert plan.decodes == [a] and b.recompute_len == 800 and s.workers["C0"].queue == [b]
+    assert s.counters["preemptions"] == 1 and math.isclose(plan.predicted, 0.02)
