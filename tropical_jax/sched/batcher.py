@@ -10,8 +10,8 @@
   or chunks of at most token_budget.
 - C under `chunked` (Sarathi-Serve): decodes plus one prefill chunk filling the token budget. One
   chunk per step, not several prompts: the engine's device step holds at most one chunk.
-Memory: a new prompt starts only if its pages keep usage under the memory watermark; a decode that
-cannot grow preempts the youngest decode on its worker (recomputed later, as vLLM does).
+Memory: a prefill starts only if its pages keep usage under the memory watermark; a decode that
+cannot grow preempts the latest-arrived decode on its worker (recomputed later, as vLLM does).
 """
 
 from __future__ import annotations
@@ -55,23 +55,30 @@ class Batcher:
         return self._p_pick(w)
 
     def _admit(self, w: WorkerState, r: Request) -> bool:
-        """Pages for r's prefill on w (allocated once, at its first chunk)."""
+        """Pages for r's prefill on w (allocated once, at its first chunk). Off P workers, the pages must
+        keep usage under the memory watermark (headroom for decodes to grow) — except a recompute on
+        a worker with nothing else decoding, which must always be able to go on."""
         if r in w.tables:
             return True
         need = r.prefill_target + (0 if w.role == "P" else 1)
-        if not r.recompute_len and w.role != "P" and not w.can_admit(need, self.mon.cfg.memory_watermark):
+        if w.role != "P" and not w.can_admit(need, self.mon.cfg.memory_watermark) \
+                and not (r.recompute_len and not w.decoding):
             return False
         return w.reserve(r, need)
 
     def _decodes(self, w: WorkerState, now: float) -> list[Request]:
-        """The decode batch, each with a page for the token it is about to write."""
+        """The decode batch, each with a page for the token it is about to write. When pages run out,
+        the latest-arrived decode is preempted (its KV dropped, recomputed later), as vLLM does."""
         i = 0
         while i < len(w.decoding):
             r = w.decoding[i]
             if w.reserve(r, decode_ctx(r)):
                 i += 1
                 continue
-            victim = w.decoding.pop()  # the youngest; may be r itself
+            v = max(range(len(w.decoding)), key=lambda k: self.mon.seq[w.decoding[k]])
+            victim = w.decoding.pop(v)
+            if v < i:
+                i -= 1
             w.release(victim)
             victim.recompute_len = victim.prompt_len + victim.n_out - 1
             victim.prefilled = 0

@@ -46,7 +46,7 @@ class WorkerState:
         # Prefills assigned here and not finished. P and C: served in the local order. M and D:
         # recomputes first, then inlines in the order they were admitted (their plans assume it).
         self.queue: list[Request] = []
-        self.decoding: list[Request] = []   # decode batch, oldest first (the youngest is preempted first)
+        self.decoding: list[Request] = []   # decode batch, in the order requests joined it
         self.incoming: list[Request] = []   # KV in transit to this worker
         self.handoff: list[Request] = []    # P: prefilled, waiting for a destination with room
         self.rem: dict[Request, float] = {}  # predicted remaining prefill time (s, no safety factor) of queued requests
@@ -82,6 +82,8 @@ class WorkerState:
         t = self.tables.get(r)
         if t is None:
             t = self.tables[r] = BlockTable()
+        elif tokens <= t.num_tokens:  # the common decode step: nothing to grow
+            return True
         return t.ensure(self.alloc, tokens)
 
     def release(self, r: Request) -> None:
@@ -98,12 +100,16 @@ class Monitor:
         self.cost = cost
         self.cfg = cfg
         self.big_chunk = cfg.chunk_buckets[-1]
+        self._by_roles: dict[tuple[str, ...], list[WorkerState]] = {}
         # Per live request: submission order (deterministic tie-breaks) and isolated prefill time.
         self.seq: dict[Request, int] = {}
         self.iso: dict[Request, float] = {}
 
     def of_role(self, *roles: str) -> list[WorkerState]:
-        return [w for w in self.workers.values() if w.role in roles]
+        got = self._by_roles.get(roles)
+        if got is None:
+            got = self._by_roles[roles] = [w for w in self.workers.values() if w.role in roles]
+        return got
 
     def chunk_limit(self, w: WorkerState) -> int | None:
         """Largest prefill chunk worker w runs alone (None: the whole rest of the prompt)."""

@@ -7,7 +7,7 @@ it and report back with Scheduler.step_done.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tropical_jax.sched.request import Request
 
@@ -46,11 +46,10 @@ class StepPlan:
 
 @dataclass
 class Transfer:
-    """Move a request's KV (`tokens` tokens) from worker src to worker dst; dst pages are already allocated."""
+    """Move a request's KV (`tokens` tokens) from worker src to worker dst. Both block tables are in
+    the scheduler (Scheduler.block_table); the destination's pages are allocated before the copy."""
     request: Request
     src: str
     dst: str
     tokens: int
     start: float
-    src_pages: list[int] = field(default_factory=list)
-    dst_pages: list[int] = field(default_factory=list)

@@ -70,7 +70,7 @@ class Scheduler:
         self._transfers: list[Transfer] = []
         self._timer: float | None = None
         self._seq = 0
-        self._waited: set[int] = set()
+        self._waited: set[Request] = set()  # waiting requests already counted as 'waited'
         self._lock = threading.RLock()
         self.live = 0  # submitted and neither finished nor rejected
 
@@ -279,6 +279,7 @@ class Scheduler:
             keep = []
             for e in self.waiting:
                 if now >= e[1].arrival + limit:
+                    self._waited.discard(e[1])
                     self._reject(e[1], now, f"not started within queue_timeout {limit} s")
                 else:
                     keep.append(e)
@@ -305,11 +306,12 @@ class Scheduler:
                 r = e[1]
                 d = disp.decide(r, now, explain)
                 if d.action != WAIT:
+                    self._waited.discard(r)
                     self._apply(r, d, now)
                     continue
                 keep.append(e)
-                if id(r) not in self._waited:
-                    self._waited.add(id(r))
+                if r not in self._waited:
+                    self._waited.add(r)
                     self.counters["waited"] += 1
                     self._record(now, r, WAIT, None, d.reason, d.late)
                 if not d.late:  # it turns late (best effort) then, even if nothing else happens

@@ -59,7 +59,8 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
     same model; a different one measures the effect of a wrong profile). noise: multiplicative
     lognormal noise on every step and transfer (sigma). kv_capacity_tokens: KV tokens per worker
     (default the profile's kv_capacity_tokens). observer(event, now, *payload), if given, sees
-    ("step_start", worker, plan), ("step_end", worker, plan), ("transfer_end", transfer, ok).
+    ("start", scheduler), ("step_start", worker, plan), ("step_end", worker, plan),
+    ("transfer_end", transfer, ok).
     """
     t_wall = time.perf_counter()
     out = [fresh(r) for r in requests]
@@ -74,6 +75,8 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
     tick_at = None
     steps = 0
     i, n = 0, len(reqs)
+    if observer is not None:
+        observer("start", clock.now(), sched)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -1,0 +1,145 @@
+"""The simulator core: invariants over randomized runs of every policy, determinism, and an M/D/1 check."""
+
+import math
+import random
+
+import pytest
+
+from tropical_jax.sched.cost_model import CostModel
+from tropical_jax.sched.request import Request
+from tropical_jax.sim.simulator import simulate
+
+# InternLM2.5-20B TP2-like numbers (ms), small enough KV capacity that memory pressure happens.
+PROFILE = {"units": "ms", "prefill": {"c2": 1.8e-6, "c1": 0.095, "c0": 19.0},
+           "decode": {"d0": 22.0, "d1": 0.16, "d2": 5e-5}, "kv_bytes_per_token": 196608,
+           "transfer": {"bandwidth_GBps": 25.0, "latency_ms": 2.0}}
+COST = CostModel.from_json(PROFILE)
+
+POLICIES = [
+    ("tropical", "1P1M"), ("tropical:prefer=multiplex,queue_order=edf", "2P2M"),
+    ("tropical:queue_timeout=3,max_multiplex_tokens=none", "1P2M"),
+    ("colocated", "2C"), ("colocated:token_budget=2048,queue_order=fcfs", "1C"),
+    ("chunked:token_budget=512", "2C"), ("disaggregated", "1P1D"), ("disaggregated:queue_order=fcfs", "2P1D"),
+]
+
+
+def workload(n, rate, seed, max_len=12_000, mean_out=60, slo_scale=None):
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        L = min(max_len, int(rng.lognormvariate(math.log(1500), 1.0)) + 1)
+        o = max(1, int(rng.expovariate(1 / mean_out)))
+        out.append(Request(i, t, L, o + rng.randint(0, 3), None if slo_scale is None else slo_scale, 0.1, o))
+    return out
+
+
+class Checker:
+    """Observer asserting, as the run goes, that no request is in two steps at once, that decodes
+    run only on the request's decode worker, that the clock never goes back, and that every
+    worker's pages are exactly those of its block tables."""
+
+    def __init__(self):
+        self.active = {}
+        self.last = -math.inf
+        self.sched = None
+        self.steps = 0
+
+    def __call__(self, event, now, *payload):
+        assert now >= self.last
+        self.last = now
+        if event == "start":
+            (self.sched,) = payload
+        elif event == "step_start":
+            worker, plan = payload
+            rs = list(plan.decodes) + ([plan.chunk.request] if plan.chunk else [])
+            for r in rs:
+                assert id(r) not in self.active, f"request {r.id} on {worker} and {self.active[id(r)]}"
+                self.active[id(r)] = worker
+            for r in plan.decodes:
+                assert r.decode_worker == worker and r.first_token_time is not None
+            c = plan.chunk
+            if c is not None:
+                assert worker == (c.request.decode_worker if c.recompute else c.request.prefill_worker)
+        elif event == "step_end":
+            worker, plan = payload
+            for r in list(plan.decodes) + ([plan.chunk.request] if plan.chunk else []):
+                assert self.active.pop(id(r)) == worker
+            self.steps += 1
+            if self.steps % 97 == 0:
+                for w in self.sched.workers.values():
+                    assert w.alloc.num_used == sum(len(t.pages) for t in w.tables.values())
+
+
+def _outcome(res):
+    return [(r.id, r.first_scheduled, r.first_token_time, r.finish_time, r.n_out, r.rejected, r.path,
+             r.prefill_worker, r.decode_worker) for r in res.requests]
+
+
+@pytest.mark.parametrize("i", range(len(POLICIES)))
+def test_invariants_randomized(i):
+    policy, cluster = POLICIES[i]
+    reqs = workload(250, rate=3.0, seed=i)
+    chk = Checker()
+    # Small KV memory (preemptions happen), noisy steps, some failed transfers.
+    kw = dict(noise=0.2, seed=3, kv_capacity_tokens=60_000, transfer_failure_rate=0.1)
+    res = simulate(reqs, cluster, policy, COST, observer=chk, **kw)
+    assert not chk.active
+    for r, src in zip(res.requests, reqs):
+        assert r.id == src.id and src.first_token_time is None  # inputs untouched
+        assert r.rejected != (r.finish_time is not None)
+        if r.rejected:
+            assert r.path == "rejected" and r.n_out == 0
+            continue
+        assert r.n_out == min(r.output_len, r.max_tokens)
+        assert r.arrival <= r.first_scheduled <= r.first_token_time <= r.last_token_time == r.finish_time
+        assert r.ttft_slo > 0 and r.tpot is not None
+    for w in res.scheduler.workers.values():
+        assert w.alloc.num_free == w.alloc.num_pages and not w.tables
+        assert not (w.queue or w.decoding or w.incoming or w.handoff or w.busy)
+    c = res.counters
+    assert c.get("rejected", 0) == sum(r.rejected for r in res.requests)
+    if "disaggregated" in policy or "tropical" in policy:
+        assert c.get("transfer_failures", 0) > 0 and c["transfers"] == sum(r.path == "prefill" and r.n_out > 1 for r in res.requests)
+    if "queue_timeout" in policy:
+        assert c.get("rejected", 0) > 0
+    again = simulate(reqs, cluster, policy, COST, **kw)
+    assert _outcome(again) == _outcome(res)
+    other = simulate(reqs, cluster, policy, COST, **{**kw, "seed": 4})
+    assert _outcome(other) != _outcome(res)
+
+
+def test_preemption_under_memory_pressure_keeps_outputs_exact():
+    reqs = workload(200, rate=4.0, seed=7, max_len=4000, mean_out=1000)
+    res = simulate(reqs, "1C", "chunked", COST, kv_capacity_tokens=20_000)
+    assert res.counters.get("preemptions", 0) > 0 and sum(r.recomputed for r in res.requests) > 0
+    assert all(r.n_out == min(r.output_len, r.max_tokens) for r in res.requests)
+    assert all(w.alloc.num_free == w.alloc.num_pages for w in res.scheduler.workers.values())
+
+
+def test_tropical_inlines_and_beats_colocated_tpot():
+    reqs = workload(400, rate=2.5, seed=1)
+    trop = simulate(reqs, "1P1M", "tropical", COST, kv_capacity_tokens=400_000)
+    col = simulate(reqs, "2C", "colocated", COST, kv_capacity_tokens=400_000)
+    assert trop.counters["inline"] > 0 and trop.counters["prefill"] > 0
+    p90 = lambda res: sorted(r.tpot for r in res.requests)[int(0.9 * len(res.requests))]
+    assert p90(trop) < p90(col)
+    # A decode on an M worker never falls behind because of an inline plan: TPOT within SLO for most.
+    assert sum(r.tpot <= r.tpot_slo for r in trop.requests) >= 0.95 * len(reqs)
+
+
+def test_md1_mean_queueing():
+    """One colocated worker, constant service D, no decode tokens, Poisson arrivals (rho = 0.5):
+    mean queueing must match M/D/1, Wq = rho * D / (2 (1 - rho)), within 5%."""
+    D, rho, n = 0.1, 0.5, 50_000
+    cost = CostModel.from_json({**PROFILE, "prefill": {"c2": 0.0, "c1": 0.0, "c0": D * 1e3}})
+    rng = random.Random(11)
+    t, reqs = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rho / D)
+        reqs.append(Request(i, t, 1 + rng.randint(0, 2000), 1, 1e9, 0.1, 1))
+    res = simulate(reqs, "1C", "colocated:queue_order=fcfs", cost, kv_capacity_tokens=1_000_000)
+    wq = sum(r.queueing for r in res.requests) / n
+    expected = rho * D / (2 * (1 - rho))
+    assert abs(wq - expected) / expected < 0.05, (wq, expected)
+    assert all(r.first_token_time - r.first_scheduled == pytest.approx(D) for r in res.requests[:100])
