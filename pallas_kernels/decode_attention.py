@@ -175,7 +175,9 @@ def _decode_gpu_kernel(tables_ref, lengths_ref, q_ref, k_ref, v_ref, acc_out, m_
 
     def body(i, carry):
         j = first + i
-        pages = tables_ref[b, pl.ds(j * ppb, ppb)]
+        # Entries past the live pages may be anything the host left there: read page 0 instead.
+        live = (j * ppb + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)) * ps < length
+        pages = jnp.where(live, tables_ref[b, pl.ds(j * ppb, ppb)], 0)
         k = k_ref[pages, :, h, :].reshape(bk, d)
         v = v_ref[pages, :, h, :].reshape(bk, d)
         ok = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0) < length

@@ -266,7 +266,9 @@ def _ragged_gpu_kernel(meta_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, tq, 
         pos = meta_ref[item, _GPOS0] + token
 
         def body(j, carry):
-            pages = tables_ref[seq, pl.ds(j * ppb, ppb)]
+            # Entries past the live pages may be anything the host left there: read page 0.
+            live = (j * ppb + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)) * ps < kv_end
+            pages = jnp.where(live, tables_ref[seq, pl.ds(j * ppb, ppb)], 0)
             k = k_ref[pages, :, h, :].reshape(bk, d)
             v = v_ref[pages, :, h, :].reshape(bk, d)
             col = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0)
