@@ -28,7 +28,7 @@ from pallas_kernels.kv_write import write_kv_reference, write_kv_tpu
 # HBM peak per device (bytes/s), from vendor data sheets, keyed by a substring of device_kind.
 PEAK_BW = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
            ("L4", 0.3e12), ("TPU v5 lite", 0.819e12), ("TPU v5e", 0.819e12),
-           ("TPU v5p", 2.765e12), ("TPU v6", 1.64e12), ("TPU v4", 1.2e12)]
+           ("TPU v5p", 2.765e12), ("TPU v5", 2.765e12), ("TPU v6", 1.64e12), ("TPU v4", 1.2e12)]
 GOAL = {"batch": 64, "context": 4096, "fraction_of_peak": 0.7, "speedup_vs_reference": 2.0}
 
 

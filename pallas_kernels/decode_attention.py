@@ -214,6 +214,8 @@ def paged_decode_gpu(q, k_pool, v_pool, block_tables, lengths, *, pages_per_bloc
     rows = max(16, next_pow2(g))
     ppb = pages_per_block or max(1, min(next_pow2(pages_per_seq), max(1, 64 // ps)))
     ppb = max(ppb, cdiv(16, ps))  # dot needs >= 16 keys
+    if ppb != next_pow2(ppb):
+        raise ValueError(f"pages_per_block={ppb} must be a power of two (Triton block)")
     total_blocks = cdiv(pages_per_seq, ppb)
     if num_splits is None:  # aim for ~2 programs per SM on a 132-SM H100
         num_splits = max(1, min(total_blocks, 264 // max(1, batch * kvh)))

@@ -297,6 +297,8 @@ def ragged_paged_attention_gpu(q, k_pool, v_pool, block_tables, kv_lens, cu_q_le
     if tq * groups < 16 or tq != next_pow2(tq):
         raise ValueError(f"q_tile={tq} must be a power of two with q_tile*{groups} >= 16")
     ppb = pages_per_block or max(cdiv(16, ps), min(next_pow2(pages_per_seq), max(1, 64 // ps)))
+    if ppb != next_pow2(ppb) or ppb * ps < 16:
+        raise ValueError(f"pages_per_block={ppb} must be a power of two with >= 16 tokens")
     tables = jnp.pad(block_tables, ((0, 0), (0, cdiv(pages_per_seq, ppb) * ppb - pages_per_seq)))
     cu, total = _live_bounds(cu_q_lens, num_seqs)
     n_items = cdiv(t, tq) + s_max

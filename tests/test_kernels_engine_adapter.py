@@ -49,7 +49,7 @@ def test_step_attention_matches_per_row_reference(c, chunk_start, chunk_len, dec
     new_v = -new_k
     out, k2, v2 = jax.jit(step_attention)(q, new_k, new_v, k_pool, v_pool, batch)
 
-    tables, lengths, live_rows = [], [], []
+    tables, lengths = [], []
     for r in range(c):
         tables.append(batch.chunk_block_table)
         lengths.append(chunk_start + r + 1 if r < chunk_len else 0)
