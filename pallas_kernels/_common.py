@@ -64,3 +64,10 @@ def scores(q, k, scale):
     """q [R, D] . k [T, D]^T in f32, scaled."""
     return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32) * scale
+
+
+def out_struct(shape, dtype, *like):
+    """A pallas_call output type. Inside shard_map (check_vma=True) outputs must say over which
+    mesh axes they vary: as the most-varying of `like` (q and the pools vary over `model`)."""
+    mat = max((jax.typeof(x).mat for x in like), key=lambda m: len(m.varying))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)

@@ -21,7 +21,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from . import _tpu
-from ._common import NEG, cdiv, check_pools, finish, next_pow2, online_softmax_update, scores
+from ._common import (NEG, cdiv, check_pools, finish, next_pow2, online_softmax_update, out_struct,
+                      scores)
 
 
 def paged_decode_reference(q, k_pool, v_pool, block_tables, lengths):
@@ -151,7 +152,7 @@ def _decode_tpu_call(q, block_tables, lengths, *, k_pool, v_pool, hb, ppb, inter
             in_specs=[spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=spec,
             scratch_shapes=_tpu.scratch_shapes(ppb, ps, hb, d, k_pool.dtype, g)),
-        out_shape=jax.ShapeDtypeStruct(qk.shape, q_dtype),
+        out_shape=out_struct(qk.shape, q_dtype, qk, k_pool),
         # Sequential on purpose: the DMA chain runs across grid steps.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
         interpret=interpret,
@@ -240,9 +241,9 @@ def paged_decode_gpu(q, k_pool, v_pool, block_tables, lengths, *, pages_per_bloc
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (s, b, h, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((num_splits, batch, kvh, rows, d), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, batch, kvh, rows), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits, batch, kvh, rows), jnp.float32)],
+        out_shape=[out_struct((num_splits, batch, kvh, rows, d), jnp.float32, qg, k_pool),
+                   out_struct((num_splits, batch, kvh, rows), jnp.float32, qg, k_pool),
+                   out_struct((num_splits, batch, kvh, rows), jnp.float32, qg, k_pool)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="paged_decode_gpu",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._common import cdiv
+from ._common import cdiv, out_struct
 
 
 def slot_mapping(block_tables, positions, valid, page_size):
@@ -77,8 +77,8 @@ def write_kv_tpu(k_pool, v_pool, new_k, new_v, slots, *, tokens_per_block=16, in
             in_specs=[rows, rows, anywhere, anywhere],
             out_specs=[anywhere, anywhere],
             scratch_shapes=[pltpu.SemaphoreType.DMA((2,))]),
-        out_shape=[jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
-                   jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)],
+        out_shape=[out_struct(k_pool.shape, k_pool.dtype, k_pool, new_k),
+                   out_struct(v_pool.shape, v_pool.dtype, v_pool, new_v)],
         # operand indices count the scalar-prefetch operand: slots=0, new_k=1, new_v=2, pools=3,4
         input_output_aliases={3: 0, 4: 1},
         interpret=interpret,

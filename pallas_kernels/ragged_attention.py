@@ -24,7 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from . import _tpu
-from ._common import NEG, cdiv, check_pools, finish, next_pow2, online_softmax_update, scores
+from ._common import (NEG, cdiv, check_pools, finish, next_pow2, online_softmax_update, out_struct,
+                      scores)
 
 
 def _live_bounds(cu_q_lens, num_seqs):
@@ -221,7 +222,7 @@ def ragged_paged_attention_tpu(q, k_pool, v_pool, block_tables, kv_lens, cu_q_le
             in_specs=[spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=spec,
             scratch_shapes=_tpu.scratch_shapes(ppb, ps, hb, d, k_pool.dtype, tq * g)),
-        out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
+        out_shape=out_struct(qr.shape, q.dtype, qr, k_pool),
         # Sequential: output tiles are revisited by consecutive items and the DMA chain spans steps.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
         interpret=interpret,
@@ -314,7 +315,7 @@ def ragged_paged_attention_gpu(q, k_pool, v_pool, block_tables, kv_lens, cu_q_le
         grid=(n_items, kvh),
         in_specs=whole,
         out_specs=pl.BlockSpec(qr.shape, lambda i, h: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(qr.shape, q.dtype),
+        out_shape=out_struct(qr.shape, q.dtype, qr, k_pool),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention_gpu",

@@ -64,3 +64,31 @@ def test_step_attention_matches_per_row_reference(c, chunk_start, chunk_len, dec
     expected = paged_decode_reference(q, k2, v2, jnp.stack(tables), jnp.asarray(lengths, jnp.int32))
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=0)
     assert (np.asarray(out)[np.asarray(lengths) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("impl,write_impl", [("gpu", "auto"), ("tpu", "tpu")])
+def test_step_attention_under_shard_map(impl, write_impl):
+    """Tensor parallel as the engine runs it: heads and KV pools split over `model`, metadata
+    replicated, kernels inside shard_map (check_vma on)."""
+    from functools import partial
+    from jax.sharding import NamedSharding, PartitionSpec as Spec
+
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
+    heads, pool = Spec(None, "model", None), Spec(None, None, "model", None)
+    batch = _batch(8, 3, 6, [3, 8, 31], [True, False, True])
+    rng = np.random.default_rng(0)
+    k_pool = jnp.asarray(rng.standard_normal((64, PAGE, KVH, D)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((11, KVH * G, D)), jnp.float32)
+    new = jnp.asarray(rng.standard_normal((11, KVH, D)), jnp.float32)
+    fn = partial(step_attention, impl=impl, write_impl=write_impl)
+    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(heads,) * 3 + (pool, pool, Spec()),
+                                    out_specs=(heads, pool, pool)))
+
+    def put(x, spec):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    out, k2, _ = sharded(put(q, heads), put(new, heads), put(new, heads), put(k_pool, pool),
+                         put(-k_pool, pool), jax.tree.map(lambda x: put(x, Spec()), batch))
+    ref, k_ref, _ = step_attention(q, new, new, k_pool, -k_pool, batch, impl="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(k_ref))
