@@ -406,3 +406,59 @@ def test_decode_out_of_pages_preempts_youngest():
     plan = s.next_step("C0", NOW)                       # each needs a 51st page: b (youngest) is preempted
     assert plan.decodes == [a] and b.recompute_len == 800 and s.workers["C0"].queue == [b]
     assert s.counters["preemptions"] == 1 and math.isclose(plan.predicted, 0.02)
+
+
+def test_inline_frontier_equals_step_by_step_plan():
+    """The shared-sequence planner gives exactly the step-by-step strict plan, for any prompt length."""
+    from tropical_jax.sched.multiplex import InlineFrontier, plan_prefill, queued_state
+
+    cost = CostModel.from_json({**PROFILE, "prefill": {"c2": 2e-6, "c1": 0.1, "c0": 15.0},
+                                "decode": {"d0": 20.0, "d1": 0.2, "d2": 5e-5}})
+    rng = __import__("random").Random(5)
+    checked = 0
+    for trial in range(60):
+        s = make("1M", cost=cost, short_prompt_tokens=rng.choice([0, 512]), slack_margin=rng.choice([0, 0.01]),
+                 safety_factor=rng.choice([1.0, 1.05]), chunk_buckets=rng.choice([(128, 256, 512, 1024, 2048), (64, 500)]))
+        for _ in range(rng.randint(0, 6)):
+            decoding(s, "M0", L=rng.randint(10, 9000), slack=rng.uniform(-0.02, 0.6), tpot=rng.choice([0.05, 0.1]))
+        for _ in range(rng.randint(0, 2)):
+            queued(s, "M0", req(rng.randint(1, 3000)))
+        s.dispatcher.begin_pass(NOW)
+        base = queued_state(s.mon, s.workers["M0"], NOW)
+        front = InlineFrontier(s.mon, base)
+        for L in [rng.randint(1, 12_000) for _ in range(8)] + [1, 64, 500, 512, 2048]:
+            r = req(L)
+            got = front.plan(r)
+            st = base.copy()
+            ok = plan_prefill(s.mon, st, r, 0, strict=True)
+            assert got.ok == ok, (trial, L)
+            if ok:
+                assert got.end == pytest.approx(st.t0 + st.S, abs=1e-9)
+                assert got.steps == st.j - base.j
+                assert got.min_slack_left == pytest.approx(st.min_slack_left(), abs=1e-9)
+                checked += 1
+    assert checked > 200
+
+
+def test_pick_chunk_matches_a_scan_of_the_buckets():
+    """pick_chunk (closed-form largest chunk) = the rest of the prompt or the largest bucket whose
+    mixed step fits, found by trying every candidate."""
+    from tropical_jax.sched.multiplex import PlanState, pick_chunk
+
+    rng = __import__("random").Random(9)
+    for mixed in (None, {"m0": 25.0, "mc2": 1e-6, "mcx": 3e-6, "mc1": 0.09, "mb": 0.3, "mt": 4e-5}):
+        prof = {**PROFILE, "prefill": {"c2": 2e-6, "c1": 0.1, "c0": 15.0}, "decode": {"d0": 20.0, "d1": 0.2, "d2": 5e-5}}
+        cost = CostModel.from_json({**prof, "mixed": mixed} if mixed else prof)
+        s = make("1M", cost=cost, safety_factor=1.03, chunk_buckets=(64, 128, 256, 512, 1024, 2048))
+        for _ in range(400):
+            st = PlanState(t0=0.0, B=rng.randint(0, 40), T=rng.randint(0, 200_000), S=rng.uniform(0, 0.3),
+                           j=rng.randint(0, 5), min_a={0.1: rng.uniform(0, 0.8)})
+            R, ctx = rng.randint(1, 5000), rng.randint(0, 20_000)
+            budget = st.budget(0.0)
+            want = 0
+            for b in reversed(s.cfg.chunk_buckets):
+                c = min(b, R)
+                if cost.t_mixed(c, ctx, st.B, st.T) * 1.03 <= budget:
+                    want = c
+                    break
+            assert pick_chunk(s.mon, st, R, ctx, True)[0] == want

@@ -143,3 +143,16 @@ def test_md1_mean_queueing():
     expected = rho * D / (2 * (1 - rho))
     assert abs(wq - expected) / expected < 0.05, (wq, expected)
     assert all(r.first_token_time - r.first_scheduled == pytest.approx(D) for r in res.requests[:100])
+
+
+def test_max_misses_stops_only_runs_below_target():
+    reqs = workload(300, rate=6.0, seed=2, slo_scale=None)
+    for rate_reqs, cluster, policy in ((reqs, "1P1M", "tropical"), (workload(300, 1.0, 2), "2C", "colocated")):
+        full = simulate(rate_reqs, cluster, policy, COST, kv_capacity_tokens=400_000)
+        att = sum(r.attained for r in full.requests) / len(rate_reqs)
+        cut = simulate(rate_reqs, cluster, policy, COST, kv_capacity_tokens=400_000, max_misses=30)
+        assert cut.stopped_early == (att < 0.9)
+        if cut.stopped_early:
+            assert cut.steps < full.steps
+        else:
+            assert _outcome(cut) == _outcome(full)

@@ -140,6 +140,42 @@ class CostModel:
         return (m["m0"] + m["mc2"] * C * C + m["mcx"] * C * ctx + m["mc1"] * C
                 + m["mb"] * B + m["mt"] * T) * 1e-3
 
+    def max_chunk(self, ctx: int, B: int, T: int, budget: float, limit: int) -> int:
+        """Largest chunk C in [0, limit] with t_mixed(C, ctx, B, T) <= budget (s); 0 if not even one token.
+
+        Solves the step's quadratic in C, then corrects the rounding with direct evaluations, so the
+        answer is exactly what a scan over all C would give (t_mixed grows with C).
+        """
+        if budget == math.inf:
+            return limit
+        if self.mixed is not None and B > 0:
+            m = self.mixed
+            a, b, c = m["mc2"], m["mcx"] * ctx + m["mc1"], m["m0"] + m["mb"] * B + m["mt"] * T
+        else:
+            k = self.chunk
+            a, b, c = k["k2"], k["kx"] * ctx + k["k1"], k["k0"]
+            if B > 0:
+                c += self.t_decode(B, T) * 1e3 - min(self.prefill["c0"], self.decode["d0"])
+        y = budget * 1e3 - c
+        if a >= 0 and b >= 0:
+            if y < a + b:
+                return 0
+            x = (-b + math.sqrt(b * b + 4 * a * y)) / (2 * a) if a > 0 else (y / b if b > 0 else limit)
+            n = int(min(limit, x))
+            while n < limit and self.t_mixed(n + 1, ctx, B, T) <= budget:
+                n += 1
+            while n > 0 and self.t_mixed(n, ctx, B, T) > budget:
+                n -= 1
+            return n
+        lo, hi = 0, limit  # an odd fit (negative coefficient): bisect, assuming growth in C
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.t_mixed(mid, ctx, B, T) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def t_transfer(self, tokens: int) -> float:
         return self.transfer_latency + tokens * self.kv_bytes_per_token / self.bandwidth_Bps
 

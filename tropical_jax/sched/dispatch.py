@@ -2,9 +2,9 @@
 
 `TropicalDispatcher` applies rules 1-3 to one waiting request at a time; `BaselineDispatcher`
 places every request at once by least outstanding work (colocated, chunked, disaggregated).
-Dispatchers only read the monitor and return a `Decision`; the scheduler applies it. Per dispatch
-pass (one state of the monitor) each worker's queue simulation or inline base plan is computed
-once and shared by every waiting request; `invalidate(worker)` drops it after a placement.
+Dispatchers only read the monitor and return a `Decision`; the scheduler applies it. Each worker's
+queue simulation (rule 1) or inline frontier (rule 2) is computed once per state of that worker
+(WorkerState.version, and the time while the worker is idle) and shared by every waiting request.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
-from tropical_jax.sched.multiplex import PlanState, plan_prefill, queued_state
+from tropical_jax.sched.multiplex import InlineFrontier, queued_state
 from tropical_jax.sched.request import PATH_COLOCATED, PATH_INLINE, PATH_PREFILL, Request
 
 WAIT = "wait"
@@ -35,7 +35,8 @@ class _PQueue:
     def __init__(self, mon: Monitor, w: WorkerState, now: float):
         sf = mon.cfg.safety_factor
         self.worker = w
-        self.t0 = now + (w.free_at(now) - now) * sf   # the chunk in flight finishes first
+        # The chunk in flight finishes first: its predicted time x safety factor, from its start.
+        self.t0 = max(now, w.busy.start + w.busy.predicted * sf) if w.busy is not None else now
         items = sorted((local_key(mon, r, rem), rem * sf, r.deadline) for r, rem in w.rem.items())
         self.keys = [k for k, _, _ in items]
         self.prefix = [0.0]
@@ -56,41 +57,32 @@ class _PQueue:
         return x <= self.margin[p], self.t0 + self.prefix[p] + x
 
 
-class _MBase:
-    """An M worker's plan after the inlines already queued on it, shared by every newcomer (rule 2)."""
-
-    def __init__(self, mon: Monitor, w: WorkerState, now: float):
-        self.worker = w
-        self.state: PlanState = queued_state(mon, w, now)
-
-
 class TropicalDispatcher:
     def __init__(self, mon: Monitor):
         self.mon = mon
-        self._p: dict[str, _PQueue] = {}
-        self._m: dict[str, _MBase] = {}
+        self._cache: dict[str, tuple[tuple, object]] = {}
         self._now = None
 
     def begin_pass(self, now: float) -> None:
-        self._p.clear()
-        self._m.clear()
         self._now = now
 
-    def invalidate(self, worker: str) -> None:
-        self._p.pop(worker, None)
-        self._m.pop(worker, None)
+    def _state_key(self, w: WorkerState) -> tuple:
+        # An idle worker's plans start now, so they also depend on the time.
+        return (w.version, self._now if w.busy is None else None)
 
     def _pq(self, w: WorkerState) -> _PQueue:
-        q = self._p.get(w.name)
-        if q is None:
-            q = self._p[w.name] = _PQueue(self.mon, w, self._now)
-        return q
+        key = self._state_key(w)
+        hit = self._cache.get(w.name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[w.name] = (key, _PQueue(self.mon, w, self._now))
+        return hit[1]
 
-    def _mb(self, w: WorkerState) -> _MBase:
-        b = self._m.get(w.name)
-        if b is None:
-            b = self._m[w.name] = _MBase(self.mon, w, self._now)
-        return b
+    def _mf(self, w: WorkerState) -> InlineFrontier:
+        key = self._state_key(w)
+        hit = self._cache.get(w.name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[w.name] = (key, InlineFrontier(self.mon, queued_state(self.mon, w, self._now)))
+        return hit[1]
 
     def late_at(self, r: Request) -> float:
         """From this time on no worker can serve r by its deadline: even an idle P worker is too late."""
@@ -131,21 +123,19 @@ class TropicalDispatcher:
             if not w.can_admit(L + 1, cfg.memory_watermark):
                 why is not None and why.append(f"{w.name}: KV memory over the {cfg.memory_watermark:.0%} watermark")
                 continue
-            base = self._mb(w).state
+            front = self._mf(w)
+            base = front.base
             tpot = min([r.tpot_slo, *base.min_a])
             step = mon.cost.t_decode(base.B + 1, base.T + L + 1) * cfg.safety_factor
             if step > cfg.decode_latency_watermark * tpot:
                 why is not None and why.append(
                     f"{w.name}: decode step {step * 1e3:.1f} ms > {cfg.decode_latency_watermark} x TPOT {tpot * 1e3:.0f} ms")
                 continue
-            st = base.copy()
-            if not plan_prefill(mon, st, r, 0, strict=True, deadline=math.inf if late else r.deadline):
-                if why is not None:
-                    end = st.t0 + st.S
-                    why.append(f"{w.name}: plan ends {end:.3f} > deadline {r.deadline:.3f}" if end > r.deadline
-                               else f"{w.name}: no chunk keeps every decode on time (step {st.j + 1})")
+            p = front.plan(r, math.inf if late else r.deadline)
+            if not p.ok:
+                why is not None and why.append(f"{w.name}: {p.reason}")
                 continue
-            out.append((st.min_slack_left(), st.t0 + st.S, w.name))
+            out.append((p.min_slack_left, p.end, w.name))
         return out
 
     # ---------------- rules 1-3 ----------------
@@ -197,9 +187,6 @@ class BaselineDispatcher:
         self.role, self.path = ("P", PATH_PREFILL) if mon.cfg.policy == "disaggregated" else ("C", PATH_COLOCATED)
 
     def begin_pass(self, now: float) -> None:
-        pass
-
-    def invalidate(self, worker: str) -> None:
         pass
 
     def decide(self, r: Request, now: float, explain: bool) -> Decision:

@@ -50,6 +50,10 @@ class WorkerState:
         self.incoming: list[Request] = []   # KV in transit to this worker
         self.handoff: list[Request] = []    # P: prefilled, waiting for a destination with room
         self.rem: dict[Request, float] = {}  # predicted remaining prefill time (s, no safety factor) of queued requests
+        self.version = 0  # bumped at every change (touch); the dispatcher caches its plans per version
+
+    def touch(self) -> None:
+        self.version += 1
 
     # ---------------- time ----------------
     def free_at(self, now: float) -> float:

@@ -9,10 +9,14 @@ each step is the largest bucket whose mixed step satisfies every r (the "budget"
 Constraints are grouped by TPOT SLO so a step costs O(#distinct SLOs), not O(batch).
 
 The same `pick_chunk` decides the chunk of the next real step (batcher), so plans and runs agree.
+`InlineFrontier` plans a newcomer of any length on one worker state in O(log steps): while the
+prompt has more left than a step can take, every prompt gets the same chunk at that step, so the
+plan is one shared sequence of steps, cut at the step where the rest fits.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -61,23 +65,27 @@ class PlanState:
         self.T += self.B  # every decode cached one more token
 
 
-def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slack: bool) -> tuple[int, float]:
-    """Largest bucket-sized chunk (or the rest of the prompt) whose mixed step fits the budget.
+def bucket_floor(buckets: tuple[int, ...], n: int) -> int:
+    """Largest bucket <= n (0 if none)."""
+    i = bisect.bisect_right(buckets, n)
+    return buckets[i - 1] if i else 0
 
-    Returns (chunk tokens, predicted step time with safety factor); (0, 0.0) when none fits.
+
+def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slack: bool) -> tuple[int, float]:
+    """The rest of the prompt if it fits the step's budget (and the largest bucket), else the largest
+    bucket that fits. Returns (chunk tokens, predicted step time with safety factor); (0, 0.0) when
+    none fits.
     """
     sf = mon.cfg.safety_factor
-    budget = st.budget(mon.cfg.slack_margin) if check_slack else math.inf
-    prev = None
-    for b in reversed(mon.cfg.chunk_buckets):
-        c = min(b, remaining)
-        if c == prev:
-            continue
-        prev = c
-        s = mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
-        if s <= budget:
-            return c, s
-    return 0, 0.0
+    top = mon.big_chunk
+    if check_slack:
+        cmax = mon.cost.max_chunk(ctx, st.B, st.T, st.budget(mon.cfg.slack_margin) / sf, top)
+    else:
+        cmax = top
+    c = remaining if remaining <= cmax else bucket_floor(mon.cfg.chunk_buckets, cmax)
+    if c == 0:
+        return 0, 0.0
+    return c, mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
 
 
 def is_short(mon: Monitor, r: Request) -> bool:
@@ -150,3 +158,63 @@ def queued_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
         plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
         join(st, q)
     return st
+
+
+@dataclass
+class InlinePlan:
+    ok: bool
+    end: float              # predicted time of the first token (plan end)
+    min_slack_left: float   # smallest decode slack after the plan (inf without decodes)
+    steps: int              # steps of the newcomer's plan (or the step that failed)
+    reason: str = ""        # why not, if not ok
+
+
+class InlineFrontier:
+    """Strict plans (rule 2) for newcomers of any length on one M worker state (`base`: after the
+    inlines already queued). Step j of the shared sequence starts with N[j-1] tokens done at planned
+    time S[j-1]; reach[j-1] is the longest prompt that can finish by step j (a running maximum)."""
+
+    def __init__(self, mon: Monitor, base: PlanState):
+        self.mon = mon
+        self.base = base
+        self.N = [0]
+        self.S = [base.S]
+        self.reach: list[int] = []
+        self.stuck = False  # a step fits no bucket: the shared sequence ends there
+
+    def _extend(self) -> None:
+        mon, b = self.mon, self.base
+        sf, top = mon.cfg.safety_factor, mon.big_chunk
+        j = len(self.reach) + 1
+        ctx, T = self.N[-1], b.T + (j - 1) * b.B
+        st = PlanState(b.t0, b.B, T, self.S[-1], b.j + j - 1, b.min_a)
+        cmax = mon.cost.max_chunk(ctx, b.B, T, st.budget(mon.cfg.slack_margin) / sf, top)
+        self.reach.append(max(ctx + cmax, self.reach[-1] if self.reach else 0))
+        c = bucket_floor(mon.cfg.chunk_buckets, cmax)
+        if c == 0:
+            self.stuck = True
+            return
+        self.N.append(ctx + c)
+        self.S.append(self.S[-1] + mon.cost.t_mixed(c, ctx, b.B, T) * sf)
+
+    def plan(self, r: Request, deadline: float = math.inf) -> InlinePlan:
+        b = self.base
+        if is_short(self.mon, r):  # no slack check: plan it directly
+            st = b.copy()
+            plan_prefill(self.mon, st, r, 0, strict=True)
+            steps, end, left = st.j - b.j, st.t0 + st.S, st.min_slack_left()
+        else:
+            L = r.prefill_target
+            while (not self.reach or self.reach[-1] < L) and not self.stuck:
+                self._extend()
+            if self.reach[-1] < L:
+                return InlinePlan(False, math.inf, -math.inf, len(self.reach),
+                                  f"no chunk keeps every decode on time (step {len(self.reach)})")
+            j = bisect.bisect_left(self.reach, L) + 1
+            ctx, T = self.N[j - 1], b.T + (j - 1) * b.B
+            s_end = self.S[j - 1] + self.mon.cost.t_mixed(L - ctx, ctx, b.B, T) * self.mon.cfg.safety_factor
+            steps, end = j, b.t0 + s_end
+            left = min(a + (b.j + j) * tp for tp, a in b.min_a.items()) - s_end if b.min_a else math.inf
+        if end > deadline:
+            return InlinePlan(False, end, left, steps, f"plan ends {end:.3f} > deadline {deadline:.3f}")
+        return InlinePlan(True, end, left, steps)

@@ -92,7 +92,8 @@ class Scheduler:
                 bisect.insort(self.waiting, (key, r), key=lambda e: e[0])
             else:
                 self._apply(r, self.dispatcher.decide(r, now, self._explain), now)
-            self._dispatch(now)
+            # An arrival only adds load: of the waiting requests only the newcomer can be placed now.
+            self._dispatch(now, only=r)
 
     def next_step(self, worker: str, now: float) -> StepPlan | None:
         with self._lock:
@@ -108,7 +109,7 @@ class Scheduler:
                 if c.request.first_scheduled is None:
                     c.request.first_scheduled = now
                 w.rem[c.request] = self.mon.remaining_time(w, c.request)
-            self.dispatcher.invalidate(worker)
+            w.touch()
             return plan
 
     def step_done(self, worker: str, plan: StepPlan, now: float, finished=()) -> None:
@@ -117,6 +118,7 @@ class Scheduler:
             if w.busy is not plan:
                 raise ValueError(f"{worker}: step_done for a plan that is not in flight")
             w.busy = None
+            w.touch()
             stop = {id(r) for r in finished}
             for r in plan.decodes:
                 self._token(w, r, now, id(r) in stop)
@@ -147,6 +149,8 @@ class Scheduler:
             src, dst, r = self.mon.workers[t.src], self.mon.workers[t.dst], t.request
             src.release(r)
             dst.incoming.remove(r)
+            src.touch()
+            dst.touch()
             r.transfer_time = now - t.start
             if ok:
                 dst.decoding.append(r)
@@ -222,7 +226,7 @@ class Scheduler:
         self.counters[d.action] += 1
         if d.late:
             self.counters["late"] += 1
-        self.dispatcher.invalidate(w.name)
+        w.touch()
         self._record(now, r, d.action, w.name, d.reason, d.late)
 
     def _token(self, w: WorkerState, r: Request, now: float, stop: bool) -> None:
@@ -271,7 +275,8 @@ class Scheduler:
                 r.decode_worker = d.name
                 self._transfers.append(Transfer(r, p.name, d.name, r.prompt_len, now))
                 self.counters["transfers"] += 1
-                self.dispatcher.invalidate(d.name)
+                p.touch()
+                d.touch()
 
     def _timeouts(self, now: float) -> None:
         limit = self.cfg.queue_timeout
@@ -290,9 +295,9 @@ class Scheduler:
                 w.rem.pop(r, None)
                 w.release(r)
                 self._reject(r, now, f"not started within queue_timeout {limit} s")
-                self.dispatcher.invalidate(w.name)
+                w.touch()
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, only: Request | None = None) -> None:
         if self.cfg.queue_timeout is not None:
             self._timeouts(now)
         self._handoffs(now)
@@ -304,6 +309,11 @@ class Scheduler:
             keep = []
             for e in self.waiting:
                 r = e[1]
+                if only is not None and r is not only:
+                    keep.append(e)
+                    if not disp.is_late(r, now):
+                        timer = min(timer, disp.late_at(r))
+                    continue
                 d = disp.decide(r, now, explain)
                 if d.action != WAIT:
                     self._waited.discard(r)

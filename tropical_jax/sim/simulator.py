@@ -39,6 +39,7 @@ class SimResult:
     end_time: float           # virtual seconds at the last event
     steps: int                # device steps simulated
     wall_s: float             # real seconds the simulation took
+    stopped_early: bool       # max_misses was exceeded: the run stopped, unfinished requests count as missed
     scheduler: Scheduler      # final state (all pages should be free)
 
 
@@ -52,7 +53,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
              cost_model: CostModel, *, noise: float = 0.0, seed: int = 0, executor_cost: CostModel | None = None,
              kv_capacity_tokens: int | None = None, page_size: int = 16, transfer_failure_rate: float = 0.0,
              record_decisions: bool = False, observer: Callable | None = None,
-             progress: bool = False) -> SimResult:
+             progress: bool = False, max_misses: int | None = None) -> SimResult:
     """Simulate serving `requests` on `cluster` under `policy`.
 
     cost_model: what the scheduler predicts with. executor_cost: what steps really take (default the
@@ -60,7 +61,10 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
     lognormal noise on every step and transfer (sigma). kv_capacity_tokens: KV tokens per worker
     (default the profile's kv_capacity_tokens). observer(event, now, *payload), if given, sees
     ("start", scheduler), ("step_start", worker, plan), ("step_end", worker, plan),
-    ("transfer_end", transfer, ok).
+    ("transfer_end", transfer, ok). max_misses: stop as soon as more than this many requests have
+    certainly missed an SLO (rejected, a late first token, or a finished request over its TPOT SLO);
+    the result then has stopped_early=True. A goodput search with target attainment a over n requests
+    can pass max_misses = floor((1 - a) * n): a run that stops early is below the target for sure.
     """
     t_wall = time.perf_counter()
     out = [fresh(r) for r in requests]
@@ -75,6 +79,9 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
     tick_at = None
     steps = 0
     i, n = 0, len(reqs)
+    missed: set[Request] = set()   # certainly missed an SLO (max_misses)
+    deadlines: list = []           # (deadline, i, request) of requests whose TTFT is not judged yet
+    stopped = False
     if observer is not None:
         observer("start", clock.now(), sched)
     bar = None
@@ -89,6 +96,8 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             i += 1
             clock.advance_to(r.arrival)
             sched.submit(r, clock.now())
+            if max_misses is not None:
+                heapq.heappush(deadlines, (r.deadline, i, r))
             if bar is not None:
                 bar.update(1)
         elif heap:
@@ -99,6 +108,8 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                 w, plan = payload
                 fin = ex.finished(plan)
                 sched.step_done(w, plan, now, fin)
+                if max_misses is not None:
+                    missed.update(r for r in fin if r.tpot > r.tpot_slo)
                 if observer is not None:
                     observer("step_end", now, w, plan)
             elif kind == _XFER:
@@ -111,6 +122,15 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                     tick_at = None
                 sched.tick(now)
         else:
+            break
+        if max_misses is not None:
+            now = clock.now()
+            while deadlines and deadlines[0][0] < now:
+                r = heapq.heappop(deadlines)[2]
+                if not r.rejected and (r.first_token_time is None or r.first_token_time > r.deadline):
+                    missed.add(r)
+        if max_misses is not None and len(missed) + sched.counters["rejected"] > max_misses:
+            stopped = True
             break
         now = clock.now()
         for w in names:
@@ -133,7 +153,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
 
     if bar is not None:
         bar.close()
-    if sched.live:
+    if sched.live and not stopped:
         stuck = [r.id for r in reqs if not r.done][:10]
         raise RuntimeError(f"simulation ended with {sched.live} requests unserved (e.g. {stuck}); scheduler state: "
                            + "; ".join(f"{w.name}: queue {len(w.queue)}, decoding {len(w.decoding)}, "
@@ -141,4 +161,4 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                                        for w in sched.workers.values())
                            + f"; waiting {len(sched.waiting)}")
     return SimResult(out, dict(sched.counters), sched.decisions, clock.now(), steps,
-                     time.perf_counter() - t_wall, sched)
+                     time.perf_counter() - t_wall, stopped, sched)
