@@ -462,3 +462,14 @@ def test_pick_chunk_matches_a_scan_of_the_buckets():
                     want = c
                     break
             assert pick_chunk(s.mon, st, R, ctx, True)[0] == want
+
+
+def test_requests_no_worker_could_ever_serve_are_rejected_at_once():
+    s = make("1P1M", cap=10_000)                       # 625 pages, 562 under the watermark
+    r = req(9000)
+    s.submit(r, NOW)
+    assert r.rejected and s.counters["rejected"] == 1 and s.live == 0
+    s = make("1M")
+    r = req(9000)                                      # no P worker, too long to inline
+    s.submit(r, NOW)
+    assert r.rejected and "max_multiplex_tokens" in s.decisions[-1].reason

@@ -25,7 +25,6 @@ class Decision:
     action: str             # PATH_PREFILL | PATH_INLINE | PATH_COLOCATED | WAIT
     worker: str | None
     reason: str = ""
-    first_token: float = math.inf   # predicted time of the first token (safety factor included)
     late: bool = False              # placed best effort: its own deadline was out of reach
 
 
@@ -34,7 +33,6 @@ class _PQueue:
 
     def __init__(self, mon: Monitor, w: WorkerState, now: float):
         sf = mon.cfg.safety_factor
-        self.worker = w
         # The chunk in flight finishes first: its predicted time x safety factor, from its start.
         self.t0 = max(now, w.busy.start + w.busy.predicted * sf) if w.busy is not None else now
         items = sorted((local_key(mon, r, rem), rem * sf, r.deadline) for r, rem in w.rem.items())
@@ -158,7 +156,7 @@ class TropicalDispatcher:
             return Decision(WAIT, None, "late; " + "; ".join(why) if why else "", late=True)
         f, name, path = min(cands)
         return Decision(path, name, f"late, best effort: first token {f:.3f} (deadline {r.deadline:.3f})" if explain else "",
-                        f, late=True)
+                        late=True)
 
     def _p_choice(self, r: Request, why) -> Decision | None:
         el = self.rule1(r, False, why)
@@ -166,7 +164,7 @@ class TropicalDispatcher:
             return None
         out, f, name = min(el)
         return Decision(PATH_PREFILL, name, f"rule 1: first token {f:.3f} <= deadline {r.deadline:.3f}, "
-                        f"outstanding {out:.3f} s" if why is not None else "", f)
+                        f"outstanding {out:.3f} s" if why is not None else "")
 
     def _m_choice(self, r: Request, why) -> Decision | None:
         el = self.rule2(r, False, why)
@@ -175,7 +173,7 @@ class TropicalDispatcher:
         # Largest minimum slack left; ties to the earlier plan end, then the worker name.
         left, f, name = min(el, key=lambda e: (-e[0], e[1], e[2]))
         return Decision(PATH_INLINE, name, f"rule 2: plan ends {f:.3f} <= deadline {r.deadline:.3f}, "
-                        f"min slack left {left:.3f} s" if why is not None else "", f)
+                        f"min slack left {left:.3f} s" if why is not None else "")
 
 
 class BaselineDispatcher:

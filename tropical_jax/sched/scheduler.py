@@ -199,9 +199,12 @@ class Scheduler:
         w = next(iter(self.mon.workers.values()))  # all workers have the same KV capacity
         if w.alloc.pages_for(r.prompt_len + 1) > cfg.memory_watermark * w.alloc.num_pages:
             return f"prompt of {r.prompt_len} tokens exceeds a worker's KV memory (below the watermark)"
-        if cfg.policy == "tropical" and not self.mon.of_role("P") and cfg.max_multiplex_tokens is not None \
-                and r.prompt_len > cfg.max_multiplex_tokens:
-            return "no prefill worker and the prompt exceeds max_multiplex_tokens"
+        if cfg.policy == "tropical" and not self.mon.of_role("P"):  # only inlines can serve it
+            if cfg.max_multiplex_tokens is not None and r.prompt_len > cfg.max_multiplex_tokens:
+                return "no prefill worker and the prompt exceeds max_multiplex_tokens"
+            alone = self.cost.t_decode(1, r.prompt_len + 1) * cfg.safety_factor
+            if alone > cfg.decode_latency_watermark * r.tpot_slo:
+                return "no prefill worker and even alone its decode step exceeds the decode latency watermark"
         return ""
 
     def _reject(self, r: Request, now: float, reason: str) -> None:
