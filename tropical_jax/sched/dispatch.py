@@ -34,7 +34,7 @@ class _PQueue:
     def __init__(self, mon: Monitor, w: WorkerState, now: float):
         sf = mon.cfg.safety_factor
         # The chunk in flight finishes first: its predicted time x safety factor, from its start.
-        self.t0 = max(now, w.busy.start + w.busy.predicted * sf) if w.busy is not None else now
+        self.t0 = w.free_at(now, sf)
         items = sorted((local_key(mon, r, rem), rem * sf, r.deadline) for r, rem in w.rem.items())
         self.keys = [k for k, _, _ in items]
         self.prefix = [0.0]

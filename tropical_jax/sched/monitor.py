@@ -56,9 +56,10 @@ class WorkerState:
         self.version += 1
 
     # ---------------- time ----------------
-    def free_at(self, now: float) -> float:
-        """Predicted time the step in flight ends (now if idle)."""
-        return max(now, self.busy.end) if self.busy is not None else now
+    def free_at(self, now: float, safety_factor: float = 1.0) -> float:
+        """Predicted time the step in flight ends (now if idle), its predicted time x safety_factor."""
+        b = self.busy
+        return max(now, b.start + b.predicted * safety_factor) if b is not None else now
 
     def inflight_tokens(self, r: Request) -> int:
         """Prefill tokens of r in the chunk now running here (0 if none)."""
