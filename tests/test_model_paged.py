@@ -1,0 +1,118 @@
+"""Paged model properties: chunking, batching, dtypes, sharding, checkpoints, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_helpers import PagedRunner, save_tiny_hf
+from tropical_jax.config import ModelConfig
+from tropical_jax.model.attention import _attend
+from tropical_jax.model.loader import load_model
+from tropical_jax.model.sharding import make_mesh
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    save_tiny_hf(path, "llama")
+    return path, load_model(path, with_tokenizer=False)
+
+
+PROMPT = list(np.random.default_rng(1).integers(0, 128, 23))
+
+
+def test_any_chunking_equals_one_shot_prefill(tiny):
+    _, (cfg, g, p, _) = tiny
+    one = PagedRunner(cfg, g, p, num_seqs=1, page_size=4).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    runner = PagedRunner(cfg, g, p, num_seqs=1, page_size=4)
+    start = 0
+    for size in (5, 9, 9):  # uneven, crossing page boundaries, each padded to a bucket of 16
+        got = runner.step(chunk=(0, start, PROMPT[start:start + size]), chunk_bucket=16)[0]
+        start += size
+    np.testing.assert_allclose(got, one, atol=1e-5)
+
+
+def test_decode_in_a_batch_equals_alone_and_mixed_step_matches(tiny):
+    _, (cfg, g, p, _) = tiny
+    alone = PagedRunner(cfg, g, p, num_seqs=3, page_size=4)
+    alone.step(chunk=(0, 0, PROMPT[:10]), chunk_bucket=16)
+    ref = alone.step(decodes=[(0, 10, 7)], batch_bucket=1)[0]
+    mixed = PagedRunner(cfg, g, p, num_seqs=3, page_size=4)
+    mixed.step(chunk=(0, 0, PROMPT[:10]), chunk_bucket=16)
+    mixed.step(chunk=(1, 0, PROMPT[3:17]), chunk_bucket=16)
+    # A mixed step: a chunk of sequence 2 beside decodes of sequences 0 and 1, in a padded batch of 4.
+    out = mixed.step(chunk=(2, 0, PROMPT[:6]), decodes=[(1, 14, 3), (0, 10, 7)], chunk_bucket=8, batch_bucket=4)
+    np.testing.assert_allclose(out[2], ref, atol=1e-5)
+
+
+def test_paged_attention_equals_dense_softmax():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 6, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 10, 2, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 10, 2, 8)).astype(np.float32)
+    pos = np.arange(4, 10)
+    mask = np.arange(10)[None, :] <= pos[:, None]
+    got = np.asarray(_attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask[None])))[0]
+    kk, vv = np.repeat(k[0], 2, axis=1), np.repeat(v[0], 2, axis=1)  # GQA: head h uses kv head h // 2
+    s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(8)
+    s = np.where(mask[None], s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.einsum("hqk,khd->qhd", w, vv), atol=1e-5)
+
+
+def test_bf16_stays_close_to_f32(tiny):
+    path, (cfg, g, p, _) = tiny
+    f32 = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    cfg16, g16, p16, _ = load_model(path, dtype=jnp.bfloat16, with_tokenizer=False)
+    assert jax.tree.leaves(p16)[0].dtype == jnp.bfloat16
+    b16 = PagedRunner(cfg16, g16, p16, num_seqs=1, dtype=jnp.bfloat16).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    # bf16 has an 8-bit mantissa: logits of O(1) agree to a few 1e-2 and the argmax is kept.
+    np.testing.assert_allclose(b16, f32, atol=5e-2)
+    assert np.argmax(b16) == np.argmax(f32)
+
+
+def test_two_device_tensor_parallel_matches_one_device(tiny):
+    path, (cfg, g, p, _) = tiny
+    want = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    mesh = make_mesh(jax.devices()[:2])
+    cfg2, g2, p2, _ = load_model(path, mesh=mesh, with_tokenizer=False)
+    q = p2["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    got = PagedRunner(cfg2, g2, p2, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_convert_cli_then_orbax_load_gives_identical_logits(tiny, tmp_path):
+    path, (cfg, g, p, _) = tiny
+    out = tmp_path / "ours"
+    r = subprocess.run([sys.executable, "-m", "tropical_jax.checkpoint", "convert", str(path), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "tropical_config.json").read_text())["num_layers"] == cfg.num_layers
+    want = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    cfg2, g2, p2, _ = load_model(out, with_tokenizer=False)
+    assert cfg2 == cfg
+    got = PagedRunner(cfg2, g2, p2, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    np.testing.assert_array_equal(got, want)
+    bad = subprocess.run([sys.executable, "-m", "tropical_jax.checkpoint", "convert", str(tmp_path / "nope"),
+                          str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
+
+
+def test_unsupported_configs_fail_clearly():
+    hf = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+          "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        ModelConfig.from_hf(hf)
+    hf["architectures"] = ["MistralForCausalLM"]
+    hf["sliding_window"] = 4096
+    cfg = ModelConfig.from_hf(hf)
+    cfg.check_context(4096)
+    with pytest.raises(ValueError, match="sliding window of 4096 tokens, shorter than max_model_len=8192"):
+        cfg.check_context(8192)

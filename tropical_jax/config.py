@@ -1,0 +1,100 @@
+"""Configuration dataclasses: the model's shape (read from Hugging Face configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF llama3 form: factor, low/high_freq_factor, original_max_position_embeddings
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope scaling {self.rope_scaling.get('rope_type')!r}: only 'llama3' is implemented")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {hf['hidden_act']!r}; only silu (SwiGLU) is implemented")
+        # transformers 5 keeps theta and scaling in rope_parameters; older configs use rope_theta / rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if scaling is not None and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        window = hf.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+            window = None
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            sliding_window=window,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=arch,
+        )
+
+    def check_context(self, max_model_len: int) -> None:
+        """Refuse contexts the model cannot serve exactly (we do not implement sliding windows)."""
+        if self.sliding_window is not None and self.sliding_window < max_model_len:
+            raise ValueError(
+                f"{self.architecture} uses a sliding window of {self.sliding_window} tokens, shorter than "
+                f"max_model_len={max_model_len}; sliding-window attention is not implemented, so set "
+                f"max_model_len <= {self.sliding_window}"
+            )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes per token at 2 bytes per element (bf16), for transfer and memory planning."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2

@@ -1,0 +1,1 @@
+"""Llama-family model: modules, paged attention, weight loading, sharding."""
