@@ -388,11 +388,11 @@ def test_colocated_prefill_runs_alone_and_chunked_fills_budget():
     assert d is not None
 
 
-@pytest.mark.parametrize("order,first", [("fcfs", 0), ("sjf", 1)])
+@pytest.mark.parametrize("order,first", [("fcfs", 0), ("sjf", 1), ("edf", 2)])
 def test_disaggregated_prefill_queue_order(order, first):
     s = make("1P1D", policy="disaggregated", queue_order=order)
     busy_until(s, "P0", NOW + 1)
-    rs = [req(3000, arrival=NOW), req(500, arrival=NOW + 0.1)]
+    rs = [req(3000, 10, arrival=NOW), req(500, 5, arrival=NOW + 0.1), req(2000, 1, arrival=NOW + 0.2)]
     for r in rs:
         s.submit(r, r.arrival)
     s.workers["P0"].busy = None
