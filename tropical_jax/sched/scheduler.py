@@ -280,6 +280,8 @@ class Scheduler:
                 self.counters["transfers"] += 1
                 p.touch()
                 d.touch()
+                if self._explain:
+                    self._record(now, r, "handoff", d.name, f"from {p.name}: least decode load with room")
 
     def _timeouts(self, now: float) -> None:
         limit = self.cfg.queue_timeout
