@@ -94,7 +94,61 @@ class ModelConfig:
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
+    def kv_bytes_per_token(self, itemsize: int = 2) -> int:
+        """K and V bytes one token occupies across all layers (for transfer and memory planning)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def make_buckets(maximum: int, minimum: int = 1, linear_from: int = 256) -> tuple[int, ...]:
+    """Sizes that double from `minimum` up to `linear_from`, then grow by `linear_from`, ending at `maximum`."""
+    if maximum < minimum:
+        raise ValueError(f"bucket maximum {maximum} is below minimum {minimum}")
+    sizes, s = [], minimum
+    while s < maximum:
+        sizes.append(s)
+        s = s * 2 if s < linear_from else s + linear_from
+    sizes.append(maximum)
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one worker runs the model: cache geometry, the closed set of step shapes, numerics."""
+
+    max_model_len: int = 1024
+    page_size: int = 16
+    num_pages: int | None = None  # None: room for max_num_seqs sequences of max_model_len tokens
+    max_num_seqs: int = 32  # largest decode batch
+    max_chunk_tokens: int = 256  # largest prefill chunk
+    chunk_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_chunk_tokens, 16)
+    batch_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_num_seqs, 1)
+    mixed_steps: bool = True  # compile chunk x batch executables (needed for inline prefills)
+    dtype: str = "float32"
+    attention_backend: str = "reference"
+    compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla"  # None disables the persistent cache
+
+    def __post_init__(self):
+        for name in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.num_pages is not None and self.num_pages < self.pages_per_seq:
+            raise ValueError(f"num_pages={self.num_pages} cannot hold even one sequence of max_model_len="
+                             f"{self.max_model_len} ({self.pages_per_seq} pages of {self.page_size})")
+
     @property
-    def kv_bytes_per_token(self) -> int:
-        """KV bytes per token at 2 bytes per element (bf16), for transfer and memory planning."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def total_pages(self) -> int:
+        return self.num_pages if self.num_pages is not None else self.pages_per_seq * self.max_num_seqs
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        return tuple(self.chunk_buckets or make_buckets(self.max_chunk_tokens, min(16, self.max_chunk_tokens)))
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(self.batch_buckets or make_buckets(self.max_num_seqs, 1))

@@ -82,6 +82,9 @@ def _place(pure: dict, state, mesh, dtype):
 
 
 def load_tokenizer(path: Path):
+    """The directory's tokenizer, or None if it ships none (token-id prompts still work)."""
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        return None
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -1,0 +1,129 @@
+"""The offline engine end to end: parity with transformers generate, no recompiles, pages, sampling."""
+
+import numpy as np
+import pytest
+
+from model_helpers import save_tiny_hf
+from tropical_jax import LLM, SamplingParams
+from tropical_jax.runtime.executor import compile_count
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, compilation_cache_dir=None,
+              progress=False)
+
+
+def hf_greedy(hf, prompt, n):
+    import torch
+
+    ids = torch.tensor([prompt])
+    # An explicit mask: without it generate treats prompt tokens equal to pad_token_id as padding.
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts_of(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(map(int, rng.integers(0, 128, n))) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    hf = save_tiny_hf(path, "llama", max_position_embeddings=128)
+    return hf, LLM(str(path), **ENGINE)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_greedy_matches_transformers_other_architectures(tmp_path, arch):
+    hf = save_tiny_hf(tmp_path, arch, max_position_embeddings=128)
+    llm = LLM(str(tmp_path), max_model_len=48, page_size=8, max_num_seqs=2, max_chunk_tokens=16,
+              batch_buckets=[2], compilation_cache_dir=None, progress=False)
+    prompts = prompts_of([7, 13], seed=1)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=32, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 32)
+
+
+def test_greedy_batch_matches_transformers_and_frees_pages(llama):
+    hf, llm = llama
+    prompts = prompts_of([5, 11, 17, 3, 20])  # 5 prompts > 4 decode slots: some wait
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=32, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 32)
+        assert o.finish_reason == "length" and o.prompt_token_ids == p
+    assert llm.engine.allocator.num_used == 0
+
+
+def test_request_in_a_batch_equals_alone(llama):
+    _, llm = llama
+    sp = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7)
+    alone = llm.generate(prompt_token_ids=prompts_of([9]), sampling_params=sp)[0].token_ids
+    batch = llm.generate(prompt_token_ids=prompts_of([9]) + prompts_of([4, 15], seed=3), sampling_params=sp)
+    assert batch[0].token_ids == alone
+
+
+def test_no_compilation_after_warmup(llama):
+    _, llm = llama
+    before = compile_count()
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 40, 50)
+    params = [SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=float(rng.choice([0, 0.7, 1.3])),
+                             top_k=int(rng.choice([-1, 5])), top_p=float(rng.choice([1.0, 0.8])),
+                             seed=int(i), ignore_eos=True) for i in range(50)]
+    outs = llm.generate(prompt_token_ids=prompts_of(lengths, seed=5), sampling_params=params)
+    assert [len(o.token_ids) for o in outs] == [min(p.max_tokens, 64 - n) for p, n in zip(params, lengths)]
+    assert compile_count() == before, "a step compiled after warmup"
+    assert llm.engine.allocator.num_used == 0
+
+
+def test_seeded_sampling_repeats_and_temperature_zero_is_greedy(llama):
+    _, llm = llama
+    p = prompts_of([8], seed=9)
+    a = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=16, seed=3, ignore_eos=True))
+    b = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=16, seed=3, ignore_eos=True))
+    c = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=16, seed=4, ignore_eos=True))
+    assert a[0].token_ids == b[0].token_ids != c[0].token_ids
+    g = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=16, temperature=0, seed=1,
+                                                                       ignore_eos=True))
+    g2 = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=16, temperature=0, seed=2,
+                                                                        ignore_eos=True))
+    assert g[0].token_ids == g2[0].token_ids
+
+
+def test_stop_token_ids_end_generation(llama):
+    _, llm = llama
+    p = prompts_of([6], seed=2)
+    free = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=20, **GREEDY))[0].token_ids
+    stop_at = free[4]
+    out = llm.generate(prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=20, stop_token_ids=[stop_at],
+                                                                         **GREEDY))[0]
+    assert out.token_ids == free[: free.index(stop_at) + 1] and out.finish_reason == "stop"
+
+
+def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
+    hf = save_tiny_hf(tmp_path, "llama", max_position_embeddings=128)
+    # 16 pages of 4 tokens: four sequences growing to ~40 tokens cannot all stay resident.
+    llm = LLM(str(tmp_path), **{**ENGINE, "num_pages": 16})
+    prompts = prompts_of([10, 12, 9, 14], seed=4)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=28, **GREEDY))
+    assert llm.engine.num_preemptions > 0
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 28)
+    assert llm.engine.allocator.num_used == 0
+
+
+def test_bad_input_is_refused_clearly(llama):
+    _, llm = llama
+    with pytest.raises(ValueError, match="prompt of 70 tokens does not fit max_model_len=64"):
+        llm.generate(prompt_token_ids=[[1] * 70])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(prompt_token_ids=[[1, 500]])
+    with pytest.raises(ValueError, match="exactly one of"):
+        llm.generate()
+    for bad, msg in [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
+                     (dict(top_p=0), "top_p"), (dict(top_k=0), "top_k"), (dict(seed=-3), "seed"),
+                     (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids")]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**bad)
+    assert llm.engine.allocator.num_used == 0 and not llm.engine.has_work()

@@ -1,0 +1,73 @@
+"""Offline API: `LLM(...).generate(...)`, in the style of vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from .config import EngineConfig
+from .model.loader import load_model
+from .model.sharding import make_mesh
+from .runtime.engine import Engine
+from .runtime.executor import ModelExecutor
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class LLM:
+    def __init__(self, model=None, *, max_model_len: int = 1024, page_size: int = 16, num_pages: int | None = None,
+                 dtype: str = "float32", attention_backend: str = "reference", max_num_seqs: int = 32,
+                 max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, tensor_parallel: int = 1,
+                 compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
+                 progress: bool = True):
+        self.engine_config = EngineConfig(
+            max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, dtype=dtype,
+            attention_backend=attention_backend, max_num_seqs=max_num_seqs, max_chunk_tokens=max_chunk_tokens,
+            chunk_buckets=tuple(chunk_buckets) if chunk_buckets else None,
+            batch_buckets=tuple(batch_buckets) if batch_buckets else None,
+            compilation_cache_dir=compilation_cache_dir)
+        mesh = make_mesh(jax.devices()[:tensor_parallel]) if tensor_parallel > 1 else None
+        self.model_config, graphdef, params, self.tokenizer = load_model(model, jnp.dtype(dtype), mesh)
+        self.model_config.check_context(max_model_len)
+        self.executor = ModelExecutor(self.model_config, graphdef, params, self.engine_config, mesh)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.engine = Engine(self.executor, self.tokenizer, eos)
+        if warmup:
+            self.executor.warmup(progress)
+
+    def generate(self, prompts=None, sampling_params=None, prompt_token_ids=None) -> list[RequestOutput]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts (text) or prompt_token_ids")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        elif prompt_token_ids and isinstance(prompt_token_ids[0], int):
+            prompt_token_ids = [prompt_token_ids]
+        n = len(prompt_token_ids)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts")
+        # Validate every prompt before admitting any, so a bad one leaves nothing half-queued.
+        for ids in prompt_token_ids:
+            if len(ids) >= self.engine_config.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len="
+                                 f"{self.engine_config.max_model_len}")
+        seqs = [self.engine.add_request(ids, sp) for ids, sp in zip(prompt_token_ids, sampling_params)]
+        while self.engine.has_work():
+            self.engine.step()
+        return [RequestOutput(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason) for s in seqs]

@@ -1,0 +1,1 @@
+"""Runtime: bucketed jitted steps, sampling, warmup, and the single-worker engine loop."""

@@ -1,0 +1,186 @@
+"""A continuous-batching loop for one worker.
+
+Each step is chosen by `plan_step` (what to run: one prefill chunk and/or the decode batch) and
+run by the executor (how). Out of pages, a request waits; a decode that cannot grow preempts the
+youngest running request, whose pages are freed and whose tokens are recomputed later — never a
+crash. The multi-worker cluster replaces `plan_step` with the shared scheduler.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from ..kv.allocator import PageAllocator
+from ..sampling_params import SamplingParams
+from .executor import ModelExecutor
+from .sequence import Sequence
+
+
+class Engine:
+    def __init__(self, executor: ModelExecutor, tokenizer=None, eos_token_ids=()):
+        self.executor = executor
+        self.cfg = executor.cfg
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.allocator = PageAllocator(self.cfg.total_pages, self.cfg.page_size)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # decoding, in arrival order
+        self.prefilling: Sequence | None = None
+        self._lock = threading.Lock()  # guards waiting/aborts against other threads adding requests
+        self._aborted: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id=None,
+                    on_output=None) -> Sequence:
+        params = params or SamplingParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        limit = self.cfg.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={limit} "
+                             f"(the prompt plus at least one generated token must fit)")
+        vocab = self.executor.model_cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        seq = Sequence(prompt_ids, params, on_output=on_output)
+        if request_id is not None:
+            seq.request_id = request_id
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Safe from any thread: the request is finished ("abort") at the next step boundary."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one device step (if there is work); returns the sequences that finished in it."""
+        finished = self._apply_aborts()
+        chunk, decodes = self.plan_step()
+        if chunk is None and not decodes:
+            return finished
+        tokens = self.executor.run(chunk, decodes)
+        if chunk is not None:
+            seq, start, length = chunk
+            seq.num_cached = start + length
+            if seq.prefill_remaining == 0:
+                self.prefilling = None
+                self._append(seq, int(tokens[0]), finished)
+                if not seq.finished:
+                    self.running.append(seq)
+            tokens = tokens[1:]
+        for seq, tok in zip(decodes, tokens):
+            seq.num_cached += 1
+            self._append(seq, int(tok), finished)
+        self.running = [s for s in self.running if not s.finished]
+        return finished
+
+    def plan_step(self):
+        """Pick the decode batch (growing pages, preempting if needed) and at most one prefill chunk."""
+        decodes = []
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted while making room for an earlier one
+            while not seq.block_table.ensure(self.allocator, len(seq.all_ids)):
+                if not self._preempt_youngest(protect=seq):
+                    break
+            if seq in self.running and len(seq.block_table.pages) * self.cfg.page_size >= len(seq.all_ids):
+                decodes.append(seq)
+        # A later sequence's growth may have preempted one already picked: drop those.
+        decodes = [s for s in decodes if s in self.running][: self.cfg.max_num_seqs]
+        chunk = self._next_chunk(len(decodes))
+        return chunk, decodes
+
+    def _next_chunk(self, num_decodes):
+        if self.prefilling is None:
+            with self._lock:
+                if not self.waiting or num_decodes >= self.cfg.max_num_seqs:
+                    return None
+                self.prefilling = self.waiting.popleft()
+        seq = self.prefilling
+        length = min(seq.prefill_remaining, self.executor.chunk_sizes[-1])
+        if not seq.block_table.ensure(self.allocator, seq.num_cached + length):
+            return None  # waits for pages; decodes finishing or preemption will free them
+        if not self.cfg.mixed_steps and num_decodes:
+            return None
+        return seq, seq.num_cached, length
+
+    def _preempt_youngest(self, protect: Sequence) -> bool:
+        victims = [s for s in self.running if s is not protect]
+        if self.prefilling is not None and self.prefilling.block_table.pages:
+            victims.append(self.prefilling)
+        if not victims:
+            return False
+        victim = max(victims, key=lambda s: s.arrival)
+        victim.block_table.release(self.allocator)
+        victim.num_cached = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        if victim is self.prefilling:
+            self.prefilling = None
+        else:
+            self.running.remove(victim)
+        with self._lock:
+            self.waiting.appendleft(victim)
+        return True
+
+    # -- tokens and stopping ----------------------------------------------------------------
+    def _append(self, seq: Sequence, token: int, finished: list) -> None:
+        seq.output_ids.append(token)
+        sp = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= sp.max_tokens or len(seq.all_ids) >= self.cfg.max_model_len:
+            reason = "length"
+        new_text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            # Hold back a trailing partial UTF-8 character until its bytes complete.
+            if reason is None and text.endswith("\ufffd"):
+                text = seq.text
+            new_text, seq.text = text[len(seq.text):], text
+        if reason is not None:
+            self._finish(seq, reason, finished)
+        if seq.on_output is not None:
+            seq.on_output(seq, [token], new_text)
+
+    def _finish(self, seq: Sequence, reason: str, finished: list) -> None:
+        seq.finish_reason = reason
+        seq.block_table.release(self.allocator)
+        finished.append(seq)
+
+    def _apply_aborts(self) -> list[Sequence]:
+        with self._lock:
+            ids, self._aborted = self._aborted, set()
+            if not ids:
+                return []
+            gone = [s for s in self.waiting if s.request_id in ids]
+            self.waiting = collections.deque(s for s in self.waiting if s.request_id not in ids)
+        gone += [s for s in self.running if s.request_id in ids]
+        self.running = [s for s in self.running if s.request_id not in ids]
+        if self.prefilling is not None and self.prefilling.request_id in ids:
+            gone.append(self.prefilling)
+            self.prefilling = None
+        finished = []
+        for seq in gone:
+            self._finish(seq, "abort", finished)
+            if seq.on_output is not None:
+                seq.on_output(seq, [], "")
+        return finished

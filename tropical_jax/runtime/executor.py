@@ -1,0 +1,126 @@
+"""Run one step on the device: the closed set of bucketed, jitted executables over donated KV pools.
+
+A step is an optional prefill chunk of one sequence plus a decode batch (the shapes the model's
+StepBatch describes). Metadata is built on the host in numpy, padded to the step's buckets, and
+sampling happens inside the same executable, so only the sampled token ids come back.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from ..config import EngineConfig, ModelConfig
+from ..model.llama import init_kv_cache, make_forward
+from ..model.sharding import kv_sharding
+from ..model.step_batch import StepBatch
+from .sampling import sample
+
+_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",)
+_compile_lock = threading.Lock()
+_compile_count = 0
+
+
+def _on_event(event, _duration, **_):
+    global _compile_count
+    if event in _COMPILE_EVENTS:
+        with _compile_lock:
+            _compile_count += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+    """Executables JAX has compiled (or loaded from the persistent cache) in this process."""
+    return _compile_count
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _bucket(sizes, n) -> int:
+    i = bisect.bisect_left(sizes, n)
+    if i == len(sizes):
+        raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+    return sizes[i]
+
+
+class ModelExecutor:
+    def __init__(self, model_cfg: ModelConfig, graphdef, params, engine_cfg: EngineConfig, mesh=None):
+        self.model_cfg, self.cfg, self.params = model_cfg, engine_cfg, params
+        enable_compilation_cache(engine_cfg.compilation_cache_dir)
+        self.chunk_sizes = engine_cfg.chunk_sizes
+        self.batch_sizes = engine_cfg.batch_sizes
+        sharding = kv_sharding(model_cfg, mesh) if mesh is not None else None
+        self.kv_cache = init_kv_cache(model_cfg, engine_cfg.total_pages, engine_cfg.page_size,
+                                      jnp.dtype(engine_cfg.dtype), sharding)
+        forward = make_forward(graphdef, engine_cfg.attention_backend)
+
+        def step(params, kv_cache, batch, temperature, top_k, top_p, seeds, steps):
+            logits, kv_cache = forward(params, kv_cache, batch)
+            return sample(logits, temperature, top_k, top_p, seeds, steps), kv_cache
+
+        self._step = jax.jit(step, donate_argnums=(1,))
+
+    # -- shapes -----------------------------------------------------------------------------
+    def step_shapes(self) -> list[tuple[int, int]]:
+        """Every (chunk bucket, batch bucket) this executor may run; 0 means that part is absent."""
+        shapes = [(c, 0) for c in self.chunk_sizes] + [(0, b) for b in self.batch_sizes]
+        if self.cfg.mixed_steps:
+            shapes += [(c, b) for c in self.chunk_sizes for b in self.batch_sizes]
+        return shapes
+
+    def chunk_bucket(self, n: int) -> int:
+        return _bucket(self.chunk_sizes, n)
+
+    def warmup(self, progress: bool = True) -> None:
+        shapes = self.step_shapes()
+        for c, b in tqdm(shapes, desc="warmup: compiling steps", disable=not progress, unit="exe"):
+            self._run(c, b, None, [])
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, chunk, decodes) -> np.ndarray:
+        """chunk: (sequence, start, length) or None; decodes: sequences. Returns sampled ids,
+        the chunk's first (meaningful when the chunk ends its prompt), then one per decode."""
+        c = self.chunk_bucket(chunk[2]) if chunk is not None else 0
+        b = _bucket(self.batch_sizes, len(decodes)) if decodes else 0
+        return self._run(c, b, chunk, decodes)
+
+    def _run(self, c, b, chunk, decodes) -> np.ndarray:
+        p = self.cfg.pages_per_seq
+        ct, ctab = np.zeros(c, np.int32), np.zeros(p, np.int32)
+        cs = cl = 0
+        rows = []
+        if chunk is not None:
+            seq, cs, cl = chunk
+            ct[:cl] = seq.all_ids[cs:cs + cl]
+            ctab[:len(seq.block_table.pages)] = seq.block_table.pages
+            rows.append(seq)
+        dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
+        for i, seq in enumerate(decodes):
+            dt[i], dp[i], dm[i] = seq.all_ids[-1], len(seq.all_ids) - 1, True
+            dtab[i, :len(seq.block_table.pages)] = seq.block_table.pages
+        rows += decodes
+        r = (1 if c else 0) + b
+        temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
+        top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
+        offset = 0 if chunk is not None or not c else 1  # a chunk row with no chunk stays padding
+        for i, seq in enumerate(rows, start=offset):
+            sp = seq.params
+            temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+            seeds[i], steps[i] = seq.seed, len(seq.output_ids)
+        batch = StepBatch(ct, np.int32(cs), np.int32(cl), ctab, dt, dp, dtab, dm)
+        tokens, self.kv_cache = self._step(self.params, self.kv_cache, batch, temperature, top_k, top_p,
+                                           seeds, steps)
+        return np.asarray(tokens)
