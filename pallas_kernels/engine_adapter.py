@@ -26,7 +26,7 @@ def step_metadata(batch):
     else:
         chunk_table = batch.chunk_block_table[None, :]
         tables = jnp.concatenate([chunk_table, jnp.zeros_like(chunk_table),
-                                  batch.dec_block_tables.reshape(b, -1)])
+                                  batch.dec_block_tables.reshape(b, chunk_table.shape[1])])
         chunk_kv = jnp.reshape(batch.chunk_start + batch.chunk_len, (1,)).astype(jnp.int32)
         kv_lens = jnp.concatenate([chunk_kv, jnp.zeros((1,), jnp.int32), dec_kv])
         head = jnp.stack([jnp.int32(0), jnp.asarray(batch.chunk_len, jnp.int32), jnp.int32(c)])
