@@ -8,7 +8,8 @@ from tropical_jax import LLM, SamplingParams
 from tropical_jax.runtime.executor import compile_count
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, compilation_cache_dir=None,
+ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, context_buckets=[24],
+              compilation_cache_dir=None,
               progress=False)
 
 

@@ -122,6 +122,8 @@ class EngineConfig:
     max_chunk_tokens: int = 256  # largest prefill chunk
     chunk_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_chunk_tokens, 16)
     batch_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_num_seqs, 1)
+    # Attention reads (and the reference backend gathers) only up to the step's context bucket.
+    context_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_model_len, 256, 1024)
     mixed_steps: bool = True  # compile chunk x batch executables (needed for inline prefills)
     dtype: str = "float32"
     attention_backend: str = "reference"
@@ -148,6 +150,12 @@ class EngineConfig:
     @property
     def chunk_sizes(self) -> tuple[int, ...]:
         return tuple(self.chunk_buckets or make_buckets(self.max_chunk_tokens, min(16, self.max_chunk_tokens)))
+
+    @property
+    def context_pages(self) -> tuple[int, ...]:
+        """Block-table widths (pages) of the context buckets."""
+        tokens = self.context_buckets or make_buckets(self.max_model_len, min(256, self.max_model_len), 1024)
+        return tuple(sorted({-(-min(t, self.max_model_len) // self.page_size) for t in tokens} | {self.pages_per_seq}))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

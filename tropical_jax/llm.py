@@ -26,7 +26,8 @@ class RequestOutput:
 class LLM:
     def __init__(self, model=None, *, max_model_len: int = 1024, page_size: int = 16, num_pages: int | None = None,
                  dtype: str = "float32", attention_backend: str = "reference", max_num_seqs: int = 32,
-                 max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, tensor_parallel: int = 1,
+                 max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, context_buckets=None,
+                 tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
                  progress: bool = True):
         self.engine_config = EngineConfig(
@@ -34,6 +35,7 @@ class LLM:
             attention_backend=attention_backend, max_num_seqs=max_num_seqs, max_chunk_tokens=max_chunk_tokens,
             chunk_buckets=tuple(chunk_buckets) if chunk_buckets else None,
             batch_buckets=tuple(batch_buckets) if batch_buckets else None,
+            context_buckets=tuple(context_buckets) if context_buckets else None,
             compilation_cache_dir=compilation_cache_dir)
         mesh = make_mesh(jax.devices()[:tensor_parallel]) if tensor_parallel > 1 else None
         self.model_config, graphdef, params, self.tokenizer = load_model(model, jnp.dtype(dtype), mesh)

@@ -110,7 +110,7 @@ class Server:
         self.tokenizer = llm.tokenizer
         for c in llm.executor.chunk_sizes:
             start = time.perf_counter()
-            llm.executor._run(c, 0, None, [])
+            llm.executor._run(c, 0, llm.engine_config.context_pages[0], None, [])
             self._prefill_times[c] = time.perf_counter() - start
         self.client = EngineClient(llm, max_queue=a.max_queue, queue_timeout=a.queue_timeout,
                                    on_finish=self.metrics.finished)

@@ -73,20 +73,20 @@ class ModelExecutor:
         self._step = jax.jit(step, donate_argnums=(1,))
 
     # -- shapes -----------------------------------------------------------------------------
-    def step_shapes(self) -> list[tuple[int, int]]:
-        """Every (chunk bucket, batch bucket) this executor may run; 0 means that part is absent."""
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (chunk bucket, batch bucket, context pages) this executor may run; 0: part absent."""
         shapes = [(c, 0) for c in self.chunk_sizes] + [(0, b) for b in self.batch_sizes]
         if self.cfg.mixed_steps:
             shapes += [(c, b) for c in self.chunk_sizes for b in self.batch_sizes]
-        return shapes
+        return [(c, b, p) for c, b in shapes for p in self.cfg.context_pages]
 
     def chunk_bucket(self, n: int) -> int:
         return _bucket(self.chunk_sizes, n)
 
     def warmup(self, progress: bool = True) -> None:
         shapes = self.step_shapes()
-        for c, b in tqdm(shapes, desc="warmup: compiling steps", disable=not progress, unit="exe"):
-            self._run(c, b, None, [])
+        for c, b, p in tqdm(shapes, desc="warmup: compiling steps", disable=not progress, unit="exe"):
+            self._run(c, b, p, None, [])
 
     # -- running ----------------------------------------------------------------------------
     def run(self, chunk, decodes) -> np.ndarray:
@@ -94,23 +94,24 @@ class ModelExecutor:
         the chunk's first (meaningful when the chunk ends its prompt), then one per decode."""
         c = self.chunk_bucket(chunk[2]) if chunk is not None else 0
         b = _bucket(self.batch_sizes, len(decodes)) if decodes else 0
-        return self._run(c, b, chunk, decodes)
+        tokens = max(([chunk[1] + chunk[2]] if chunk is not None else []) + [len(s.all_ids) for s in decodes])
+        p = _bucket(self.cfg.context_pages, -(-tokens // self.cfg.page_size))
+        return self._run(c, b, p, chunk, decodes)
 
-    def _run(self, c, b, chunk, decodes) -> np.ndarray:
-        p = self.cfg.pages_per_seq
+    def _run(self, c, b, p, chunk, decodes) -> np.ndarray:
         ct, ctab = np.zeros(c, np.int32), np.zeros(p, np.int32)
         cs = cl = 0
         rows = []
         if chunk is not None:
             seq, cs, cl = chunk
             ct[:cl] = seq.all_ids[cs:cs + cl]
-            ctab[:len(seq.block_table.pages)] = seq.block_table.pages
+            ctab[:min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
             rows.append(seq)
         dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
         dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
         for i, seq in enumerate(decodes):
             dt[i], dp[i], dm[i] = seq.all_ids[-1], len(seq.all_ids) - 1, True
-            dtab[i, :len(seq.block_table.pages)] = seq.block_table.pages
+            dtab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
         rows += decodes
         r = (1 if c else 0) + b
         temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
