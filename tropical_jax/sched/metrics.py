@@ -1,0 +1,92 @@
+"""Serving metrics over finished requests, and goodput by bisection over the arrival rate.
+
+Attainment counts every request: rejected and unfinished ones are misses (DESIGN §5). Goodput is
+the highest rate whose attainment is >= the target (DistServe's convention), found by bisection
+on a monotone-ish curve; the whole attainment-vs-rate curve is returned with it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .request import Request
+
+LENGTH_CLASSES = (("<2k", 0, 2048), ("2-8k", 2048, 8192), ("8-16k", 8192, 16384), (">=16k", 16384, math.inf))
+
+
+def _pct(values, q):
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def summarize(requests: Iterable[Request]) -> dict:
+    """Attainment, percentiles (seconds), and misses by prompt-length class."""
+    reqs = list(requests)
+    n = len(reqs)
+    if n == 0:
+        raise ValueError("no requests to summarize")
+    ttft = [r.ttft for r in reqs if r.ttft is not None]
+    tpot = [r.tpot for r in reqs if r.finish_time is not None and r.tpot is not None]
+    queue = [r.queueing for r in reqs if r.queueing is not None]
+    transfer = [r.transfer_time for r in reqs if r.path == "prefill" and r.finish_time is not None]
+    misses = {}
+    for name, lo, hi in LENGTH_CLASSES:
+        cls = [r for r in reqs if lo <= r.prompt_len < hi]
+        if cls:
+            missed = sum(not r.attained for r in cls)
+            misses[name] = {"requests": len(cls), "missed": missed, "miss_rate": missed / len(cls)}
+    return {
+        "num_requests": n,
+        "attainment": sum(r.attained for r in reqs) / n,
+        "ttft_attainment": sum(r.ttft_attained for r in reqs) / n,
+        "tpot_attainment": sum(r.tpot_attained for r in reqs) / n,
+        "ttft_p50": _pct(ttft, 50), "ttft_p90": _pct(ttft, 90), "ttft_p99": _pct(ttft, 99),
+        "tpot_p50": _pct(tpot, 50), "tpot_p90": _pct(tpot, 90), "tpot_p99": _pct(tpot, 99),
+        "queue_p90": _pct(queue, 90),
+        "transfer_p90": _pct(transfer, 90),
+        "inline_fraction": sum(r.path == "inline" for r in reqs) / n,
+        "rejected": sum(r.rejected for r in reqs),
+        "misses_by_length": misses,
+    }
+
+
+def goodput(attainment_at: Callable[[float], float], *, lo: float, hi: float, target: float = 0.9,
+            rel_tol: float = 0.02, max_iter: int = 20, progress: Callable[[float, float], None] | None = None):
+    """Highest rate in [lo, hi] with attainment_at(rate) >= target, by bisection.
+
+    The bracket is widened first (hi doubled while it still meets the target, lo halved while it
+    misses). Returns (goodput, curve) with curve = sorted [[rate, attainment], ...] of every
+    point evaluated; goodput is 0.0 when even the lowest rate tried misses the target."""
+    curve: dict[float, float] = {}
+
+    def at(rate):
+        if rate not in curve:
+            curve[rate] = attainment_at(rate)
+            if progress is not None:
+                progress(rate, curve[rate])
+        return curve[rate]
+
+    for _ in range(max_iter):
+        if at(hi) < target:
+            break
+        lo, hi = hi, hi * 2
+    else:
+        return hi, sorted(map(list, curve.items()))
+    floor = lo / 1024
+    while at(lo) < target:
+        if lo <= floor:
+            return 0.0, sorted(map(list, curve.items()))
+        lo, hi = lo / 2, lo
+    for _ in range(max_iter):
+        if hi - lo <= rel_tol * lo:
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) >= target else (lo, mid)
+    return lo, sorted(map(list, curve.items()))
+
+
+def mean_sd(values) -> tuple[float, float]:
+    v = np.asarray(list(values), float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0

@@ -1,0 +1,179 @@
+"""`python -m tropical_jax.sim`: simulate serving a workload, or search each policy's goodput.
+
+    run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
+    goodput --workload W --profile P --policies tropical,colocated,chunked,disaggregated
+            [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
+
+Profiles: a name in tropical_jax/profiles (a100-llama2-70b-tp4, a100-internlm2.5-20b-tp2) or a
+JSON path (e.g. written by the engine's profiler). Times in the JSON output are seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..sched.config import PolicyConfig, parse_cluster
+from ..sched.cost_model import CostModel, ProfileError
+from ..sched.metrics import goodput, mean_sd, summarize
+from .simulator import simulate
+from .workloads import ARRIVALS, make_requests
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+DEFAULT_CLUSTER = {"tropical": "1P1M", "colocated": "2C", "chunked": "2C", "disaggregated": "1P1D"}
+
+
+def load_profile(name: str) -> CostModel:
+    path = PROFILES / f"{name}.json"
+    if not path.exists():
+        path = Path(name)
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.json")))
+        raise ProfileError(f"no profile {name!r}: give a JSON path or one of {known}")
+    return CostModel.from_json(path)
+
+
+def split_policies(text: str) -> list[str]:
+    """'tropical,chunked:token_budget=512,queue_order=fcfs' -> ['tropical', 'chunked:token_budget=512,queue_order=fcfs']."""
+    out: list[str] = []
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        if "=" in tok and ":" not in tok and out and ":" in out[-1]:
+            out[-1] += "," + tok  # another knob of the previous policy
+        else:
+            out.append(tok)
+    return out
+
+
+def cluster_for(policy: str, cluster_arg: str | None) -> str:
+    name = policy.split(":")[0]
+    if cluster_arg and "=" not in cluster_arg:
+        return cluster_arg
+    mapping = dict(DEFAULT_CLUSTER)
+    for item in filter(None, (cluster_arg or "").split(",")):
+        k, _, v = item.partition("=")
+        mapping[k.strip()] = v.strip()
+    return mapping.get(policy, mapping.get(name, "2C"))
+
+
+def _requests(args, rate, seed):
+    return make_requests(args.workload, args.num_requests, rate, arrival=args.arrival, cv=args.cv, seed=seed,
+                         max_input_len=args.max_input_len, tpot_slo=args.tpot_slo_ms / 1000)
+
+
+def _policy(args, text):
+    return PolicyConfig.parse(text, ttft_scale=args.ttft_scale)
+
+
+def run_once(args, policy_text, cluster, rate, seed, cost, max_misses=None, progress=False):
+    policy = _policy(args, policy_text)
+    res = simulate(_requests(args, rate, seed), cluster, policy, cost, seed=seed, noise=args.noise,
+                   max_misses=max_misses, progress=progress)
+    return res
+
+
+def cmd_run(args) -> dict:
+    cost = load_profile(args.profile)
+    res = run_once(args, args.policy, args.cluster or cluster_for(args.policy, None), args.rate, args.seed, cost,
+                   progress=not args.json)
+    out = {"policy": args.policy, "cluster": str(args.cluster or cluster_for(args.policy, None)),
+           "workload": args.workload, "profile": args.profile, "rate": args.rate, "arrival": args.arrival,
+           "max_input_len": args.max_input_len, "seed": args.seed, **summarize(res.requests),
+           "counters": res.counters, "sim_wall_s": round(res.wall_s, 3)}
+    return out
+
+
+def cmd_goodput(args) -> dict:
+    cost = load_profile(args.profile)
+    target = args.target
+    results = {}
+    for text in split_policies(args.policies):
+        cluster = cluster_for(text, args.cluster)
+        bar = tqdm(desc=f"goodput {text} on {cluster}", unit="run", disable=args.json, leave=False)
+
+        def attainment(rate):
+            values = []
+            for s in range(args.seeds):
+                res = run_once(args, text, cluster, rate, args.seed + s, cost,
+                               max_misses=math.floor((1 - target) * args.num_requests))
+                values.append(summarize(res.requests)["attainment"])
+                bar.update()
+            return mean_sd(values)[0]
+
+        rate, curve = goodput(attainment, lo=args.rate_lo, hi=args.rate_hi, target=target,
+                              progress=lambda r, a: bar.set_postfix(rate=f"{r:.3f}", attainment=f"{a:.3f}"))
+        bar.close()
+        results[text] = {"cluster": cluster, "goodput": rate, "curve": curve}
+    out = {"workload": args.workload, "profile": args.profile, "target": target, "num_requests": args.num_requests,
+           "seeds": args.seeds, "arrival": args.arrival, "max_input_len": args.max_input_len,
+           "ttft_scale": args.ttft_scale, "tpot_slo_ms": args.tpot_slo_ms, "policies": results}
+    if args.plot:
+        plot_curves(out, args.plot)
+    return out
+
+
+def plot_curves(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in out["policies"].items():
+        xs, ys = zip(*r["curve"])
+        ax.plot(xs, ys, "o-", ms=3, label=f"{name} ({r['cluster']}): {r['goodput']:.3f} req/s")
+    ax.axhline(out["target"], ls="--", c="gray", lw=1)
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_title(f"{out['workload']} on {out['profile']}")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tropical_jax.sim", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workload", required=True)
+    common.add_argument("--profile", required=True)
+    common.add_argument("--cluster")
+    common.add_argument("--num-requests", type=int, default=2000)
+    common.add_argument("--ttft-scale", type=float, default=5.0)
+    common.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    common.add_argument("--max-input-len", type=int)
+    common.add_argument("--arrival", choices=ARRIVALS, default="poisson")
+    common.add_argument("--cv", type=float, default=1.0, help="burstiness (Gamma arrivals)")
+    common.add_argument("--noise", type=float, default=0.0, help="lognormal sigma on every step time")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", parents=[common], help="simulate one policy at one rate")
+    r.add_argument("--policy", default="tropical")
+    r.add_argument("--rate", type=float, required=True)
+    g = sub.add_parser("goodput", parents=[common], help="bisect each policy's goodput")
+    g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated")
+    g.add_argument("--target", type=float, default=0.9)
+    g.add_argument("--seeds", type=int, default=1, help="average attainment over this many seeds per rate")
+    g.add_argument("--rate-lo", type=float, default=0.1)
+    g.add_argument("--rate-hi", type=float, default=1.0)
+    g.add_argument("--plot")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = cmd_run(args) if args.command == "run" else cmd_goodput(args)
+    except (ProfileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(json.dumps(out, indent=1))
+    return 0
