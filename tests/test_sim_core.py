@@ -18,6 +18,7 @@ COST = CostModel.from_json(PROFILE)
 POLICIES = [
     ("tropical", "1P1M"), ("tropical:prefer=multiplex,queue_order=edf", "2P2M"),
     ("tropical:queue_timeout=3,max_multiplex_tokens=none", "1P2M"),
+    ("planned", "1P1M"), ("planned:shed=false", "2P2M"), ("chunked:shed=true", "2C"),
     ("colocated", "2C"), ("colocated:token_budget=2048,queue_order=fcfs", "1C"),
     ("chunked:token_budget=512", "2C"), ("disaggregated", "1P1D"), ("disaggregated:queue_order=fcfs", "2P1D"),
 ]
@@ -99,7 +100,7 @@ def test_invariants_randomized(i):
         assert not (w.queue or w.decoding or w.incoming or w.handoff or w.busy)
     c = res.counters
     assert c.get("rejected", 0) == sum(r.rejected for r in res.requests)
-    if "disaggregated" in policy or "tropical" in policy:
+    if "disaggregated" in policy or "tropical" in policy or "planned" in policy:
         assert c.get("transfer_failures", 0) > 0 and c["transfers"] == sum(r.path == "prefill" and r.n_out > 1 for r in res.requests)
     if "queue_timeout" in policy:
         assert c.get("rejected", 0) > 0

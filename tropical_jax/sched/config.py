@@ -16,10 +16,13 @@ import re
 from dataclasses import dataclass, fields, replace
 
 ROLES = ("P", "M", "D", "C")
-POLICIES = ("tropical", "colocated", "chunked", "disaggregated")
+POLICIES = ("tropical", "planned", "colocated", "chunked", "disaggregated")
+MULTIPLEXING = ("tropical", "planned")  # policies with P + M workers and the rule 1-3 dispatcher
+_UNSET = -1  # a knob whose default depends on the policy
 # Roles each policy runs on; every listed role with a "+" must appear at least once.
 _POLICY_ROLES = {
     "tropical": ({"P", "M"}, {"M"}),
+    "planned": ({"P", "M"}, {"M"}),
     "colocated": ({"C"}, {"C"}),
     "chunked": ({"C"}, {"C"}),
     "disaggregated": ({"P", "D"}, {"P", "D"}),
@@ -78,10 +81,14 @@ def parse_cluster(text: str | ClusterSpec) -> ClusterSpec:
 class PolicyConfig:
     """A dispatch policy and every knob of DESIGN §3. Times in seconds."""
     policy: str = "tropical"
-    # Order of rules 1 and 2 for tropical: try a prefill worker first, or a multiplexing worker first.
-    prefer: str = "prefill"
-    # Longest prompt that may be inlined on an M worker (None: no cap).
-    max_multiplex_tokens: int | None = 8192
+    # Order of rules 1 and 2: try a prefill worker first, a multiplexing worker first, or ("finish",
+    # DESIGN §3b) whichever gives the earlier first token, ties to P. Default: finish for planned, else prefill.
+    prefer: str = ""
+    # Longest prompt that may be inlined on an M worker (None: no cap). Default: 8192; None for planned.
+    max_multiplex_tokens: int | None = _UNSET
+    # Reject at once a request whose isolated prefill cannot finish by its deadline even if started now
+    # (DESIGN §3b). Default: on for planned, off for every other policy.
+    shed: bool | None = None
     # Prompts shorter than this skip the per-step slack check (their stall is below noise).
     short_prompt_tokens: int = 512
     # An inline is refused if the batch's predicted decode step (newcomer included) exceeds this x tpot_slo.
@@ -111,8 +118,15 @@ class PolicyConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {POLICIES}")
-        if self.prefer not in ("prefill", "multiplex"):
-            raise ValueError(f"prefer must be 'prefill' or 'multiplex', got {self.prefer!r}")
+        planned = self.policy == "planned"
+        if not self.prefer:
+            object.__setattr__(self, "prefer", "finish" if planned else "prefill")
+        if self.max_multiplex_tokens == _UNSET:
+            object.__setattr__(self, "max_multiplex_tokens", None if planned else 8192)
+        if self.shed is None:
+            object.__setattr__(self, "shed", planned)
+        if self.prefer not in ("prefill", "multiplex", "finish"):
+            raise ValueError(f"prefer must be 'prefill', 'multiplex' or 'finish', got {self.prefer!r}")
         if self.queue_order not in ("sjf", "edf", "fcfs"):
             raise ValueError(f"queue_order must be sjf, edf or fcfs, got {self.queue_order!r}")
         if not self.chunk_buckets or any(b <= 0 for b in self.chunk_buckets):
@@ -126,6 +140,10 @@ class PolicyConfig:
             raise ValueError("token_budget must be positive")
         if self.queue_timeout is not None and self.queue_timeout < 0:
             raise ValueError("queue_timeout must be >= 0")
+
+    @property
+    def multiplexing(self) -> bool:
+        return self.policy in MULTIPLEXING
 
     @property
     def chunked_budget(self) -> int:
@@ -162,6 +180,10 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy"):
         return v
+    if key == "shed":
+        if v.lower() not in ("true", "false", "1", "0", "on", "off"):
+            raise ValueError(f"shed must be true or false, got {v!r}")
+        return v.lower() in ("true", "1", "on")
     if key in ("max_multiplex_tokens", "short_prompt_tokens", "token_budget"):
         return int(v)
     return float(v)

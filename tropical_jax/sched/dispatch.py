@@ -141,6 +141,8 @@ class TropicalDispatcher:
         why = [] if explain else None
         late = self.is_late(r, now)
         if not late:
+            if self.mon.cfg.prefer == "finish":
+                return self._earliest_first_token(r, why)
             rules = (self._p_choice, self._m_choice)
             if self.mon.cfg.prefer == "multiplex":
                 rules = rules[::-1]
@@ -158,8 +160,18 @@ class TropicalDispatcher:
         return Decision(path, name, f"late, best effort: first token {f:.3f} (deadline {r.deadline:.3f})" if explain else "",
                         late=True)
 
+    def _earliest_first_token(self, r: Request, why) -> Decision:
+        """prefer=finish (DESIGN §3b): the best P (rule 1) and the best M (rule 2) compared by
+        predicted first token; ties go to P (no decode is stalled)."""
+        p, m = self._p_choice(r, why), self._m_choice(r, why)
+        if p is None or m is None:
+            return p or m or Decision(WAIT, None, "; ".join(why) if why else "")
+        p_end = min(f for _, f, n in self._last_p if n == p.worker)
+        m_end = next(f for _, f, n in self._last_m if n == m.worker)
+        return m if m_end < p_end else p
+
     def _p_choice(self, r: Request, why) -> Decision | None:
-        el = self.rule1(r, False, why)
+        el = self._last_p = self.rule1(r, False, why)
         if not el:
             return None
         out, f, name = min(el)
@@ -167,7 +179,7 @@ class TropicalDispatcher:
                         f"outstanding {out:.3f} s" if why is not None else "")
 
     def _m_choice(self, r: Request, why) -> Decision | None:
-        el = self.rule2(r, False, why)
+        el = self._last_m = self.rule2(r, False, why)
         if not el:
             return None
         # Largest minimum slack left; ties to the earlier plan end, then the worker name.
@@ -193,4 +205,4 @@ class BaselineDispatcher:
 
 
 def make_dispatcher(mon: Monitor):
-    return TropicalDispatcher(mon) if mon.cfg.policy == "tropical" else BaselineDispatcher(mon)
+    return TropicalDispatcher(mon) if mon.cfg.multiplexing else BaselineDispatcher(mon)

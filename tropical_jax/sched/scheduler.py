@@ -84,10 +84,10 @@ class Scheduler:
             self.mon.track(r, self._seq)
             self._seq += 1
             self.live += 1
-            why = self._never_fits(r)
+            why = self._never_fits(r) or self._hopeless(r, now)
             if why:
                 self._reject(r, now, why)
-            elif self.cfg.policy == "tropical":
+            elif self.cfg.multiplexing:
                 key = local_key(self.mon, r, self.mon.iso[r])
                 bisect.insort(self.waiting, (key, r), key=lambda e: e[0])
             else:
@@ -199,12 +199,18 @@ class Scheduler:
         w = next(iter(self.mon.workers.values()))  # all workers have the same KV capacity
         if w.alloc.pages_for(r.prompt_len + 1) > cfg.memory_watermark * w.alloc.num_pages:
             return f"prompt of {r.prompt_len} tokens exceeds a worker's KV memory (below the watermark)"
-        if cfg.policy == "tropical" and not self.mon.of_role("P"):  # only inlines can serve it
+        if cfg.multiplexing and not self.mon.of_role("P"):  # only inlines can serve it
             if cfg.max_multiplex_tokens is not None and r.prompt_len > cfg.max_multiplex_tokens:
                 return "no prefill worker and the prompt exceeds max_multiplex_tokens"
             alone = self.cost.t_decode(1, r.prompt_len + 1) * cfg.safety_factor
             if alone > cfg.decode_latency_watermark * r.tpot_slo:
                 return "no prefill worker and even alone its decode step exceeds the decode latency watermark"
+        return ""
+
+    def _hopeless(self, r: Request, now: float) -> str:
+        """With shed on: a request whose isolated prefill cannot end by its deadline even if started now."""
+        if self.cfg.shed and now + self.mon.iso[r] > r.deadline:
+            return f"shed: isolated prefill {self.mon.iso[r]:.3f} s cannot end by the deadline {r.deadline:.3f}"
         return ""
 
     def _reject(self, r: Request, now: float, reason: str) -> None:
@@ -318,6 +324,10 @@ class Scheduler:
                     keep.append(e)
                     if not disp.is_late(r, now):
                         timer = min(timer, disp.late_at(r))
+                    continue
+                why = self._hopeless(r, now)
+                if why:
+                    self._reject(r, now, why)
                     continue
                 d = disp.decide(r, now, explain)
                 if d.action != WAIT:

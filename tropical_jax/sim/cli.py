@@ -1,6 +1,7 @@
 """`python -m tropical_jax.sim`: simulate serving a workload, or search each policy's goodput.
 
     run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
+    bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, DESIGN §3b)
     goodput --workload W --profile P --policies tropical,colocated,chunked,disaggregated
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
 from ..sched.metrics import goodput, mean_sd, summarize
@@ -25,7 +27,7 @@ from .simulator import simulate
 from .workloads import ARRIVALS, make_requests
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
-DEFAULT_CLUSTER = {"tropical": "1P1M", "colocated": "2C", "chunked": "2C", "disaggregated": "1P1D"}
+DEFAULT_CLUSTER = {"tropical": "1P1M", "planned": "1P1M", "colocated": "2C", "chunked": "2C", "disaggregated": "1P1D"}
 
 
 def load_profile(name: str) -> CostModel:
@@ -66,7 +68,20 @@ def _requests(args, rate, seed):
 
 
 def _policy(args, text):
-    return PolicyConfig.parse(text, ttft_scale=args.ttft_scale)
+    extra = {} if args.shed is None else {"shed": args.shed}
+    return PolicyConfig.parse(text, ttft_scale=args.ttft_scale, **extra)
+
+
+def bound_for(args, cluster: str, cost: CostModel) -> dict:
+    reqs = _requests(args, 1.0, args.seed)
+    return work_bound([r.prompt_len for r in reqs], [r.output_len for r in reqs], cost,
+                      len(parse_cluster(cluster).workers), args.tpot_slo_ms / 1000)
+
+
+def cmd_bound(args) -> dict:
+    cluster = args.cluster or "2C"
+    return {"workload": args.workload, "profile": args.profile, "cluster": cluster,
+            "max_input_len": args.max_input_len, **bound_for(args, cluster, load_profile(args.profile))}
 
 
 def run_once(args, policy_text, cluster, rate, seed, cost, max_misses=None, progress=False):
@@ -107,7 +122,9 @@ def cmd_goodput(args) -> dict:
         rate, curve = goodput(attainment, lo=args.rate_lo, hi=args.rate_hi, target=target,
                               progress=lambda r, a: bar.set_postfix(rate=f"{r:.3f}", attainment=f"{a:.3f}"))
         bar.close()
-        results[text] = {"cluster": cluster, "goodput": rate, "curve": curve}
+        bound = bound_for(args, cluster, cost)["bound_rps"]
+        results[text] = {"cluster": cluster, "goodput": rate, "fraction_of_bound": rate / bound, "bound_rps": bound,
+                         "curve": curve}
     out = {"workload": args.workload, "profile": args.profile, "target": target, "num_requests": args.num_requests,
            "seeds": args.seeds, "arrival": args.arrival, "max_input_len": args.max_input_len,
            "ttft_scale": args.ttft_scale, "tpot_slo_ms": args.tpot_slo_ms, "policies": results}
@@ -152,9 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--noise", type=float, default=0.0, help="lognormal sigma on every step time")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--json", action="store_true")
+    shed = common.add_mutually_exclusive_group()
+    shed.add_argument("--shed", dest="shed", action="store_true", default=None,
+                      help="reject hopeless requests at once, for every policy in the call")
+    shed.add_argument("--no-shed", dest="shed", action="store_false")
     r = sub.add_parser("run", parents=[common], help="simulate one policy at one rate")
     r.add_argument("--policy", default="tropical")
     r.add_argument("--rate", type=float, required=True)
+    sub.add_parser("bound", parents=[common], help="the most req/s any policy could serve within SLO")
     g = sub.add_parser("goodput", parents=[common], help="bisect each policy's goodput")
     g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated")
     g.add_argument("--target", type=float, default=0.9)
@@ -168,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = cmd_run(args) if args.command == "run" else cmd_goodput(args)
+        out = {"run": cmd_run, "goodput": cmd_goodput, "bound": cmd_bound}[args.command](args)
     except (ProfileError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
