@@ -12,6 +12,7 @@ from .model.loader import load_model
 from .model.sharding import make_mesh
 from .runtime.engine import Engine
 from .runtime.executor import ModelExecutor
+from .runtime.sequence import Sequence
 from .sampling_params import SamplingParams
 
 
@@ -29,7 +30,10 @@ class LLM:
                  max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, context_buckets=None,
                  tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, cluster: str | None = None, policy: str = "tropical", profile=None):
+        """cluster: None for one in-process worker, or a layout such as "1P1M", "2C", "1P1D",
+        "P:tp2,M:tp2" run by the shared scheduler under `policy`; `profile` is its cost model (a
+        JSON path or dict; None: measured on these devices at startup)."""
         self.engine_config = EngineConfig(
             max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, dtype=dtype,
             attention_backend=attention_backend, max_num_seqs=max_num_seqs, max_chunk_tokens=max_chunk_tokens,
@@ -37,6 +41,15 @@ class LLM:
             batch_buckets=tuple(batch_buckets) if batch_buckets else None,
             context_buckets=tuple(context_buckets) if context_buckets else None,
             compilation_cache_dir=compilation_cache_dir)
+        self.cluster = None
+        if cluster is not None:
+            from .cluster.engine import ClusterEngine
+
+            cost = _cluster_cost_model(model, profile, self.engine_config, dtype, progress)
+            self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress)
+            self.model_config, self.tokenizer = self.cluster.model_config, self.cluster.tokenizer
+            self.model_config.check_context(max_model_len)
+            return
         mesh = make_mesh(jax.devices()[:tensor_parallel]) if tensor_parallel > 1 else None
         self.model_config, graphdef, params, self.tokenizer = load_model(model, jnp.dtype(dtype), mesh)
         self.model_config.check_context(max_model_len)
@@ -69,7 +82,31 @@ class LLM:
             if len(ids) >= self.engine_config.max_model_len:
                 raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len="
                                  f"{self.engine_config.max_model_len}")
-        seqs = [self.engine.add_request(ids, sp) for ids, sp in zip(prompt_token_ids, sampling_params)]
-        while self.engine.has_work():
-            self.engine.step()
+        if self.cluster is not None:
+            seqs = [Sequence([int(t) for t in ids], sp) for ids, sp in zip(prompt_token_ids, sampling_params)]
+            self.cluster.start()
+            try:
+                self.cluster.run_until_done([self.cluster.submit(s) for s in seqs])
+            finally:
+                self.cluster.stop()
+            for s in seqs:
+                s.finish_reason = s.finish_reason or "length"
+        else:
+            seqs = [self.engine.add_request(ids, sp) for ids, sp in zip(prompt_token_ids, sampling_params)]
+            while self.engine.has_work():
+                self.engine.step()
         return [RequestOutput(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason) for s in seqs]
+
+
+def _cluster_cost_model(model, profile, engine_config, dtype, progress):
+    """The scheduler's cost model: the given profile, or one measured on this machine now."""
+    from .sched.cost_model import CostModel
+
+    if profile is not None:
+        return CostModel.from_json(profile)
+    from .cluster.profile import profile_executor
+
+    cfg, graphdef, params, _ = load_model(model, jnp.dtype(dtype), with_tokenizer=False)
+    executor = ModelExecutor(cfg, graphdef, params, engine_config)
+    executor.warmup(progress)
+    return CostModel.from_json(profile_executor(executor, progress))

@@ -14,7 +14,7 @@ import threading
 from ..kv.allocator import PageAllocator
 from ..sampling_params import SamplingParams
 from .executor import ModelExecutor
-from .sequence import Sequence
+from .sequence import Sequence, append_token
 
 
 class Engine:
@@ -139,23 +139,7 @@ class Engine:
 
     # -- tokens and stopping ----------------------------------------------------------------
     def _append(self, seq: Sequence, token: int, finished: list) -> None:
-        seq.output_ids.append(token)
-        sp = seq.params
-        reason = None
-        if (token in self.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
-            reason = "stop"
-        elif len(seq.output_ids) >= sp.max_tokens or len(seq.all_ids) >= self.cfg.max_model_len:
-            reason = "length"
-        new_text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-            # Hold back a trailing partial UTF-8 character until its bytes complete.
-            if reason is None and text.endswith("\ufffd"):
-                text = seq.text
-            new_text, seq.text = text[len(seq.text):], text
+        reason, new_text = append_token(seq, token, self.tokenizer, self.eos_token_ids, self.cfg.max_model_len)
         if reason is not None:
             self._finish(seq, reason, finished)
         if seq.on_output is not None:

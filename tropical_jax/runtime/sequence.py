@@ -48,3 +48,28 @@ class Sequence:
     @property
     def prefill_remaining(self) -> int:
         return len(self.all_ids) - self.num_cached
+
+
+def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_len: int) -> tuple[str | None, str]:
+    """Record a sampled token; returns (finish reason or None, new text to stream).
+
+    EOS (unless ignore_eos) and stop token ids finish with "stop", so do stop strings (the text is cut
+    before them); max_tokens or a full context finish with "length"."""
+    seq.output_ids.append(token)
+    sp = seq.params
+    reason = None
+    if (token in eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+        reason = "stop"
+    elif len(seq.output_ids) >= sp.max_tokens or len(seq.all_ids) >= max_model_len:
+        reason = "length"
+    if tokenizer is None:
+        return reason, ""
+    text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
+    # Hold back a trailing partial UTF-8 character until its bytes complete.
+    if reason is None and text.endswith("\ufffd"):
+        text = seq.text
+    new_text, seq.text = text[len(seq.text):], text
+    return reason, new_text

@@ -86,7 +86,7 @@ class Batcher:
             w.queue.insert(n_rec, victim)
             w.rem[victim] = self.mon.remaining_time(w, victim)
             self.on_preempt(w, victim, now)
-        return list(w.decoding)
+        return w.decoding[:self.mon.cfg.max_batch]
 
     def _plan(self, w: WorkerState, now: float, chunk: Chunk | None, decodes: list[Request]) -> StepPlan | None:
         if chunk is None and not decodes:

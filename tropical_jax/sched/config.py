@@ -114,6 +114,8 @@ class PolicyConfig:
     token_budget: int | None = None
     # Default TTFT SLO for requests that carry none: ttft_scale x isolated prefill time.
     ttft_scale: float = 5.0
+    # Largest decode batch one step may carry (the real engine's largest batch bucket); None: no cap.
+    max_batch: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -184,6 +186,6 @@ def _parse_value(key: str, v: str):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"shed must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
-    if key in ("max_multiplex_tokens", "short_prompt_tokens", "token_budget"):
+    if key in ("max_multiplex_tokens", "short_prompt_tokens", "token_budget", "max_batch"):
         return int(v)
     return float(v)

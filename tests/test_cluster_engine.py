@@ -1,0 +1,68 @@
+"""The real multi-worker engine: the shared scheduler driving worker threads on their own meshes."""
+
+import numpy as np
+import pytest
+
+from model_helpers import save_tiny_hf
+from tropical_jax import LLM, SamplingParams
+
+ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, compilation_cache_dir=None,
+              progress=False)
+SP = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def profile(decode_ms=5.0):
+    """A hand-made cost model (ms): cheap prefill; decode steps of `decode_ms`."""
+    return {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.05, "c0": 2.0},
+            "decode": {"d0": decode_ms, "d1": 0.1, "d2": 0.0}, "kv_bytes_per_token": 1024,
+            "transfer": {"bandwidth_GBps": 5.0, "latency_ms": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_hf(path, "llama", max_position_embeddings=128)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 11, 17, 3, 30, 8)]
+    ref = [o.token_ids for o in LLM(str(path), **ENGINE).generate(prompt_token_ids=prompts, sampling_params=SP)]
+    return str(path), prompts, ref
+
+
+def pages_used(llm):
+    return sum(w.alloc.num_used for w in llm.cluster.scheduler.workers.values())
+
+
+@pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), ("2C", "colocated"), ("1P1D", "disaggregated")])
+def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, policy):
+    path, prompts, ref = setup
+    llm = LLM(path, cluster=cluster, policy=policy, profile=profile(), **ENGINE)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref
+    assert pages_used(llm) == 0
+    c = llm.cluster.scheduler.counters
+    if cluster != "2C":
+        assert c["transfers"] >= 1  # prefills ran on P and moved their KV
+
+
+def test_failed_handoff_recomputes_on_the_decode_worker(setup):
+    path, prompts, ref = setup
+    llm = LLM(path, cluster="1P1M", policy="tropical", profile=profile(), **ENGINE)
+    llm.cluster.fail_transfers = True
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref
+    c = llm.cluster.scheduler.counters
+    assert c["transfer_failures"] >= 1 and c["recomputes"] == c["transfer_failures"]
+    assert pages_used(llm) == 0
+
+
+def test_inlines_happen_only_when_slack_allows(setup):
+    path, prompts, ref = setup
+    # Decode steps of 5 ms against a 100 ms TPOT: plenty of slack, so prefer=multiplex inlines.
+    roomy = LLM(path, cluster="1P1M", policy="tropical:prefer=multiplex", profile=profile(5.0), **ENGINE)
+    outs = roomy.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref and roomy.cluster.scheduler.counters["inline"] >= 1
+    # Decode steps of 95 ms: over the 0.85 x TPOT watermark, so nothing may be inlined.
+    tight = LLM(path, cluster="1P1M", policy="tropical:prefer=multiplex", profile=profile(95.0), **ENGINE)
+    outs = tight.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref
+    assert tight.cluster.scheduler.counters["inline"] == 0 and tight.cluster.scheduler.counters["prefill"] == 6

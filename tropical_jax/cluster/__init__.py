@@ -1,0 +1,1 @@
+"""Multi-worker clusters: worker meshes, worker loops driven by the shared scheduler, KV handoff."""
