@@ -119,6 +119,9 @@ def main():
     stream = np.array([t for d in train_docs for t in tokenizer.encode(d) + [eos]], np.int32)
     held_text = "\n".join(held_docs)
     (out / "heldout.txt").write_text(held_text)
+    # Words of the training text, so a test can check generations are language, not noise.
+    words = {w.lower() for d in train_docs for w in re.findall(r"[A-Za-z]{2,}", d)}
+    (out / "wordlist.txt").write_text("\n".join(sorted(words)))
     held = np.array(tokenizer.encode(held_text), np.int32)
     print(f"corpus: {len(train_docs)} documents, {len(stream)} training tokens, {len(held)} held-out tokens")
 
