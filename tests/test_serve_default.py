@@ -1,0 +1,55 @@
+"""The server with the embedded default model: text and chat through the official openai client."""
+
+import pytest
+
+from serve_helpers import ServerProcess
+from tropical_jax import LLM, SamplingParams
+
+FLAGS = ["--max-model-len", "128", "--max-num-seqs", "2", "--max-chunk-tokens", "32", "--batch-buckets", "1,2"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerProcess(*FLAGS)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM(max_model_len=128, max_num_seqs=2, max_chunk_tokens=32, batch_buckets=[1, 2],
+               compilation_cache_dir=None, progress=False)
+
+
+def test_openai_client_completions_and_chat_match_offline(server, offline):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    prompt = "Return a new list containing"
+    want = offline.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0]
+    r = client.completions.create(model="tropical-default", prompt=prompt, max_tokens=16, temperature=0)
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tropical-default", prompt=prompt, max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert streamed == want.text
+
+    messages = [{"role": "user", "content": "Tell me a fortune."}]
+    ids = offline.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    chat_want = offline.generate(prompt_token_ids=[list(ids)],
+                                 sampling_params=SamplingParams(max_tokens=12, temperature=0))[0]
+    chat = client.chat.completions.create(model="tropical-default", messages=messages, max_tokens=12, temperature=0)
+    assert chat.choices[0].message.content == chat_want.text and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(ids)
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tropical-default", messages=messages, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}) if c.choices]
+    assert "".join(pieces) == chat_want.text
+
+
+def test_stop_strings_cut_the_text(server, offline):
+    prompt = "This program is free software; you can redistribute it"
+    full = offline.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0].text
+    stop = full.strip().split()[2]
+    r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 30, "temperature": 0, "stop": [stop]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert stop not in r["choices"][0]["text"] and full.startswith(r["choices"][0]["text"])
