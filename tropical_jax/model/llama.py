@@ -120,7 +120,8 @@ def make_forward(graphdef, attention_backend: str = "reference"):
 
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32, sharding=None):
     shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    make = partial(jnp.zeros, shape, dtype)
-    if sharding is not None:
-        make = jax.jit(make, out_shardings=sharding)
+    # Always committed to a device: step outputs are, and a committed/uncommitted mismatch between
+    # warmup's first call and serving would be a different executable (a recompile while serving).
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    make = jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=sharding)
     return [(make(), make()) for _ in range(cfg.num_layers)]
