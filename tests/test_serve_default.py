@@ -1,5 +1,9 @@
 """The server with the embedded default model: text and chat through the official openai client."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from serve_helpers import ServerProcess
@@ -53,3 +57,13 @@ def test_stop_strings_cut_the_text(server, offline):
     r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 30, "temperature": 0, "stop": [stop]}).json()
     assert r["choices"][0]["finish_reason"] == "stop"
     assert stop not in r["choices"][0]["text"] and full.startswith(r["choices"][0]["text"])
+
+
+def test_load_client_against_the_server(server):
+    r = subprocess.run([sys.executable, "bench/serve_load.py", "--url", server.url, "--workload", "humaneval",
+                        "--rate", "20", "--num-requests", "12", "--max-input-len", "60", "--max-output-len", "8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["num_requests"] == 12 and out["errors"] == 0
+    assert 0 <= out["attainment"] <= 1 and out["ttft_p50"] > 0 and out["tpot_p50"] >= 0
