@@ -1,10 +1,15 @@
 """The real multi-worker engine: the shared scheduler driving worker threads on their own meshes."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from model_helpers import save_tiny_hf
 from tropical_jax import LLM, SamplingParams
+from tropical_jax.sched.cost_model import CostModel
 
 ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, compilation_cache_dir=None,
               progress=False)
@@ -66,3 +71,19 @@ def test_inlines_happen_only_when_slack_allows(setup):
     outs = tight.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
     assert tight.cluster.scheduler.counters["inline"] == 0 and tight.cluster.scheduler.counters["prefill"] == 6
+
+
+def test_profile_cli_writes_a_profile_the_simulator_accepts(tmp_path):
+    out = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "tropical_jax.profile", "--out", str(out), "--max-model-len", "64",
+                        "--page-size", "8", "--max-num-seqs", "4", "--max-chunk-tokens", "32"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads(out.read_text())
+    cost = CostModel.from_json(prof)
+    assert cost.t_prefill(64) > cost.t_prefill(16) > 0 and cost.t_decode(4, 256) > 0
+    sim = subprocess.run([sys.executable, "-m", "tropical_jax.sim", "run", "--workload", "humaneval", "--profile",
+                          str(out), "--cluster", "2C", "--policy", "colocated", "--rate", "5", "--num-requests", "50",
+                          "--max-input-len", "48", "--json"], capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    assert json.loads(sim.stdout)["num_requests"] == 50
