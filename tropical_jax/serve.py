@@ -1,8 +1,10 @@
 """`python -m tropical_jax.serve`: the OpenAI-compatible server.
 
-Starts answering at once (/health says "warming_up", generation endpoints 503) while the model
-loads and compiles; prints the URL when ready. SIGTERM/SIGINT stop admission (503), let in-flight
-requests finish (bounded by --drain-timeout), then exit 0.
+Answers at once (/health says "warming_up", the API 503) while the model loads and its steps
+compile (a progress bar on stderr), then prints its URL. With no --cluster, one in-process worker
+runs continuous batching; --cluster (e.g. 1P1M, 2C, 1P1D) runs the multi-worker engine under the
+shared scheduler and --policy. SIGTERM/SIGINT stop admission (503), let in-flight requests finish
+(bounded by --drain-timeout), then exit 0.
 """
 
 from __future__ import annotations
@@ -15,105 +17,240 @@ import signal
 import sys
 import threading
 import time
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("tropical_jax.serve")
 
-DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster="1C", policy="colocated", ttft_scale=5.0,
+DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=None, profile=None, ttft_scale=5.0,
                 tpot_slo_ms=100.0, max_model_len=1024, api_key=None, max_queue=256, queue_timeout=None,
                 max_num_seqs=32, max_chunk_tokens=256, page_size=16, num_pages=None, dtype="float32",
-                attention_backend="reference", threads=32, drain_timeout=60.0, max_body_bytes=4 << 20,
-                batch_buckets=None, chunk_buckets=None, served_model_name=None)
+                attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
+                compilation_cache_dir="~/.cache/tropical_jax/xla", threads=None, drain_timeout=60.0,
+                max_body_bytes=4 << 20, served_model_name=None)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _positive(kind):
+    def check(text):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tropical_jax.serve", description=__doc__.splitlines()[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a JSON or TOML (.toml) file with any of these options, named with - or _ "
+                                    "(flags win over the file)")
+    p.add_argument("--model", help="local HF safetensors or orbax checkpoint directory (default: the embedded model)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000; 0 picks a free port")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--cluster", help="worker layout, e.g. 1P1M, 2C, 1P1D, 'P:tp2,M:tp2' (default: one in-process "
+                                     "worker with continuous batching)")
+    g.add_argument("--policy", help="tropical, planned, colocated, chunked or disaggregated, with knobs after a "
+                                    "colon ('tropical:prefer=multiplex'); default from the cluster's roles")
+    g.add_argument("--profile", help="cost-model JSON for the scheduler (python -m tropical_jax.profile); "
+                                     "default: measured at startup")
+    g.add_argument("--ttft-scale", type=_positive(float), help="default TTFT SLO = scale x isolated prefill time (5)")
+    g.add_argument("--tpot-slo-ms", type=_positive(float), help="default TPOT SLO (100)")
+    g.add_argument("--max-queue", type=_positive(int), help="requests waiting for their prefill before 429 (256)")
+    g.add_argument("--queue-timeout", type=_positive(float), help="seconds a request may wait for its prefill "
+                                                                 "before 429 (default: no limit)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-model-len", type=_positive(int), help="context length, prompt plus output (1024)")
+    e.add_argument("--max-num-seqs", type=_positive(int), help="largest decode batch per worker (32)")
+    e.add_argument("--max-chunk-tokens", type=_positive(int), help="largest prefill chunk (256)")
+    e.add_argument("--page-size", type=_positive(int), help="tokens per KV page (16)")
+    e.add_argument("--num-pages", type=_positive(int), help="KV pages per worker (default: max-num-seqs full contexts)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"])
+    e.add_argument("--attention-backend", choices=["reference", "pallas"])
+    e.add_argument("--batch-buckets", type=_sizes, help="decode batch buckets, e.g. 1,8,32 (fewer: faster warmup)")
+    e.add_argument("--chunk-buckets", type=_sizes, help="prefill chunk buckets, e.g. 16,64,256")
+    e.add_argument("--context-buckets", type=_sizes, help="context buckets in tokens")
+    e.add_argument("--compilation-cache-dir", help="persistent XLA cache ('' disables)")
+    h = p.add_argument_group("http")
+    h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $TROPICAL_API_KEY)")
+    h.add_argument("--threads", type=_positive(int), help="HTTP threads (default: enough for every running "
+                                                          "and queued request)")
+    h.add_argument("--drain-timeout", type=_positive(float), help="seconds SIGTERM waits for in-flight requests (60)")
+    h.add_argument("--max-body-bytes", type=_positive(int), help="larger request bodies get 413 (4 MiB)")
+    return p
+
+
+def _file_argv(path: str, parser) -> list[str]:
+    """The config file as flags, so it gets exactly the command line's checks and messages."""
+    try:
+        text = Path(path).read_text()
+        options = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot read --config {path}: {e}")
+    if not isinstance(options, dict):
+        parser.error(f"--config {path}: expected a table/object of options")
+    argv = []
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name not in DEFAULTS or name == "config":
+            parser.error(f"--config {path}: unknown option {key!r}")
+        if value is None:
+            continue
+        argv += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
+
+
+def default_policy(cluster: str) -> str:
+    from .sched.config import parse_cluster
+
+    roles = {w.role for w in parse_cluster(cluster).workers}
+    return "colocated" if roles == {"C"} else "disaggregated" if "D" in roles else "tropical"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tropical_jax.serve", description=__doc__.splitlines()[0],
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="JSON file with any of these options (flags win)")
-    p.add_argument("--model", help="local HF or orbax checkpoint directory (default: the embedded model)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--cluster", help="worker layout; this build serves one colocated worker ('1C')")
-    p.add_argument("--policy", help="dispatch policy; this build serves 'colocated'")
-    p.add_argument("--ttft-scale", type=float, help="default TTFT SLO = scale x isolated prefill time")
-    p.add_argument("--tpot-slo-ms", type=float)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also TROPICAL_API_KEY)")
-    p.add_argument("--max-queue", type=int, help="waiting requests before 429")
-    p.add_argument("--queue-timeout", type=float, help="seconds a request may wait before 429")
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-chunk-tokens", type=int)
-    p.add_argument("--page-size", type=int)
-    p.add_argument("--num-pages", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
-    p.add_argument("--attention-backend", choices=["reference", "pallas"])
-    p.add_argument("--batch-buckets", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--chunk-buckets", type=lambda s: [int(x) for x in s.split(",")])
-    p.add_argument("--threads", type=int, help="HTTP worker threads")
-    p.add_argument("--drain-timeout", type=float)
-    p.add_argument("--served-model-name")
-    args = vars(p.parse_args(argv))
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
     options = dict(DEFAULTS)
-    if "config" in args:
-        try:
-            file_options = json.loads(Path(args.pop("config")).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            p.error(f"cannot read --config: {e}")
-        unknown = set(file_options) - set(DEFAULTS)
-        if unknown:
-            p.error(f"unknown option(s) in --config: {', '.join(sorted(unknown))}")
-        options.update(file_options)
-    options.update(args)
+    if "config" in flags:
+        options.update(vars(parser.parse_args(_file_argv(flags.pop("config"), parser))))
+    options.update(flags)
     options["api_key"] = options["api_key"] or os.environ.get("TROPICAL_API_KEY")
-    if options["cluster"] not in ("1C", "C") or options["policy"] != "colocated":
-        p.error("multi-worker clusters and SLO policies are not served yet: use --cluster 1C --policy colocated "
-                "(the simulator runs every policy: python -m tropical_jax.sim)")
-    return argparse.Namespace(**options)
+    a = argparse.Namespace(**options)
+    workers = 1
+    if a.cluster is None and (a.policy is not None or a.profile is not None):
+        parser.error("--policy and --profile need --cluster (the single worker runs plain continuous batching)")
+    if a.cluster is not None:
+        from .sched.config import PolicyConfig, parse_cluster
+
+        try:
+            spec = parse_cluster(a.cluster)
+            text = a.policy or default_policy(a.cluster)
+            policy = PolicyConfig.parse(text)
+            # --ttft-scale / --queue-timeout set those knobs unless the policy string names them.
+            if "ttft_scale=" not in text:
+                policy = replace(policy, ttft_scale=a.ttft_scale)
+            if "queue_timeout=" not in text:
+                policy = replace(policy, queue_timeout=a.queue_timeout)
+            policy.check_cluster(spec)
+        except ValueError as e:
+            parser.error(str(e))
+        a.policy, workers = policy, len(spec.workers)
+    if a.threads is None:
+        # A thread per running or queued request, so overload is answered with 429 instead of
+        # waiting unseen in the socket backlog.
+        a.threads = min(1024, workers * a.max_num_seqs + a.max_queue + 16)
+    return a
 
 
 class Server:
-    """What the HTTP layer needs; `client` stays None until warmup is done."""
+    """What the HTTP layer needs (see api.app.create_app); `client` stays None until warmup is done."""
 
     def __init__(self, args):
         from .api.metrics import ServerMetrics
+        from .api.protocol import Limits
 
         self.args = args
         self.client = None
+        self.backend = None
+        self.warmup = "loading the model"
         self.tokenizer = None
-        self.model_name = args.served_model_name or (Path(args.model).name if args.model else "tropical-default")
-        self.max_model_len = args.max_model_len
+        name = args.served_model_name or (Path(args.model).name if args.model else "tropical-default")
+        self.limits = Limits(name, args.max_model_len, vocab_size=0)
         self.api_key = args.api_key
         self.tpot_slo = args.tpot_slo_ms / 1000.0
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(state=lambda: self.client.state() if self.client else None)
         self.max_body_bytes = args.max_body_bytes
         self.started = int(time.time())
-        self._prefill_times: dict[int, float] = {}
 
-    def ttft_slo(self, prompt_len: int) -> float:
-        """ttft_scale x the isolated prefill time, measured per chunk bucket at startup."""
-        sizes = sorted(self._prefill_times)
-        total, left = 0.0, prompt_len
-        while left > 0:
-            bucket = next((s for s in sizes if s >= left), sizes[-1])
-            total += self._prefill_times[bucket]
-            left -= bucket
-        return self.args.ttft_scale * total
+    def default_ttft_slo(self, prompt_len: int) -> float:
+        return self.backend.default_ttft_slo(prompt_len)
 
     def load(self):
+        from .api.backends import ClusterWorkers, LocalWorker
         from .api.engine_client import EngineClient
         from .llm import LLM
 
         a = self.args
-        llm = LLM(a.model, max_model_len=a.max_model_len, page_size=a.page_size, num_pages=a.num_pages,
-                  dtype=a.dtype, attention_backend=a.attention_backend, max_num_seqs=a.max_num_seqs,
-                  max_chunk_tokens=a.max_chunk_tokens, batch_buckets=a.batch_buckets, chunk_buckets=a.chunk_buckets)
+        engine = dict(max_model_len=a.max_model_len, page_size=a.page_size, num_pages=a.num_pages, dtype=a.dtype,
+                      attention_backend=a.attention_backend, max_num_seqs=a.max_num_seqs,
+                      max_chunk_tokens=a.max_chunk_tokens, batch_buckets=a.batch_buckets,
+                      chunk_buckets=a.chunk_buckets, context_buckets=a.context_buckets,
+                      compilation_cache_dir=a.compilation_cache_dir or None)
+        self.warmup = "loading the model and compiling its steps"
+        if a.cluster is not None:
+            llm = LLM(a.model, cluster=a.cluster, policy=a.policy, profile=a.profile, **engine)
+            self.backend = ClusterWorkers(llm.cluster)
+        else:
+            llm = LLM(a.model, **engine)
+            self.warmup = "measuring prefill times"
+            self.backend = LocalWorker(llm.engine, measure_prefill(llm.executor), a.ttft_scale, a.queue_timeout)
         self.tokenizer = llm.tokenizer
-        for c in llm.executor.chunk_sizes:
+        self.limits = replace(self.limits, vocab_size=llm.model_config.vocab_size)
+        self.client = EngineClient(self.backend, max_queue=a.max_queue, on_finish=self.metrics.finished)
+        self.warmup = "done"
+
+
+def measure_prefill(executor) -> dict[int, float]:
+    """Isolated step time of each chunk bucket (best of 3, after warmup): the default TTFT SLO's base.
+    Runs a padding-only step of each shape, as cluster/profile.py does."""
+    times = {}
+    for c in executor.chunk_sizes:
+        best = float("inf")
+        for _ in range(3):
             start = time.perf_counter()
-            llm.executor._run(c, 0, llm.engine_config.context_pages[0], None, [])
-            self._prefill_times[c] = time.perf_counter() - start
-        self.client = EngineClient(llm, max_queue=a.max_queue, queue_timeout=a.queue_timeout,
-                                   on_finish=self.metrics.finished)
+            executor._run(c, 0, executor.cfg.context_pages[0], None, [])
+            best = min(best, time.perf_counter() - start)
+        times[c] = best
+    return times
+
+
+class _TrackResponses:
+    """WSGI middleware counting responses not yet fully written (waitress closes the body when done),
+    so a drain waits for the last bytes of every in-flight response."""
+
+    def __init__(self, app):
+        self.app, self.active, self._lock = app, 0, threading.Lock()
+
+    def _done(self):
+        with self._lock:
+            self.active -= 1
+
+    def __call__(self, environ, start_response):
+        with self._lock:
+            self.active += 1
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            self._done()
+            raise
+        return _Closing(body, self._done)
+
+
+class _Closing:
+    def __init__(self, body, on_close):
+        self.body, self.on_close = body, on_close
+
+    def __iter__(self):
+        return iter(self.body)
+
+    def close(self):
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            self.on_close()
 
 
 def main(argv=None) -> int:
@@ -124,30 +261,39 @@ def main(argv=None) -> int:
     from .api.app import create_app
 
     server = Server(args)
-    http = create_server(create_app(server), host=args.host, port=args.port, threads=args.threads,
-                         channel_request_lookahead=1, ident="tropical_jax")
+    wsgi = _TrackResponses(create_app(server))
+    # waitress answers bodies far over the limit itself (plain text); Flask answers the rest with an
+    # OpenAI error body, so waitress's cap sits above Flask's.
+    http = create_server(wsgi, host=args.host, port=args.port, threads=args.threads,
+                         connection_limit=args.threads + 64, channel_request_lookahead=1, ident="tropical_jax",
+                         max_request_body_size=2 * args.max_body_bytes)
     url = f"http://{args.host}:{http.effective_port}"
 
     def warm():
         try:
             server.load()
         except Exception:
-            log.exception("model failed to load")
+            log.exception("the model failed to load")
             os._exit(1)
-        print(f"tropical_jax serving {server.model_name} at {url}/v1 (ready)", flush=True)
+        print(f"tropical_jax serving {server.limits.model_name} at {url}/v1 (ready)", flush=True)
+
+    signals = []
 
     def drain(signum, _frame):
-        if server.client is None:
-            os._exit(0)
+        signals.append(signum)
+        if server.client is None or len(signals) > 1:
+            log.info("signal %s: exiting now", signum)
+            os._exit(0 if server.client is None else 1)
         server.client.draining = True
         log.info("signal %s: draining %d in-flight request(s)", signum, len(server.client.handles))
 
         def wait_then_exit():
             deadline = time.monotonic() + args.drain_timeout
-            while not server.client.idle() and time.monotonic() < deadline:
+            while (not server.client.idle() or wsgi.active) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.3)  # let the last responses flush
-            log.info("drained; exiting")
+            time.sleep(0.2)  # the last bytes leave waitress's buffers
+            left = len(server.client.handles)
+            log.info("drained; exiting" if not left else "drain timeout: exiting with %d request(s) unfinished", left)
             os._exit(0)
 
         threading.Thread(target=wait_then_exit, daemon=True).start()

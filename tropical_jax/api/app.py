@@ -1,4 +1,8 @@
-"""The Flask app: OpenAI-compatible completions and chat, health, models, metrics, cluster state."""
+"""The Flask app: OpenAI-compatible completions and chat, health, models, metrics, cluster state.
+
+Request threads validate and tokenize, put the request on the engine client's inbox and read its
+token events; they never touch JAX or engine objects (see engine_client.py).
+"""
 
 from __future__ import annotations
 
@@ -11,65 +15,74 @@ from flask import Flask, Response, request, stream_with_context
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from . import responses
 from .engine_client import QueueFull
 from .protocol import APIError, parse
 
 
-def error_response(e: APIError) -> Response:
-    return Response(json.dumps(e.body()), status=e.status, mimetype="application/json")
+def _json(body, status=200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
 def create_app(server) -> Flask:
-    """`server` holds: client (EngineClient or None while warming up), tokenizer, model_name,
-    max_model_len, api_key, default SLOs (ttft_slo(prompt_len), tpot_slo), metrics, max_body_bytes."""
+    """`server` (serve.Server) holds: client (EngineClient; None while warming up), warmup (progress
+    text), tokenizer, limits (protocol.Limits), api_key, tpot_slo (s), default_ttft_slo(prompt_len),
+    metrics (ServerMetrics), max_body_bytes, started (unix time)."""
     app = Flask("tropical_jax")
     app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
 
     @app.errorhandler(APIError)
     def _api_error(e):
-        return error_response(e)
+        return _json(e.body(), e.status)
 
     @app.errorhandler(HTTPException)
     def _http_error(e):
-        messages = {404: f"no route {request.path}", 405: f"method {request.method} not allowed on {request.path}",
+        messages = {404: f"no route {request.path} (see /v1/models, /v1/completions, /v1/chat/completions, "
+                         f"/health, /metrics, /v1/cluster)",
+                    405: f"method {request.method} not allowed on {request.path}",
                     413: f"request body larger than {server.max_body_bytes} bytes"}
-        return error_response(APIError(e.code, messages.get(e.code, e.description)))
+        return _api_error(APIError(e.code, messages.get(e.code, e.description)))
 
     @app.errorhandler(Exception)
     def _unexpected(e):
         app.logger.exception("request failed")
-        return error_response(APIError(500, f"internal error: {type(e).__name__}"))
+        return _api_error(APIError(500, f"internal error: {type(e).__name__}"))
 
     @app.before_request
     def _auth():
+        # /health and /metrics stay open for load balancers and scrapers; the API needs the key.
         if server.api_key and request.path.startswith("/v1/"):
             header = request.headers.get("Authorization", "")
             token = header[7:] if header.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), server.api_key.encode()):
-                raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+                raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                               code="invalid_api_key")
 
     @app.get("/health")
     def health():
-        if server.client is None:
-            return Response(json.dumps({"status": "warming_up"}), 503, mimetype="application/json")
-        status = "draining" if server.client.draining else "ok"
-        return Response(json.dumps({"status": status}), 503 if server.client.draining else 200,
-                        mimetype="application/json")
+        c = server.client
+        if c is None:
+            return _json({"status": "warming_up", "warmup": server.warmup}, 503)
+        if c.broken:
+            return _json({"status": "error", "error": c.broken}, 503)
+        if c.draining:
+            return _json({"status": "draining", "in_flight": len(c.handles)}, 503)
+        return _json({"status": "ok"})
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "owned_by": "tropical_jax",
-                                            "max_model_len": server.max_model_len, "created": server.started}]}
+        return {"object": "list", "data": [{"id": server.limits.model_name, "object": "model",
+                                            "owned_by": "tropical_jax", "created": server.started,
+                                            "max_model_len": server.limits.max_model_len}]}
 
     @app.get("/metrics")
     def metrics():
-        state = server.client.state() if server.client else {"workers": []}
-        return Response(server.metrics.render(state), mimetype=CONTENT_TYPE_LATEST)
+        return Response(server.metrics.render(), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/cluster")
     def cluster():
         if server.client is None:
-            raise APIError(503, "the server is warming up")
+            raise APIError(503, f"the server is warming up ({server.warmup})")
         return server.client.state()
 
     @app.post("/v1/completions")
@@ -83,112 +96,30 @@ def create_app(server) -> Flask:
     def _generate(chat: bool):
         client = server.client
         if client is None:
-            raise APIError(503, "the server is warming up; retry shortly")
+            raise APIError(503, f"the server is warming up ({server.warmup}); retry shortly", code="warming_up")
         if client.draining:
-            raise APIError(503, "the server is shutting down")
+            raise APIError(503, "the server is shutting down", code="draining")
+        if client.broken:
+            raise APIError(503, f"the engine failed and cannot serve: {client.broken}", code="engine_error")
         body = request.get_json(force=True, silent=True)
         if body is None:
             raise APIError(400, "the request body is not valid JSON")
-        req = parse(body, chat=chat, tokenizer=server.tokenizer, model_name=server.model_name,
-                    max_model_len=server.max_model_len)
+        req = parse(body, chat=chat, tokenizer=server.tokenizer, limits=server.limits)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        ttft_slo = req.ttft_slo if req.ttft_slo is not None else server.ttft_slo(len(req.prompt_ids))
+        ttft_slo = req.ttft_slo if req.ttft_slo is not None else server.default_ttft_slo(len(req.prompt_ids))
         tpot_slo = req.tpot_slo if req.tpot_slo is not None else server.tpot_slo
         try:
             handle = client.submit(rid, req.prompt_ids, req.params, ttft_slo, tpot_slo)
         except QueueFull as e:
             server.metrics.requests.labels("rejected").inc()
             raise APIError(429, str(e), code="queue_full") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        meta = dict(id=rid, created=int(time.time()), model=server.model_name)
+        meta = dict(id=rid, created=int(time.time()), model=server.limits.model_name)
+        # waitress tells whether the peer hung up (needs channel_request_lookahead > 0).
+        disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
         if req.stream:
-            disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
-            return Response(stream_with_context(_stream(client, handle, meta, chat, req.include_usage, disconnected)),
-                            mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return _complete(client, handle, meta, chat)
+            body = responses.stream(client, handle, meta, chat, req.include_usage, disconnected)
+            return Response(stream_with_context(body), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return responses.complete(client, handle, meta, chat, disconnected)
 
     return app
-
-
-def _events(client, handle, disconnected=lambda: False):
-    """Yield (token_ids, text, finish_reason) until the request finishes; abort if the client left."""
-    import queue
-
-    finished = False
-    try:
-        while not finished:
-            try:
-                ids, text, reason = handle.events.get(timeout=0.25)
-            except queue.Empty:
-                if disconnected():
-                    return
-                continue
-            finished = reason is not None
-            yield ids, text, reason
-    finally:
-        if not finished:
-            client.abort(handle.request_id)
-
-
-def _finish_check(reason):
-    if reason == "queue_timeout":
-        raise APIError(429, "the request waited longer than the server's queue timeout", code="queue_timeout")
-    if reason == "error":
-        raise APIError(500, "the engine failed while running this request")
-
-
-def _usage(handle):
-    return {"prompt_tokens": handle.prompt_len, "completion_tokens": handle.n_out,
-            "total_tokens": handle.prompt_len + handle.n_out}
-
-
-def _slo(handle):
-    return {"ttft_ms": None if handle.ttft is None else round(handle.ttft * 1000, 3),
-            "tpot_ms": round(handle.tpot * 1000, 3), "ttft_slo_ms": round(handle.ttft_slo * 1000, 3),
-            "tpot_slo_ms": round(handle.tpot_slo * 1000, 3), "slo_met": handle.slo_met}
-
-
-def _complete(client, handle, meta, chat):
-    text, ids, reason = [], [], None
-    for tok, delta, reason in _events(client, handle):
-        ids += tok
-        text.append(delta)
-    _finish_check(reason)
-    text = "".join(text)
-    choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-            "usage": _usage(handle), "slo": _slo(handle), "token_ids": ids}
-
-
-def _stream(client, handle, meta, chat, include_usage, disconnected):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta_text, ids, reason, first=False):
-        if chat:
-            delta = {"role": "assistant", "content": delta_text} if first else {"content": delta_text}
-            choice = {"index": 0, "delta": delta if (delta_text or first) else {}, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": delta_text, "finish_reason": reason, "logprobs": None}
-        body = {**meta, "object": obj, "choices": [choice], "token_ids": ids}
-        if include_usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body)}\n\n"
-
-    first = True
-    reason = None
-    for ids, text, reason in _events(client, handle, disconnected):
-        if reason in ("queue_timeout", "error"):
-            err = APIError(429 if reason == "queue_timeout" else 500, f"request ended: {reason}")
-            yield f"data: {json.dumps(err.body())}\n\n"
-            break
-        if ids or text or reason:
-            yield chunk(text, ids, reason, first)
-            first = False
-    if include_usage:
-        yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(handle), 'slo': _slo(handle)})}\n\n"
-    yield "data: [DONE]\n\n"

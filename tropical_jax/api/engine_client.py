@@ -1,8 +1,11 @@
 """The engine on its own thread; HTTP threads talk to it only through queues.
 
-`submit` enqueues a request and returns a `RequestHandle` whose queue receives token events
-from the engine thread. Engine errors in one step fail the requests of that step, not the
-server: the loop keeps running.
+An HTTP thread validates a request, then `submit` puts it on the inbox and returns a
+`RequestHandle`; token events come back on the handle's queue. Aborts go through the inbox too.
+Only the engine thread calls into the backend (the single-worker engine or the multi-worker
+cluster, see backends.py), and it publishes a snapshot of the engine's state after every step, so
+/metrics and /v1/cluster never touch engine objects either. A step that raises fails the requests
+it involved, not the server.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-
-from ..sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ class QueueFull(RuntimeError):
 @dataclass
 class RequestHandle:
     request_id: str
-    prompt_len: int
+    prompt_ids: list[int]
+    params: object  # SamplingParams
     ttft_slo: float
     tpot_slo: float
     events: queue.Queue = field(default_factory=queue.Queue)  # (token_ids, text_delta, finish_reason|None)
@@ -34,6 +36,13 @@ class RequestHandle:
     first_token_time: float | None = None
     last_token_time: float | None = None
     n_out: int = 0
+    path: str | None = None            # where its prefill ran: colocated / prefill / inline
+    transfer: float | None = None      # KV handoff seconds (prefill path only)
+    finish_reason: str | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def ttft(self) -> float | None:
@@ -41,9 +50,14 @@ class RequestHandle:
 
     @property
     def tpot(self) -> float:
+        """DESIGN §5: (last - first) / (n_out - 1); one token: 0 (met)."""
         if self.n_out <= 1:
             return 0.0
         return (self.last_token_time - self.first_token_time) / (self.n_out - 1)
+
+    @property
+    def queueing(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
 
     @property
     def slo_met(self) -> bool:
@@ -51,47 +65,43 @@ class RequestHandle:
 
 
 class EngineClient:
-    def __init__(self, llm, max_queue: int = 256, queue_timeout: float | None = None, on_finish=None):
-        self.llm = llm
-        self.engine = llm.engine
+    """Owns the engine thread. `backend` follows the interface of backends.LocalWorker."""
+
+    def __init__(self, backend, max_queue: int = 256, on_finish=None):
+        self.backend = backend
         self.max_queue = max_queue
-        self.queue_timeout = queue_timeout
-        self.on_finish = on_finish  # callable(handle, finish_reason) for metrics
-        self.handles: dict[str, RequestHandle] = {}
+        self.on_finish = on_finish  # callable(handle, finish_reason), for metrics
+        self.handles: dict[str, RequestHandle] = {}  # in flight (the engine thread removes finished ones)
+        self.unscheduled: set[str] = set()  # submitted, prefill not started: the queue max_queue bounds
+        self.draining = False
+        self.broken: str | None = None  # set when the engine can no longer serve (health turns 503)
+        self._inbox: list[tuple[str, object]] = []
         self._wake = threading.Condition()
         self._stop = False
-        self.draining = False
+        self._snapshot = self._publish()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    # -- HTTP side --------------------------------------------------------------------------
-    def submit(self, request_id, prompt_ids, params: SamplingParams, ttft_slo, tpot_slo) -> RequestHandle:
+    # -- HTTP threads -----------------------------------------------------------------------
+    def submit(self, request_id, prompt_ids, params, ttft_slo, tpot_slo) -> RequestHandle:
+        handle = RequestHandle(request_id, list(prompt_ids), params, ttft_slo, tpot_slo)
         with self._wake:
-            if len(self.engine.waiting) >= self.max_queue:
+            if len(self.unscheduled) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            handle = RequestHandle(request_id, len(prompt_ids), ttft_slo, tpot_slo)
             self.handles[request_id] = handle
-            try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id, on_output=self._on_output)
-            except Exception:
-                del self.handles[request_id]
-                raise
+            self.unscheduled.add(request_id)
+            self._inbox.append(("add", handle))
             self._wake.notify()
         return handle
 
     def abort(self, request_id) -> None:
-        self.engine.abort(request_id)
         with self._wake:
+            self._inbox.append(("abort", request_id))
             self._wake.notify()
 
     def state(self) -> dict:
-        e = self.engine
-        return {"workers": [{
-            "name": "C0", "role": "colocated",
-            "queue": len(e.waiting), "running": e.num_active,
-            "kv_pages_used": e.allocator.num_used, "kv_pages_total": e.allocator.num_pages,
-            "preemptions": e.num_preemptions,
-        }], "in_flight": len(self.handles), "draining": self.draining}
+        """The latest snapshot (a fresh dict per publish; never mutated afterwards)."""
+        return self._snapshot
 
     def idle(self) -> bool:
         return not self.handles
@@ -102,56 +112,79 @@ class EngineClient:
             self._wake.notify()
         self._thread.join(timeout=10)
 
-    # -- engine thread ----------------------------------------------------------------------
-    def _on_output(self, seq, token_ids, text):
-        h = self.handles.get(seq.request_id)
+    # -- engine thread: called by the backend -----------------------------------------------
+    def deliver(self, request_id, token_ids, text, reason) -> None:
+        """Tokens (and/or the end) of one request. Backends call this from their engine threads."""
+        h = self.handles.get(request_id)
         if h is None:
-            return
+            return  # already finished (e.g. aborted, then the engine emitted its last token)
         now = time.monotonic()
         if token_ids:
             if h.first_token_time is None:
                 h.first_token_time = now
+                self.scheduled(h, now)
             h.last_token_time = now
             h.n_out += len(token_ids)
-        h.events.put((token_ids, text, seq.finish_reason))
-        if seq.finish_reason is not None:
-            self.handles.pop(seq.request_id, None)
-            if self.on_finish is not None:
-                self.on_finish(h, seq.finish_reason)
+        h.events.put((list(token_ids), text, reason))
+        if reason is not None:
+            self._finish(h, reason)
 
-    def _expire_queued(self):
-        if self.queue_timeout is None:
-            return
-        now = time.monotonic()
-        for seq in list(self.engine.waiting):
-            h = self.handles.get(seq.request_id)
-            if h is not None and seq.num_preemptions == 0 and now - h.arrival > self.queue_timeout:
-                self.engine.abort(seq.request_id)
-                h.events.put(([], "", "queue_timeout"))
-                self.handles.pop(seq.request_id, None)
-                if self.on_finish is not None:
-                    self.on_finish(h, "queue_timeout")
+    def scheduled(self, handle: RequestHandle, when: float) -> None:
+        """The request's prefill started (for queueing time and the max_queue bound)."""
+        if handle.first_scheduled is None:
+            handle.first_scheduled = when
+        self.unscheduled.discard(handle.request_id)
+
+    def end(self, request_id, reason: str) -> None:
+        """Finish a request with no more tokens (timeout, rejection, error, abort)."""
+        self.deliver(request_id, [], "", reason)
+
+    def _finish(self, h: RequestHandle, reason: str) -> None:
+        if self.handles.pop(h.request_id, None) is None:
+            return  # finished twice (an abort racing a cluster worker's last token): count it once
+        h.finish_reason = reason
+        self.unscheduled.discard(h.request_id)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(h, reason)
+            except Exception:
+                log.exception("on_finish failed for %s", h.request_id)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _publish(self) -> dict:
+        state = self.backend.snapshot()
+        state.update(in_flight=len(self.handles), queued=len(self.unscheduled), draining=self.draining,
+                     broken=self.broken)
+        self._snapshot = state
+        return state
 
     def _loop(self):
         while True:
             with self._wake:
-                while not self._stop and not self.engine.has_work() and not self.engine._aborted:
-                    self._wake.wait(timeout=0.5)
+                if not self._inbox and not self._stop and (self.broken or not self.backend.busy()):
+                    self._wake.wait(timeout=self.backend.poll_interval)
                 if self._stop:
                     return
-            self._expire_queued()
+                inbox, self._inbox = self._inbox, []
+            if self.broken is not None:  # nothing can run: end whatever slipped in before 503s began
+                for rid in list(self.handles):
+                    self.end(rid, "error")
+                self._publish()
+                continue
+            for kind, item in inbox:
+                if kind == "add":
+                    try:
+                        self.backend.add(item, self)
+                    except Exception:  # validated already, so this is a bug: fail this request only
+                        log.exception("could not admit %s", item.request_id)
+                        self.end(item.request_id, "error")
+                elif item in self.handles:
+                    self.backend.abort(item, self)
             try:
-                self.engine.step()
-            except Exception:
+                self.backend.run_once(self)
+            except Exception as e:
                 log.exception("engine step failed; failing the requests in it")
-                self._fail_all_active()
-
-    def _fail_all_active(self):
-        """A step raised: end the requests it involved with an error instead of hanging them."""
-        e = self.engine
-        victims = list(e.running) + ([e.prefilling] if e.prefilling is not None else [])
-        for seq in victims:
-            e.abort(seq.request_id)
-            h = self.handles.pop(seq.request_id, None)
-            if h is not None:
-                h.events.put(([], "", "error"))
+                self.broken = self.backend.recover(self, e)
+                if self.broken:
+                    log.error("the engine cannot serve any more: %s", self.broken)
+            self._publish()

@@ -1,19 +1,27 @@
-"""OpenAI request parsing and validation; every refusal is an APIError with an OpenAI-style body."""
+"""OpenAI request parsing and validation; every refusal is an APIError with an OpenAI-style body.
+
+Everything is checked here, on the HTTP thread, so that a request reaching the engine is valid.
+Unknown fields are ignored (clients send many); known fields we do not implement are refused with
+a clear 400 when they ask for something other than the default, never silently dropped.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams
 
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
+
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.type = _TYPES.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -29,82 +37,137 @@ class ParsedRequest:
     tpot_slo: float | None
 
 
+@dataclass
+class Limits:
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+
+
+# Known OpenAI fields we do not implement, and the values that mean "off" (accepted).
+_UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
+}
+
+
 def _get(body, name, types, default=None, check=None, what=None):
-    value = body.get(name, default)
+    value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+    types = types if isinstance(types, tuple) else (types,)
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise APIError(400, f"'{name}' must be {what}, got {type(value).__name__} {value!r}"[:300], name)
+    if isinstance(value, float) and not math.isfinite(value):
         raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
-    if not isinstance(value, types):
-        raise APIError(400, f"'{name}' must be {what}, got {type(value).__name__}", name)
     if check is not None and not check(value):
-        raise APIError(400, f"'{name}' must be {what}, got {value!r}", name)
+        raise APIError(400, f"'{name}' must be {what}, got {value!r}"[:300], name)
     return value
 
 
-def parse(body, *, chat: bool, tokenizer, model_name: str, max_model_len: int) -> ParsedRequest:
+def _message_text(m) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise APIError(400, "each message's 'content' must be a string or a list of text parts "
+                        "(this model reads text only)", "messages")
+
+
+def _chat_prompt(body, tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    clean = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, "each message must be an object with a string 'role' and a 'content'", "messages")
+        if m["role"] not in ("system", "user", "assistant", "developer"):
+            raise APIError(400, f"unknown message role {m['role']!r}"[:200], "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": _message_text(m)})
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def _completion_prompt(body, tokenizer, vocab_size) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, "one prompt per request: send a batch as separate requests", "prompt")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' must not be empty", "prompt")
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
+        return list(tokenizer.encode(prompt))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
+        return prompt
+    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
+
+
+def parse(body, *, chat: bool, tokenizer, limits: Limits) -> ParsedRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
-    if model is not None and model != model_name:
-        raise APIError(400 if not isinstance(model, str) else 404,
-                       f"model {model!r} does not exist; this server serves {model_name!r}", "model",
-                       "model_not_found")
-    n = _get(body, "n", int, 1, lambda v: v == 1, "1 (only one choice per request is supported)")
-    del n
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise APIError(400, "each message must be an object with string 'role' and 'content'", "messages")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise APIError(400, f"unknown message role {m['role']!r}", "messages")
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "'prompt' must not be empty", "prompt")
-            prompt_ids = tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompt_ids = prompt
-        else:
-            raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
-                           "prompt")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _get({"max_tokens": max_tokens}, "max_tokens", int, 16, lambda v: v >= 1, "an integer >= 1")
-    if len(prompt_ids) + 1 > max_model_len:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {max_model_len} "
-                            f"tokens (prompt plus at least one generated token)", "prompt", "context_length_exceeded")
-    max_tokens = min(max_tokens, max_model_len - len(prompt_ids))
+    if model is not None and model != limits.model_name:
+        if not isinstance(model, str):
+            raise APIError(400, "'model' must be a string", "model")
+        raise APIError(404, f"model {model[:100]!r} does not exist; this server serves {limits.model_name!r}",
+                       "model", "model_not_found")
+    _get(body, "n", int, 1, lambda v: v == 1, "1 (one choice per request is supported)")
+    for name, off in _UNSUPPORTED.items():
+        if name in body and body[name] not in off:
+            raise APIError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format",
+                       "unsupported_parameter")
+
+    prompt_ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer, limits.vocab_size)
+    room = limits.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                            f"{limits.max_model_len} tokens (prompt plus at least one generated token)",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    # OpenAI defaults: 16 tokens for completions, the rest of the context for chat.
+    max_tokens = _get(body, name, int, None, lambda v: v >= 1, "an integer >= 1")
+    max_tokens = min(max_tokens or (room if chat else 16), room)
+
     stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 16
+                                                            and all(isinstance(s, str) for s in stop))):
+        raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
     stream = _get(body, "stream", bool, False, None, "a boolean")
-    options = _get(body, "stream_options", dict, {}, None, "an object")
+    options = _get(body, "stream_options", dict, None, None, "an object")
+    if options is not None and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    include_usage = _get(options or {}, "include_usage", bool, False, None, "a boolean")
     slo = {}
-    for name in ("ttft_slo_ms", "tpot_slo_ms"):
-        v = _get(body, name, (int, float), None, lambda v: 0 < v < 1e7, "a positive number of milliseconds")
-        slo[name] = None if v is None else v / 1000.0
+    for key in ("ttft_slo_ms", "tpot_slo_ms"):
+        v = _get(body, key, (int, float), None, lambda v: 0 < v <= 1e7, "a positive number of milliseconds")
+        slo[key] = None if v is None else v / 1000.0
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=_get(body, "temperature", (int, float), 1.0, None, "a number"),
-            top_p=_get(body, "top_p", (int, float), 1.0, None, "a number"),
-            top_k=_get(body, "top_k", int, -1, None, "an integer"),
+            temperature=_get(body, "temperature", (int, float), 1.0, None, "a number >= 0"),
+            top_p=_get(body, "top_p", (int, float), 1.0, None, "a number in (0, 1]"),
+            top_k=_get(body, "top_k", int, -1, None, "an integer (-1: off)"),
             seed=_get(body, "seed", int, None, None, "an integer"),
             stop=stop,
             stop_token_ids=_get(body, "stop_token_ids", list, None, None, "a list of token ids"),
             ignore_eos=_get(body, "ignore_eos", bool, False, None, "a boolean"),
         )
     except ValueError as e:
-        raise APIError(400, str(e)) from None
-    return ParsedRequest(list(prompt_ids), params, stream, bool(options.get("include_usage", False)),
-                         slo["ttft_slo_ms"], slo["tpot_slo_ms"])
+        raise APIError(400, str(e)[:300], str(e).split(" ", 1)[0]) from None
+    return ParsedRequest(prompt_ids, params, stream, include_usage, slo["ttft_slo_ms"], slo["tpot_slo_ms"])

@@ -1,0 +1,113 @@
+"""OpenAI response bodies from a request's token events: whole, or as SSE chunks.
+
+Extensions beside the OpenAI fields: `token_ids` (the generated ids) and `slo` (measured TTFT/TPOT,
+the SLOs the request was held to, and whether it met them). A streaming response carries `slo` on
+its last chunk (the one with finish_reason) and on the usage chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+
+from .protocol import APIError
+
+# Finish reasons that are not OpenAI's ("stop"/"length"): how each ends the response.
+_FAILURES = {
+    "queue_timeout": (429, "the request waited longer than the server's queue timeout", "queue_timeout"),
+    "rejected": (429, "the scheduler refused the request: it cannot meet its TTFT SLO, or no worker can hold "
+                      "its prompt", "rejected"),
+    "error": (500, "the engine failed while running this request", "engine_error"),
+    "abort": (500, "the request was aborted", "aborted"),
+}
+
+
+def failure(reason) -> APIError | None:
+    if reason in _FAILURES:
+        status, message, code = _FAILURES[reason]
+        return APIError(status, message, code=code)
+    return None
+
+
+def events(client, handle, disconnected=lambda: False):
+    """Yield (token_ids, text, finish_reason) until the request finishes; abort it if we stop early
+    (the client hung up, or the generator was closed)."""
+    finished = False
+    try:
+        while not finished:
+            try:
+                ids, text, reason = handle.events.get(timeout=0.25)
+            except queue.Empty:
+                if disconnected():
+                    return
+                continue
+            finished = reason is not None
+            yield ids, text, reason
+    finally:
+        if not finished:
+            client.abort(handle.request_id)
+
+
+def usage(handle) -> dict:
+    return {"prompt_tokens": handle.prompt_len, "completion_tokens": handle.n_out,
+            "total_tokens": handle.prompt_len + handle.n_out}
+
+
+def slo(handle) -> dict:
+    ms = lambda s: None if s is None else round(s * 1000, 3)  # noqa: E731
+    return {"ttft_ms": ms(handle.ttft), "tpot_ms": ms(handle.tpot), "queueing_ms": ms(handle.queueing),
+            "ttft_slo_ms": ms(handle.ttft_slo), "tpot_slo_ms": ms(handle.tpot_slo), "slo_met": handle.slo_met,
+            "path": handle.path}
+
+
+def complete(client, handle, meta: dict, chat: bool, disconnected=lambda: False) -> dict:
+    text, ids, reason = [], [], None
+    for tok, delta, reason in events(client, handle, disconnected):
+        ids += tok
+        text.append(delta)
+    err = failure(reason)
+    if err is not None:
+        raise err
+    choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": "".join(text)}
+    else:
+        choice["text"] = "".join(text)
+    return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": usage(handle), "slo": slo(handle), "token_ids": ids}
+
+
+def stream(client, handle, meta: dict, chat: bool, include_usage: bool, disconnected):
+    """SSE: one chunk per token event, then (with include_usage) a usage chunk, then [DONE]."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def sse(body) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    def chunk(text, ids, reason):
+        if chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        body = {**meta, "object": obj, "choices": [choice], "token_ids": ids}
+        if include_usage:
+            body["usage"] = None  # OpenAI: null on every chunk but the last
+        if reason is not None:
+            body["slo"] = slo(handle)
+        return sse(body)
+
+    if chat:  # OpenAI opens a chat stream with the role
+        yield sse({**meta, "object": obj, "token_ids": [], **({"usage": None} if include_usage else {}),
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                "logprobs": None}]})
+    for ids, text, reason in events(client, handle, disconnected):
+        err = failure(reason)
+        if err is not None:  # the status line is sent already: report in-band, as OpenAI does
+            yield sse(err.body())
+            break
+        if ids or text or reason:
+            yield chunk(text, ids, reason)
+    if include_usage:
+        yield sse({**meta, "object": obj, "choices": [], "usage": usage(handle), "slo": slo(handle)})
+    yield "data: [DONE]\n\n"
