@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tropical_jax.model.llama import init_kv_cache, make_forward
+from tropical_jax.model.sharding import kv_sharding
 from tropical_jax.model.step_batch import StepBatch
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -41,10 +42,11 @@ class PagedRunner:
     """Runs steps on contiguous per-sequence pages: sequence s owns pages [s*P, (s+1)*P)."""
 
     def __init__(self, cfg, graphdef, params, num_seqs=4, page_size=4, max_len=64, dtype=jnp.float32,
-                 backend="reference"):
+                 backend="reference", mesh=None):
         self.cfg, self.params, self.page_size = cfg, params, page_size
         self.pages_per_seq = -(-max_len // page_size)
-        self.kv = init_kv_cache(cfg, num_seqs * self.pages_per_seq, page_size, dtype)
+        sharding = kv_sharding(cfg, mesh) if mesh is not None else None
+        self.kv = init_kv_cache(cfg, num_seqs * self.pages_per_seq, page_size, dtype, sharding)
         self.forward = jax.jit(make_forward(graphdef, backend))
 
     def table(self, s):

@@ -12,7 +12,8 @@ CASES = {
     "llama3_rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 32}}),
-    "mistral": ("mistral", {"head_dim": 32}),
+    # A window no shorter than the context behaves as full attention (shorter ones are refused).
+    "mistral": ("mistral", {"head_dim": 32, "sliding_window": 64}),
     "qwen2": ("qwen2", {}),
 }
 
@@ -22,14 +23,16 @@ def test_prefill_and_decode_logits_match_transformers(tmp_path, case):
     arch, overrides = CASES[case]
     hf = save_tiny_hf(tmp_path, arch, **overrides)
     cfg, graphdef, params, _ = load_model(tmp_path, with_tokenizer=False)
-    runner = PagedRunner(cfg, graphdef, params, num_seqs=2, page_size=4, max_len=48)
+    cfg.check_context(48)
+    runner = PagedRunner(cfg, graphdef, params, num_seqs=3, page_size=4, max_len=48)
     rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, 128, 11)), list(rng.integers(0, 128, 5))]
+    prompts = [list(rng.integers(0, 128, n)) for n in (11, 5, 16)]
     seqs = [list(p) for p in prompts]
     for s, prompt in enumerate(prompts):
         got = runner.step(chunk=(s, 0, prompt), chunk_bucket=16)[0]
         np.testing.assert_allclose(got, hf_logits(hf, prompt)[-1], atol=1e-4)
-    # Decode both sequences together for several steps (greedy tokens from HF's own logits).
+    # Decode the sequences together for several steps (greedy tokens from HF's own logits), in a
+    # batch bucket with one padding row.
     for _ in range(4):
         want = [hf_logits(hf, seq)[-1] for seq in seqs]
         for seq, w in zip(seqs, want):

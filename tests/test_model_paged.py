@@ -1,6 +1,7 @@
 """Paged model properties: chunking, batching, dtypes, sharding, checkpoints, clear errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from model_helpers import PagedRunner, save_tiny_hf
 from tropical_jax.config import ModelConfig
 from tropical_jax.model.attention import _attend
-from tropical_jax.model.loader import load_model
+from tropical_jax.model.loader import DEFAULT_CHECKPOINT, load_model
 from tropical_jax.model.sharding import make_mesh
 
 
@@ -77,19 +79,34 @@ def test_bf16_stays_close_to_f32(tiny):
     assert np.argmax(b16) == np.argmax(f32)
 
 
-def test_two_device_tensor_parallel_matches_one_device(tiny):
+@pytest.mark.parametrize("shape", ["gqa", "mqa_odd_vocab"])
+def test_two_device_tensor_parallel_matches_one_device(tiny, tmp_path, shape):
     path, (cfg, g, p, _) = tiny
-    want = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    if shape == "mqa_odd_vocab":
+        # One KV head and a vocabulary 2 does not divide: k/v projections, pools and LM head stay whole.
+        path = tmp_path
+        save_tiny_hf(path, "llama", num_key_value_heads=1, vocab_size=125)
+        cfg, g, p, _ = load_model(path, with_tokenizer=False)
+    prompt = [t % cfg.vocab_size for t in PROMPT]
+    want = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, prompt), chunk_bucket=32)[0]
     mesh = make_mesh(jax.devices()[:2])
     cfg2, g2, p2, _ = load_model(path, mesh=mesh, with_tokenizer=False)
-    q = p2["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    got = PagedRunner(cfg2, g2, p2, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    attn = p2["layers"][0]["self_attn"]
+    assert attn["q_proj"]["kernel"][...].sharding.spec == P(None, "model")
+    split_kv = shape == "gqa"
+    assert attn["k_proj"]["kernel"][...].sharding.spec == (P(None, "model") if split_kv else P())
+    runner = PagedRunner(cfg2, g2, p2, num_seqs=1, mesh=mesh)
+    assert runner.kv[0][0].sharding.spec == (P(None, None, "model", None) if split_kv else P())
+    got = runner.step(chunk=(0, 0, prompt), chunk_bucket=32)[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_convert_cli_then_orbax_load_gives_identical_logits(tiny, tmp_path):
-    path, (cfg, g, p, _) = tiny
+    hf, (cfg, g, p, _) = tiny
+    path = tmp_path / "hf"
+    shutil.copytree(hf, path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: it is copied over
+        shutil.copy(DEFAULT_CHECKPOINT / name, path / name)
     out = tmp_path / "ours"
     r = subprocess.run([sys.executable, "-m", "tropical_jax.checkpoint", "convert", str(path), str(out)],
                        capture_output=True, text=True, timeout=300)
@@ -100,6 +117,13 @@ def test_convert_cli_then_orbax_load_gives_identical_logits(tiny, tmp_path):
     assert cfg2 == cfg
     got = PagedRunner(cfg2, g2, p2, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
     np.testing.assert_array_equal(got, want)
+    # Restored straight into a 2-device tensor-parallel sharding, with the tokenizer that came along.
+    mesh = make_mesh(jax.devices()[:2])
+    cfg3, g3, p3, tok = load_model(out, mesh=mesh)
+    assert p3["layers"][1]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P("model", None)
+    got = PagedRunner(cfg3, g3, p3, num_seqs=1, mesh=mesh).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert tok.decode(tok.encode("paged attention")) == "paged attention"
     bad = subprocess.run([sys.executable, "-m", "tropical_jax.checkpoint", "convert", str(tmp_path / "nope"),
                           str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not a directory" in bad.stderr
@@ -116,3 +140,8 @@ def test_unsupported_configs_fail_clearly():
     cfg.check_context(4096)
     with pytest.raises(ValueError, match="sliding window of 4096 tokens, shorter than max_model_len=8192"):
         cfg.check_context(8192)
+    llama = dict(hf, architectures=["LlamaForCausalLM"], sliding_window=None)
+    with pytest.raises(ValueError, match="attention_bias=true is not supported"):
+        ModelConfig.from_hf(dict(llama, attention_bias=True))
+    with pytest.raises(ValueError, match="unsupported rope scaling 'linear'"):
+        ModelConfig.from_hf(dict(llama, rope_scaling={"type": "linear", "factor": 2.0}))

@@ -36,7 +36,7 @@ def save_checkpoint(out_dir, cfg, params, tokenizer_dir=None) -> Path:
     return out
 
 
-def restore_params(params_dir: Path, abstract_state, mesh, dtype):
+def restore_params(params_dir: Path, abstract_state, mesh, dtype, cfg):
     """Restore into `abstract_state`'s structure, each array already on its target sharding."""
     from .model.sharding import param_shardings
 
@@ -46,7 +46,7 @@ def restore_params(params_dir: Path, abstract_state, mesh, dtype):
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=sharding), pure)
     else:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
-                              pure, param_shardings(pure, mesh))
+                              pure, param_shardings(pure, mesh, cfg))
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(Path(params_dir).resolve(), target)
     nnx.replace_by_pure_dict(abstract_state, restored)

@@ -42,9 +42,14 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported activation {hf['hidden_act']!r}; only silu (SwiGLU) is implemented")
+        # Llama's attention_bias also puts a bias on o_proj, and mlp_bias on the FFN; no released
+        # Llama uses either, so we refuse them rather than silently dropping weights.
+        for flag in ("attention_bias", "mlp_bias"):
+            if arch == "LlamaForCausalLM" and hf.get(flag):
+                raise ValueError(f"{arch} with {flag}=true is not supported (biases on o_proj / the FFN)")
         # transformers 5 keeps theta and scaling in rope_parameters; older configs use rope_theta / rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        theta = float(rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         if scaling is not None and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
@@ -67,7 +72,7 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            attention_bias=arch == "Qwen2ForCausalLM",  # Qwen2 always has q/k/v biases; Mistral never
             sliding_window=window,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -72,12 +72,12 @@ def hf_to_pure_dict(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict:
     return pure
 
 
-def _place(pure: dict, state, mesh, dtype):
+def _place(pure: dict, state, mesh, dtype, cfg: ModelConfig):
     """Put a host pure dict onto devices with the target shardings (replicated if no mesh)."""
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.asarray(a), pure))
     if mesh is None:
         return jax.tree.map(lambda a: jnp.asarray(a, dtype), state)
-    shardings = param_shardings(state, mesh)
+    shardings = param_shardings(state, mesh, cfg)
     return jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, dtype), s), state, shardings)
 
 
@@ -107,7 +107,7 @@ def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = T
         from ..checkpoint import restore_params
 
         graphdef, state = abstract_state(cfg, dtype)
-        params = restore_params(path / "params", state, mesh, dtype)
+        params = restore_params(path / "params", state, mesh, dtype, cfg)
     else:
         cfg_file = path / "config.json"
         if not cfg_file.exists():
@@ -116,6 +116,6 @@ def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = T
         if mesh is not None:
             check_tensor_parallel(cfg, mesh.shape["model"])
         graphdef, state = abstract_state(cfg, dtype)
-        params = _place(hf_to_pure_dict(cfg, _hf_tensors(path)), state, mesh, dtype)
+        params = _place(hf_to_pure_dict(cfg, _hf_tensors(path)), state, mesh, dtype, cfg)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return cfg, graphdef, params, tokenizer
