@@ -96,6 +96,10 @@ def is_orbax_checkpoint(path: Path) -> bool:
 
 def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = True):
     """-> (ModelConfig, graphdef, params, tokenizer or None) from an HF dir or our orbax dir."""
+    if path is None and not DEFAULT_CHECKPOINT.is_dir():
+        # checkpoints/ sits beside the package in the source tree; only an editable install sees it.
+        raise FileNotFoundError(f"the embedded default model is not at {DEFAULT_CHECKPOINT}: install from a "
+                                "clone with `pip install -e .`, or pass a model directory")
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory (only local paths are loaded)")
