@@ -21,6 +21,38 @@ def _pct(values, q):
     return float(np.percentile(values, q)) if len(values) else None
 
 
+def length_class(prompt_len: int) -> str:
+    return next(name for name, lo, hi in LENGTH_CLASSES if lo <= prompt_len < hi)
+
+
+def record(r: Request) -> dict:
+    """One request's outcome as a flat dict (times in seconds): what a per-request trace file holds."""
+    return {"id": r.id, "arrival": r.arrival, "prompt_len": r.prompt_len, "n_out": r.n_out, "path": r.path,
+            "prefill_worker": r.prefill_worker, "decode_worker": r.decode_worker, "ttft": r.ttft, "tpot": r.tpot,
+            "queueing": r.queueing, "transfer": r.transfer_time, "ttft_slo": r.ttft_slo, "tpot_slo": r.tpot_slo,
+            "attained": r.attained, "rejected": r.rejected, "late": r.late}
+
+
+def miss_breakdown(requests: Iterable[Request]) -> dict:
+    """Why and where requests missed: by cause and by path (where the prefill ran), with the median
+    TTFT overshoot (ttft / ttft_slo) of the TTFT misses. By length class: see summarize()."""
+    missed = [r for r in requests if not r.attained]
+    causes: dict[str, int] = {}
+    by_path: dict[str, int] = {}
+    for r in missed:
+        if r.rejected:
+            cause = "rejected"
+        elif r.finish_time is None:
+            cause = "unfinished"
+        else:
+            cause = {(False, True): "ttft", (True, False): "tpot", (False, False): "ttft+tpot"}[
+                (r.ttft_attained, r.tpot_attained)]
+        causes[cause] = causes.get(cause, 0) + 1
+        by_path[str(r.path)] = by_path.get(str(r.path), 0) + 1
+    over = [r.ttft / r.ttft_slo for r in missed if r.ttft is not None and not r.ttft_attained]
+    return {"missed": len(missed), "by_cause": causes, "by_path": by_path, "ttft_overshoot_p50": _pct(over, 50)}
+
+
 def summarize(requests: Iterable[Request]) -> dict:
     """Attainment, percentiles (seconds), and misses by prompt-length class."""
     reqs = list(requests)
@@ -32,8 +64,8 @@ def summarize(requests: Iterable[Request]) -> dict:
     queue = [r.queueing for r in reqs if r.queueing is not None]
     transfer = [r.transfer_time for r in reqs if r.path == "prefill" and r.finish_time is not None]
     misses = {}
-    for name, lo, hi in LENGTH_CLASSES:
-        cls = [r for r in reqs if lo <= r.prompt_len < hi]
+    for name, _, _ in LENGTH_CLASSES:
+        cls = [r for r in reqs if length_class(r.prompt_len) == name]
         if cls:
             missed = sum(not r.attained for r in cls)
             misses[name] = {"requests": len(cls), "missed": missed, "miss_rate": missed / len(cls)}

@@ -1,9 +1,11 @@
 """`python -m tropical_jax.sim`: simulate serving a workload, or search each policy's goodput.
 
     run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
+            [--requests-out FILE.jsonl] [--decisions-out FILE.jsonl]          (per-request outcomes, decision log)
     bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, DESIGN §3b)
     goodput --workload W --profile P --policies tropical,colocated,chunked,disaggregated
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
+            [--early-stop]
 
 Profiles: a name in tropical_jax/profiles (a100-llama2-70b-tp4, a100-internlm2.5-20b-tp2) or a
 JSON path (e.g. written by the engine's profiler). Times in the JSON output are seconds.
@@ -12,6 +14,7 @@ JSON path (e.g. written by the engine's profiler). Times in the JSON output are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -22,7 +25,7 @@ from tqdm import tqdm
 from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
-from ..sched.metrics import goodput, mean_sd, summarize
+from ..sched.metrics import goodput, mean_sd, miss_breakdown, record, summarize
 from .simulator import simulate
 from .workloads import ARRIVALS, make_requests
 
@@ -84,22 +87,30 @@ def cmd_bound(args) -> dict:
             "max_input_len": args.max_input_len, **bound_for(args, cluster, load_profile(args.profile))}
 
 
-def run_once(args, policy_text, cluster, rate, seed, cost, max_misses=None, progress=False):
+def run_once(args, policy_text, cluster, rate, seed, cost, max_misses=None, progress=False, record_decisions=False):
     policy = _policy(args, policy_text)
-    res = simulate(_requests(args, rate, seed), cluster, policy, cost, seed=seed, noise=args.noise,
-                   max_misses=max_misses, progress=progress)
-    return res
+    return simulate(_requests(args, rate, seed), cluster, policy, cost, seed=seed, noise=args.noise,
+                    max_misses=max_misses, progress=progress, record_decisions=record_decisions)
+
+
+def _write_jsonl(path: str, rows) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def cmd_run(args) -> dict:
     cost = load_profile(args.profile)
-    res = run_once(args, args.policy, args.cluster or cluster_for(args.policy, None), args.rate, args.seed, cost,
-                   progress=not args.json)
-    out = {"policy": args.policy, "cluster": str(args.cluster or cluster_for(args.policy, None)),
-           "workload": args.workload, "profile": args.profile, "rate": args.rate, "arrival": args.arrival,
-           "max_input_len": args.max_input_len, "seed": args.seed, **summarize(res.requests),
-           "counters": res.counters, "sim_wall_s": round(res.wall_s, 3)}
-    return out
+    cluster = cluster_for(args.policy, args.cluster)
+    res = run_once(args, args.policy, cluster, args.rate, args.seed, cost, progress=not args.json,
+                   record_decisions=bool(args.decisions_out))
+    if args.requests_out:
+        _write_jsonl(args.requests_out, map(record, res.requests))
+    if args.decisions_out:
+        _write_jsonl(args.decisions_out, map(dataclasses.asdict, res.decisions))
+    return {"policy": args.policy, "cluster": cluster, "workload": args.workload, "profile": args.profile,
+            "rate": args.rate, "arrival": args.arrival, "max_input_len": args.max_input_len, "seed": args.seed,
+            **summarize(res.requests), "misses": miss_breakdown(res.requests), "counters": res.counters,
+            "sim_wall_s": round(res.wall_s, 3)}
 
 
 def cmd_goodput(args) -> dict:
@@ -109,13 +120,18 @@ def cmd_goodput(args) -> dict:
     for text in split_policies(args.policies):
         cluster = cluster_for(text, args.cluster)
         bar = tqdm(desc=f"goodput {text} on {cluster}", unit="run", disable=args.json, leave=False)
+        # --early-stop ends a run once it has certainly missed the target: the search is the same, but
+        # the curve then holds only a lower bound of the attainment at those rates (listed apart).
+        max_misses = math.floor((1 - target) * args.num_requests) if args.early_stop else None
+        stopped: list[float] = []
 
         def attainment(rate):
             values = []
             for s in range(args.seeds):
-                res = run_once(args, text, cluster, rate, args.seed + s, cost,
-                               max_misses=math.floor((1 - target) * args.num_requests))
+                res = run_once(args, text, cluster, rate, args.seed + s, cost, max_misses=max_misses)
                 values.append(summarize(res.requests)["attainment"])
+                if res.stopped_early and rate not in stopped:
+                    stopped.append(rate)
                 bar.update()
             return mean_sd(values)[0]
 
@@ -125,6 +141,8 @@ def cmd_goodput(args) -> dict:
         bound = bound_for(args, cluster, cost)["bound_rps"]
         results[text] = {"cluster": cluster, "goodput": rate, "fraction_of_bound": rate / bound, "bound_rps": bound,
                          "curve": curve}
+        if args.early_stop:
+            results[text]["curve_lower_bound_rates"] = sorted(stopped)
     out = {"workload": args.workload, "profile": args.profile, "target": target, "num_requests": args.num_requests,
            "seeds": args.seeds, "arrival": args.arrival, "max_input_len": args.max_input_len,
            "ttft_scale": args.ttft_scale, "tpot_slo_ms": args.tpot_slo_ms, "policies": results}
@@ -142,8 +160,11 @@ def plot_curves(out: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in out["policies"].items():
         xs, ys = zip(*r["curve"])
-        ax.plot(xs, ys, "o-", ms=3, label=f"{name} ({r['cluster']}): {r['goodput']:.3f} req/s")
-    ax.axhline(out["target"], ls="--", c="gray", lw=1)
+        (line,) = ax.plot(xs, ys, "o-", ms=3, label=f"{name} ({r['cluster']}): {r['goodput']:.3f} req/s")
+        low = [(x, y) for x, y in r["curve"] if x in r.get("curve_lower_bound_rates", ())]
+        if low:  # runs stopped early: attainment at least this (hollow markers)
+            ax.plot(*zip(*low), "o", ms=6, mfc="white", c=line.get_color())
+    ax.axhline(out["target"], ls="--", c="gray", lw=1, label=f"target {out['target']:.0%}")
     ax.set_xlabel("arrival rate (req/s)")
     ax.set_ylabel("SLO attainment")
     ax.set_title(f"{out['workload']} on {out['profile']}")
@@ -176,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="simulate one policy at one rate")
     r.add_argument("--policy", default="tropical")
     r.add_argument("--rate", type=float, required=True)
+    r.add_argument("--requests-out", metavar="FILE.jsonl", help="write every request's outcome, one JSON per line")
+    r.add_argument("--decisions-out", metavar="FILE.jsonl", help="write every dispatch decision with its reason")
     sub.add_parser("bound", parents=[common], help="the most req/s any policy could serve within SLO")
     g = sub.add_parser("goodput", parents=[common], help="bisect each policy's goodput")
     g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated")
@@ -183,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=1, help="average attainment over this many seeds per rate")
     g.add_argument("--rate-lo", type=float, default=0.1)
     g.add_argument("--rate-hi", type=float, default=1.0)
-    g.add_argument("--plot")
+    g.add_argument("--plot", metavar="FILE.png", help="attainment against rate, with the target line")
+    g.add_argument("--early-stop", action="store_true",
+                   help="stop runs that certainly miss the target (faster; the curve is then a lower bound there)")
     return p
 
 
