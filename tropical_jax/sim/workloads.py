@@ -76,14 +76,19 @@ def arrival_times(n: int, rate: float, kind: str, rng: np.random.Generator, cv: 
 def make_requests(workload: str, num_requests: int, rate: float, *, arrival: str = "poisson", cv: float = 1.0,
                   seed: int = 0, max_input_len: int | None = None, max_output_len: int | None = None,
                   tpot_slo: float = 0.1, ttft_slo: float | None = None) -> list[Request]:
-    """Sample `num_requests` requests (lengths drawn from the trace; in order for trace replay)."""
+    """Sample `num_requests` requests: lengths drawn from the trace at random (Poisson/Gamma), or a
+    contiguous stretch of it in order with its own timestamps rescaled to `rate` (trace replay)."""
     times, inputs, outputs = load_trace(workload)
     rng = np.random.default_rng(seed)
     if arrival == "trace":
         if times is None:
             raise ValueError(f"workload {workload!r} has no timestamps: use --arrival poisson or gamma")
-        idx = np.arange(num_requests) % len(inputs)
-        trace_t = times[idx] + (np.arange(num_requests) // len(inputs)) * (times[-1] + 1)
+        # The seed picks where in the trace the window starts (seed 0: at the beginning), so seeds
+        # give different stretches of the same trace; the trace wraps around if it is too short.
+        start = int(rng.integers(0, len(inputs))) if seed else 0
+        pos = start + np.arange(num_requests)
+        idx = pos % len(inputs)
+        trace_t = times[idx] + (pos // len(inputs)) * (times[-1] + 1)
         at = arrival_times(num_requests, rate, "trace", rng, trace=trace_t)
     else:
         idx = rng.integers(0, len(inputs), num_requests)
