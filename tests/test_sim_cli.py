@@ -64,12 +64,16 @@ def test_goodput_json_with_a_cluster_per_policy_and_a_plot(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_goodput_early_stop_marks_lower_bounds(capsys):
-    assert main(["goodput", *SMALL, "--num-requests", "80", "--policies", "colocated", "--rate-lo", "0.5",
-                 "--rate-hi", "1", "--json", "--early-stop"]) == 0
-    p = json.loads(capsys.readouterr().out)["policies"]["colocated"]
-    low = p["curve_lower_bound_rates"]
-    assert low and all(a < 0.9 for r, a in p["curve"] if r in low)
+def test_goodput_early_stop_finds_the_same_goodput_and_marks_lower_bounds(capsys):
+    args = ["goodput", *SMALL, "--num-requests", "80", "--seeds", "3", "--policies", "colocated", "--rate-lo", "0.5",
+            "--rate-hi", "1", "--json"]
+    assert main(args) == 0
+    exact = json.loads(capsys.readouterr().out)["policies"]["colocated"]
+    assert main(args + ["--early-stop"]) == 0
+    fast = json.loads(capsys.readouterr().out)["policies"]["colocated"]
+    assert fast["goodput"] == exact["goodput"] and "curve_lower_bound_rates" not in exact
+    low, true = fast["curve_lower_bound_rates"], dict(exact["curve"])
+    assert low and all(a < 0.9 and a <= true[r] for r, a in fast["curve"] if r in low)
 
 
 @pytest.mark.parametrize("args,message", [

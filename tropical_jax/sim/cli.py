@@ -120,16 +120,20 @@ def cmd_goodput(args) -> dict:
     for text in split_policies(args.policies):
         cluster = cluster_for(text, args.cluster)
         bar = tqdm(desc=f"goodput {text} on {cluster}", unit="run", disable=args.json, leave=False)
-        # --early-stop ends a run once it has certainly missed the target: the search is the same, but
-        # the curve then holds only a lower bound of the attainment at those rates (listed apart).
-        max_misses = math.floor((1 - target) * args.num_requests) if args.early_stop else None
+        # --early-stop ends a rate's runs once the seeds together have certainly missed the target (more
+        # misses than (1 - target) of all their requests): the search is the same, but the curve then
+        # holds only a lower bound of the attainment at those rates (listed apart). The budget is shared
+        # across seeds, since one seed below the target does not put their mean below it.
+        budget = math.floor(round((1 - target) * args.num_requests * args.seeds, 6))  # (1 - 0.9) * 240 = 23.99..
         stopped: list[float] = []
 
         def attainment(rate):
-            values = []
+            values, missed = [], 0
             for s in range(args.seeds):
-                res = run_once(args, text, cluster, rate, args.seed + s, cost, max_misses=max_misses)
+                res = run_once(args, text, cluster, rate, args.seed + s, cost,
+                               max_misses=max(0, budget - missed) if args.early_stop else None)
                 values.append(summarize(res.requests)["attainment"])
+                missed += sum(not r.attained for r in res.requests)
                 if res.stopped_early and rate not in stopped:
                     stopped.append(rate)
                 bar.update()
