@@ -147,6 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             parser.error(str(e))
         a.policy, workers = policy, len(spec.workers)
+        a.devices_needed = sum(w.tp for w in spec.workers)
     if a.threads is None:
         # A thread per running or queued request, so overload is answered with 429 instead of
         # waiting unseen in the socket backlog.
@@ -256,6 +257,10 @@ class _Closing:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.cluster is not None and "xla_force_host_platform_device_count" not in flags:
+        # On a CPU host, emulate one device per worker (or tp share); other platforms ignore this flag.
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices_needed}".strip()
     from waitress import create_server
 
     from .api.app import create_app

@@ -42,6 +42,7 @@ class LocalWorker:
         self.admitted = 0
         self._abort_pending = False
         self._failures = 0
+        self._step_start = time.monotonic()
 
     def default_ttft_slo(self, prompt_len: int) -> float:
         """The prompt's chunks at their measured bucket times, x ttft_scale."""
@@ -55,6 +56,10 @@ class LocalWorker:
 
     def add(self, handle, client) -> None:
         def on_output(seq, token_ids, text):
+            if handle.first_scheduled is None:  # its whole prefill ran in this step
+                client.scheduled(handle, self._step_start)
+            if token_ids:
+                self._failures = 0  # a device step worked
             if seq.finished:
                 self.live.pop(seq.request_id, None)
             client.deliver(seq.request_id, token_ids, text, seq.finish_reason)
@@ -63,6 +68,7 @@ class LocalWorker:
                                       on_output=on_output)
         self.live[handle.request_id] = (seq, handle)
         handle.path = "colocated"
+        self.admitted += 1
 
     def abort(self, request_id, client) -> None:
         self.engine.abort(request_id)  # the engine ends it ("abort", pages freed) at its next step
@@ -76,14 +82,12 @@ class LocalWorker:
         if not self.busy():
             return
         self._abort_pending = False
-        start = time.monotonic()
+        self._step_start = time.monotonic()
         self.engine.step()
-        self._failures = 0
-        for rid in list(client.unscheduled):
+        for rid in list(client.unscheduled):  # prompts whose first chunks ran in this step
             seq, handle = self.live.get(rid, (None, None))
-            if seq is not None and (seq.num_cached or seq.output_ids):
-                client.scheduled(handle, start)
-                self.admitted += 1
+            if seq is not None and seq.num_cached:
+                client.scheduled(handle, self._step_start)
 
     def _expire(self, client) -> None:
         """queue_timeout: a request whose prefill has not started in time is refused (429)."""
@@ -149,6 +153,8 @@ class ClusterWorkers:
 
         def on_output(seq, token_ids, text):  # on a worker thread
             r = self.live.get(rid, (None,))[0]
+            if r is not None and handle.first_scheduled is None and r.first_scheduled is not None:
+                client.scheduled(handle, r.first_scheduled + self._offset())
             if seq.finish_reason is not None and r is not None:
                 handle.path = r.path
                 handle.transfer = r.transfer_time if r.path == "prefill" and r.n_out >= 1 else None

@@ -122,15 +122,15 @@ class EngineClient:
         if token_ids:
             if h.first_token_time is None:
                 h.first_token_time = now
-                self.scheduled(h, now)
             h.last_token_time = now
             h.n_out += len(token_ids)
-        h.events.put((list(token_ids), text, reason))
-        if reason is not None:
+        if reason is not None:  # bookkeeping first: a client that has its answer sees it in /metrics
             self._finish(h, reason)
+        h.events.put((list(token_ids), text, reason))
 
     def scheduled(self, handle: RequestHandle, when: float) -> None:
-        """The request's prefill started (for queueing time and the max_queue bound)."""
+        """The request's prefill started (for queueing time and the max_queue bound). Backends call
+        this before the request's first token is delivered."""
         if handle.first_scheduled is None:
             handle.first_scheduled = when
         self.unscheduled.discard(handle.request_id)

@@ -1,0 +1,241 @@
+"""The HTTP layer in process, against a fake engine behind the real LocalWorker adapter: overload
+(429 queue full / queue timeout), warmup and broken-engine 503s, a failing step, aborts, metrics.
+No JAX: these run in about a second."""
+
+import json
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+
+import pytest
+
+from tropical_jax.api.app import create_app
+from tropical_jax.api.backends import LocalWorker
+from tropical_jax.api.engine_client import EngineClient
+from tropical_jax.api.metrics import ServerMetrics
+from tropical_jax.api.protocol import Limits
+from tropical_jax.runtime.sequence import Sequence
+
+
+class FakeEngine:
+    """The runtime Engine's surface as LocalWorker uses it. Each step admits every waiting request
+    (one page each) and gives every running request one token (id 7), while `gate` is set; `fail`
+    makes the next steps raise."""
+
+    def __init__(self):
+        self.waiting, self.running, self.prefilling = deque(), [], None
+        self.allocator = SimpleNamespace(num_used=0, num_pages=100)
+        self.num_preemptions = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = 0
+        self._aborted = set()
+
+    @property
+    def num_active(self):
+        return len(self.running)
+
+    def add_request(self, prompt_ids, params, request_id=None, on_output=None):
+        seq = Sequence(list(prompt_ids), params, request_id=request_id, on_output=on_output)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, request_id):
+        self._aborted.add(request_id)
+
+    def has_work(self):
+        return bool(self.waiting or self.running) and self.gate.is_set()
+
+    def _end(self, seq, reason, token=None):
+        seq.finish_reason = reason
+        if seq.num_cached:
+            self.allocator.num_used -= 1
+        seq.on_output(seq, [] if token is None else [token], "" if token is None else "x")
+
+    def step(self):
+        gone, self._aborted = self._aborted, set()
+        for seq in [s for s in list(self.waiting) + self.running if s.request_id in gone]:
+            (self.waiting if seq in self.waiting else self.running).remove(seq)
+            self._end(seq, "abort")
+        if not self.gate.is_set():
+            return
+        while self.waiting:
+            seq = self.waiting.popleft()
+            seq.num_cached = len(seq.prompt_ids)
+            self.allocator.num_used += 1
+            self.running.append(seq)
+        if self.fail and self.running:  # like a failing device step: its requests were planned (and hold pages)
+            self.fail -= 1
+            raise RuntimeError("device exploded")
+        time.sleep(0.002)
+        for seq in list(self.running):
+            seq.output_ids.append(7)
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                self.running.remove(seq)
+                self._end(seq, "length", 7)
+            else:
+                seq.on_output(seq, [7], "x")
+
+
+def make(max_queue=8, queue_timeout=None, ready=True):
+    engine = FakeEngine()
+    backend = LocalWorker(engine, {16: 0.01}, ttft_scale=5.0, queue_timeout=queue_timeout)
+    server = SimpleNamespace(client=None, backend=backend, warmup="compiling", tokenizer=None,
+                             limits=Limits("fake", 64, 100), api_key=None, tpot_slo=0.1,
+                             default_ttft_slo=backend.default_ttft_slo, max_body_bytes=1 << 16, started=0)
+    server.metrics = ServerMetrics(state=lambda: server.client.state() if server.client else None)
+    if ready:
+        server.client = EngineClient(backend, max_queue=max_queue, on_finish=server.metrics.finished)
+    return server, engine, create_app(server).test_client()
+
+
+def sse(resp):
+    return [json.loads(line[6:]) for line in resp.get_data(as_text=True).splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def wait_for(cond, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_warming_up_answers_503_then_serves():
+    server, engine, http = make(ready=False)
+    h = http.get("/health")
+    assert h.status_code == 503 and h.json == {"status": "warming_up", "warmup": "compiling"}
+    r = http.post("/v1/completions", json={"prompt": [1, 2]})
+    assert r.status_code == 503 and r.json["error"]["code"] == "warming_up"
+    assert http.get("/metrics").status_code == 200  # scrapes work before the engine exists
+    server.client = EngineClient(server.backend, on_finish=server.metrics.finished)
+    assert http.get("/health").json == {"status": "ok"}
+    r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 3})
+    assert r.status_code == 200 and r.json["token_ids"] == [7, 7, 7] and r.json["slo"]["path"] == "colocated"
+
+
+def test_queue_full_is_429_and_the_queued_ones_still_finish():
+    server, engine, http = make(max_queue=2)
+    engine.gate.clear()  # nothing starts: requests pile up in the queue
+    results = []
+
+    def queued():
+        results.append(http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4}).json)
+
+    threads = [threading.Thread(target=queued) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(server.client.unscheduled) == 2)
+    full = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4})
+    assert full.status_code == 429 and full.json["error"]["code"] == "queue_full"
+    assert full.json["error"]["type"] == "rate_limit_error" and "queue is full" in full.json["error"]["message"]
+    time.sleep(0.1)
+    engine.gate.set()
+    for t in threads:
+        t.join(timeout=5)
+    assert [r["token_ids"] for r in results] == [[7] * 4] * 2
+    metrics = http.get("/metrics").get_data(as_text=True)
+    assert 'tropical_requests_total{outcome="rejected"} 1.0' in metrics
+    # They waited past their default TTFT SLO (5 x 10 ms): served, but missed.
+    assert 'tropical_requests_total{outcome="missed"} 2.0' in metrics
+
+
+def test_queue_timeout_is_429_whole_or_in_stream():
+    server, engine, http = make(queue_timeout=0.1)
+    engine.gate.clear()
+    r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4})
+    assert r.status_code == 429 and r.json["error"]["code"] == "queue_timeout"
+    s = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4, "stream": True})
+    chunks = sse(s)  # the status line went out before the timeout: the error comes in-band
+    assert s.status_code == 200 and chunks[-1]["error"]["code"] == "queue_timeout"
+    wait_for(lambda: server.client.state()["queued"] == 0 and not server.client.handles)
+
+
+def test_a_failing_step_fails_its_requests_only_until_the_engine_is_broken():
+    server, engine, http = make()
+    engine.fail = 1
+    r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 3})
+    assert r.status_code == 500 and r.json["error"]["code"] == "engine_error"
+    ok = http.post("/v1/completions", json={"prompt": [2], "max_tokens": 3})
+    assert ok.status_code == 200 and ok.json["usage"]["completion_tokens"] == 3
+    assert http.get("/health").json["status"] == "ok"
+    wait_for(lambda: engine.allocator.num_used == 0)  # the failed request's page came back
+    engine.fail = LocalWorker.MAX_CONSECUTIVE_FAILURES
+    for _ in range(LocalWorker.MAX_CONSECUTIVE_FAILURES):
+        assert http.post("/v1/completions", json={"prompt": [1], "max_tokens": 3}).status_code == 500
+    wait_for(lambda: http.get("/health").status_code == 503)
+    h = http.get("/health")
+    assert h.json["status"] == "error" and "device exploded" in h.json["error"]
+    r = http.post("/v1/completions", json={"prompt": [1]})
+    assert r.status_code == 503 and r.json["error"]["code"] == "engine_error"
+    assert 'tropical_requests_total{outcome="error"} 4.0' in http.get("/metrics").get_data(as_text=True)
+
+
+def test_closing_a_stream_aborts_the_request_and_frees_its_pages():
+    server, engine, http = make()
+    r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 60, "stream": True})
+    body = r.response  # the SSE generator
+    first = next(iter(body))
+    assert b"token_ids" in first
+    wait_for(lambda: engine.allocator.num_used == 1)
+    r.close()  # what waitress does when the client has gone
+    wait_for(lambda: engine.allocator.num_used == 0 and not server.client.handles)
+    assert server.client.state()["workers"][0]["kv_pages_used"] == 0
+
+
+def test_metrics_and_cluster_state_have_their_shapes():
+    server, engine, http = make()
+    r = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 5, "ttft_slo_ms": 10000,
+                                           "tpot_slo_ms": 10000})
+    slo = r.json["slo"]
+    assert slo["slo_met"] and slo["ttft_slo_ms"] == 10000 and 0 <= slo["queueing_ms"] <= slo["ttft_ms"]
+    text = http.get("/metrics").get_data(as_text=True)
+    for line in ("tropical_ttft_seconds_count 1.0", "tropical_tpot_seconds_count 1.0",
+                 "tropical_queueing_seconds_count 1.0", "tropical_kv_transfer_seconds_count 0.0",
+                 'tropical_dispatch_total{path="colocated"} 1.0', 'tropical_worker_info{role="colocated",worker="C0"} 1.0',
+                 'tropical_worker_kv_pages_used{role="colocated",worker="C0"} 0.0', "tropical_generated_tokens_total 5.0"):
+        assert line in text, line
+    state = http.get("/v1/cluster").json
+    assert state["workers"][0]["name"] == "C0" and state["in_flight"] == 0 and state["draining"] is False
+    assert set(state["workers"][0]) >= {"role", "queue", "running", "kv_pages_used", "kv_pages_total", "min_slack_s"}
+
+
+def test_chat_stream_opens_with_the_role_and_closes_with_usage():
+    class Tok:
+        chat_template = "fake"
+
+        def apply_chat_template(self, messages, **kw):
+            return [len(m["content"]) % 100 + 1 for m in messages]
+
+    server, engine, http = make()
+    server.tokenizer = Tok()
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                     {"role": "user", "content": "hi"}],
+        "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = sse(r)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks[1:-1]] == [None, None, "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 3,
+                                                                    "total_tokens": 5}
+    whole = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).json
+    # Chat's default max_tokens is the rest of the context (64 - 1 prompt token).
+    assert whole["usage"]["completion_tokens"] == 63 and whole["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": [1], "logprobs": 2}, "logprobs"),
+    ({"prompt": [1], "echo": True}, "echo"),
+    ({"prompt": [1], "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": [1], "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": [1], "temperature": float("nan")}, "temperature"),
+    ({"prompt": [[1], [2]]}, "prompt"),
+])
+def test_unsupported_or_inconsistent_fields_are_refused(body, param):
+    _, _, http = make()
+    r = http.post("/v1/completions", data=json.dumps(body), content_type="application/json")
+    assert r.status_code == 400 and r.json["error"]["param"] == param, r.json
+    ok = http.post("/v1/completions", json={"prompt": [1], "logprobs": None, "frequency_penalty": 0, "echo": False})
+    assert ok.status_code == 200
