@@ -14,14 +14,18 @@ from model_helpers import save_tiny_hf
 from serve_helpers import ServerProcess
 from tropical_jax import LLM, SamplingParams
 
-ENGINE_FLAGS = ["--max-model-len", "64", "--page-size", "4", "--max-num-seqs", "8", "--max-chunk-tokens", "16",
-                "--batch-buckets", "1,8"]
+# A long context with one context bucket: few executables, and a 1000-token stream lasts long
+# enough to hang up in the middle of it.
+ENGINE = dict(max_model_len=1024, context_buckets=[1024], page_size=16, max_num_seqs=8, max_chunk_tokens=16,
+              batch_buckets=[1, 8])
+ENGINE_FLAGS = ["--max-model-len", "1024", "--context-buckets", "1024", "--page-size", "16", "--max-num-seqs", "8",
+                "--max-chunk-tokens", "16", "--batch-buckets", "1,8"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    save_tiny_hf(path, "llama", max_position_embeddings=128, eos_token_id=None)
+    save_tiny_hf(path, "llama", max_position_embeddings=1024, eos_token_id=None)
     return path
 
 
@@ -43,8 +47,7 @@ def sse_events(resp):
 def test_completions_match_offline_generate_streaming_and_not(server, model_dir):
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 13)]
-    llm = LLM(str(model_dir), max_model_len=64, page_size=4, max_num_seqs=8, max_chunk_tokens=16, batch_buckets=[1, 8],
-              compilation_cache_dir=None, progress=False)
+    llm = LLM(str(model_dir), **ENGINE, compilation_cache_dir=None, progress=False)
     want = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
                                               sampling_params=SamplingParams(max_tokens=10, temperature=0))]
     for p, w in zip(prompts, want):
@@ -96,28 +99,41 @@ BAD = [
     ("stop wrong type", {"prompt": [1], "stop": 3}, 400, "stop"),
     ("stream not bool", {"prompt": [1], "stream": "yes"}, 400, "stream"),
     ("unknown model", {"prompt": [1], "model": "gpt-9"}, 404, "does not exist"),
-    ("prompt over context", {"prompt": [1] * 64}, 400, "context"),
+    ("prompt over context", {"prompt": [1] * 1024}, 400, "context"),
     ("token outside vocab", {"prompt": [1, 100000]}, 400, "vocabulary"),
     ("negative slo", {"prompt": [1], "ttft_slo_ms": -5}, 400, "ttft_slo_ms"),
     ("chat without messages", {"messages": []}, 400, "messages"),
+    ("chat unknown role", {"messages": [{"role": "root", "content": "x"}]}, 400, "unknown message role"),
+    ("chat content not text", {"messages": [{"role": "user", "content": 5}]}, 400, "text parts"),
+    ("deep nesting", "{\"prompt\": " + "[" * 100000 + "]" * 100000 + "}", 400, "not valid JSON"),
+    ("not utf-8", b'{"prompt": "\xff\xfe"}', 400, "not valid JSON"),
+    ("NaN temperature", '{"prompt": [1], "temperature": NaN}', 400, "temperature"),
+    ("negative token", {"prompt": [1, -1]}, 400, "vocabulary"),
+    ("unsupported logprobs", {"prompt": [1], "logprobs": 5}, 400, "not supported"),
+    ("too many stops", {"prompt": [1], "stop": list("abcdefghijklmnopq")}, 400, "at most 16"),
 ]
 
 
 @pytest.mark.parametrize("name,body,status,message", BAD, ids=[b[0] for b in BAD])
 def test_malformed_requests_get_clear_4xx(server, name, body, status, message):
     path = "/v1/chat/completions" if name.startswith("chat") else "/v1/completions"
-    if isinstance(body, str):
+    if isinstance(body, (str, bytes)):
         r = requests.post(server.url + path, data=body, headers={"Content-Type": "application/json"}, timeout=30)
     else:
         r = server.post(path, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert message in err["message"] and err["type"]
+    assert message in err["message"]
+    assert err["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
+    # ... and the server still answers correctly.
+    ok = server.post("/v1/completions", {"prompt": [9, 8], "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
 def test_routes_body_size_and_recovery(server):
     assert server.get("/nope").status_code == 404
-    assert server.get("/v1/completions").status_code == 405
+    wrong = server.get("/v1/completions")
+    assert wrong.status_code == 405 and "not allowed" in wrong.json()["error"]["message"]
     big = requests.post(server.url + "/v1/completions", data=b"x" * (5 << 20), timeout=30)
     assert big.status_code == 413 and "larger than" in big.json()["error"]["message"]
     ok = server.post("/v1/completions", {"prompt": [3, 4], "max_tokens": 3})
@@ -127,19 +143,19 @@ def test_routes_body_size_and_recovery(server):
 
 
 def test_client_disconnect_frees_pages(server):
-    r = server.post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 55, "stream": True}, stream=True)
+    r = server.post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1000, "stream": True}, stream=True)
     it = r.iter_lines()
     next(l for l in it if l.startswith(b"data: "))
     assert server.get("/v1/cluster").json()["workers"][0]["kv_pages_used"] > 0
     r.close()  # hang up mid-stream
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
         if server.get("/v1/cluster").json()["workers"][0]["kv_pages_used"] == 0:
             break
         time.sleep(0.1)
     assert server.get("/v1/cluster").json()["workers"][0]["kv_pages_used"] == 0
     metrics = server.get("/metrics").text
-    assert 'tropical_requests_total{outcome="abort"}' in metrics
+    assert 'tropical_requests_total{outcome="abort"} 1.0' in metrics
 
 
 def test_api_key_and_sigterm_drain(model_dir):
@@ -148,26 +164,40 @@ def test_api_key_and_sigterm_drain(model_dir):
         assert s.post("/v1/completions", {"prompt": [1], "max_tokens": 2}).status_code == 401
         bad = s.post("/v1/completions", {"prompt": [1]}, headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and "API key" in bad.json()["error"]["message"]
-        assert s.get("/health").status_code == 200
+        assert bad.json()["error"]["type"] == "authentication_error"
+        assert s.get("/v1/models").status_code == 401
+        assert s.get("/health").status_code == 200 and s.get("/metrics").status_code == 200  # stay open
         auth = {"Authorization": "Bearer sekrit"}
-        results = []
+        assert s.get("/v1/models", headers=auth).status_code == 200
+        results, started = [], threading.Semaphore(0)
 
         def long_request():
-            r = s.post("/v1/completions", {"prompt": [2, 3], "max_tokens": 50, "stream": True}, headers=auth,
+            r = s.post("/v1/completions", {"prompt": [2, 3], "max_tokens": 600, "stream": True}, headers=auth,
                        stream=True)
-            results.append(sum(len(json.loads(e)["token_ids"]) for e in sse_events(r)[:-1]))
+            n, lines = 0, r.iter_lines()
+            for line in lines:
+                if line.startswith(b"data: {"):
+                    n += len(json.loads(line[6:])["token_ids"])
+                    if n == 1:
+                        started.release()
+            results.append(n)
 
         threads = [threading.Thread(target=long_request) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        for _ in threads:
+            assert started.acquire(timeout=30)  # all four are streaming
         s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while s.get("/health").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.get("/health").json()["status"] == "draining"
         late = s.post("/v1/completions", {"prompt": [1], "max_tokens": 2}, headers=auth)
-        assert late.status_code == 503
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        assert all(t.is_alive() for t in threads)  # still in flight when admission stopped
         for t in threads:
             t.join(timeout=60)
-        assert results == [50] * 4
+        assert results == [600] * 4
         assert s.proc.wait(timeout=30) == 0
     finally:
         s.stop()

@@ -101,9 +101,10 @@ def create_app(server) -> Flask:
             raise APIError(503, "the server is shutting down", code="draining")
         if client.broken:
             raise APIError(503, f"the engine failed and cannot serve: {client.broken}", code="engine_error")
-        body = request.get_json(force=True, silent=True)
-        if body is None:
-            raise APIError(400, "the request body is not valid JSON")
+        try:
+            body = json.loads(request.get_data())
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
+            raise APIError(400, "the request body is not valid JSON") from None
         req = parse(body, chat=chat, tokenizer=server.tokenizer, limits=server.limits)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         ttft_slo = req.ttft_slo if req.ttft_slo is not None else server.default_ttft_slo(len(req.prompt_ids))

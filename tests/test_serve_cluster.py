@@ -1,0 +1,99 @@
+"""The real server on a multi-worker cluster (1P1M, tropical policy): the same tokens as the offline
+single worker, per-worker state and dispatch counts in /v1/cluster and /metrics, disconnects."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from model_helpers import save_tiny_hf
+from serve_helpers import ServerProcess
+from test_serve_api import sse_events
+from tropical_jax import LLM, SamplingParams
+
+# A long context with one context bucket: few executables, and a 1000-token stream lasts about 2 s,
+# long enough to hang up in the middle of it.
+ENGINE = dict(max_model_len=1024, context_buckets=[1024], page_size=16, max_num_seqs=8, max_chunk_tokens=16,
+              batch_buckets=[1, 8])
+FLAGS = ["--max-model-len", "1024", "--context-buckets", "1024", "--page-size", "16", "--max-num-seqs", "8",
+         "--max-chunk-tokens", "16", "--batch-buckets", "1,8", "--cluster", "1P1M", "--policy", "tropical"]
+# Hand-made cost model (ms): cheap prefill, 5 ms decode steps, so the scheduler's choices are stable.
+PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.05, "c0": 2.0},
+           "decode": {"d0": 5.0, "d1": 0.1, "d2": 0.0}, "kv_bytes_per_token": 1024,
+           "transfer": {"bandwidth_GBps": 5.0, "latency_ms": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_hf(path, "llama", max_position_embeddings=1024, eos_token_id=None)
+    (path / "profile.json").write_text(json.dumps(PROFILE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    s = ServerProcess("--model", str(model_dir), "--profile", str(model_dir / "profile.json"), *FLAGS)
+    yield s
+    s.stop()
+
+
+def pages(server):
+    return {w["name"]: w["kv_pages_used"] for w in server.get("/v1/cluster").json()["workers"]}
+
+
+def test_cluster_server_gives_the_single_worker_tokens(server, model_dir):
+    rng = np.random.default_rng(1)
+    prompts = [list(map(int, rng.integers(0, 128, n))) for n in (4, 20, 9)]
+    llm = LLM(str(model_dir), **ENGINE, compilation_cache_dir=None, progress=False)
+    want = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
+                                              sampling_params=SamplingParams(max_tokens=8, temperature=0))]
+
+    def both(p):
+        whole = server.post("/v1/completions", {"prompt": p, "max_tokens": 8, "temperature": 0}).json()
+        streamed = sse_events(server.post("/v1/completions", {"prompt": p, "max_tokens": 8, "temperature": 0,
+                                                              "stream": True}, stream=True))
+        return whole, [t for e in streamed[:-1] for t in json.loads(e)["token_ids"]]
+
+    with ThreadPoolExecutor(3) as pool:  # concurrently, so decodes share steps on M0
+        got = list(pool.map(both, prompts))
+    for (whole, streamed), w in zip(got, want):
+        assert whole["token_ids"] == w and streamed == w
+        assert whole["slo"]["path"] in ("prefill", "inline") and whole["usage"]["completion_tokens"] == 8
+
+
+def test_cluster_state_and_metrics_name_every_worker(server):
+    r = server.post("/v1/completions", {"prompt": [3, 1, 4, 1, 5], "max_tokens": 6}).json()
+    state = server.get("/v1/cluster").json()
+    assert state["cluster"] == "1P1M" and state["policy"] == "tropical"
+    assert [(w["name"], w["role"]) for w in state["workers"]] == [("P0", "prefill"), ("M0", "multiplexing")]
+    assert state["dispatch"].get("prefill", 0) + state["dispatch"].get("inline", 0) >= 1
+    text = server.get("/metrics").text
+    assert 'tropical_worker_info{role="multiplexing",worker="M0"} 1.0' in text
+    assert 'tropical_worker_kv_pages_total{role="prefill",worker="P0"}' in text
+    if r["slo"]["path"] == "prefill":  # handed P0 -> M0: its KV transfer was timed
+        count = next(line for line in text.splitlines() if line.startswith("tropical_kv_transfer_seconds_count"))
+        assert float(count.split()[-1]) >= 1
+
+
+def test_cluster_disconnect_frees_pages_on_every_worker(server):
+    r = server.post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1000, "stream": True}, stream=True)
+    lines = r.iter_lines()
+    next(line for line in lines if line.startswith(b"data: "))
+    deadline = time.monotonic() + 1
+    while not sum(pages(server).values()) and time.monotonic() < deadline:  # the snapshot lags by <= 20 ms
+        time.sleep(0.01)
+    assert sum(pages(server).values()) > 0
+    r.close()  # hang up mid-stream
+    deadline = time.monotonic() + 2
+    while sum(pages(server).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pages(server) == {"P0": 0, "M0": 0}
+    text = server.get("/metrics").text
+    assert 'tropical_requests_total{outcome="abort"} 1.0' in text
+    generated = next(line for line in text.splitlines() if line.startswith("tropical_generated_tokens_total"))
+    assert float(generated.split()[-1]) < 1000 + 100  # it stopped early (other tests made < 100 tokens)
+    ok = server.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
