@@ -59,11 +59,27 @@ def test_stop_strings_cut_the_text(server, offline):
     assert stop not in r["choices"][0]["text"] and full.startswith(r["choices"][0]["text"])
 
 
-def test_load_client_against_the_server(server):
-    r = subprocess.run([sys.executable, "bench/serve_load.py", "--url", server.url, "--workload", "humaneval",
-                        "--rate", "20", "--num-requests", "12", "--max-input-len", "60", "--max-output-len", "8"],
-                       capture_output=True, text=True, timeout=300)
+def run_load_client(*args):
+    r = subprocess.run([sys.executable, "bench/serve_load.py", *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["num_requests"] == 12 and out["errors"] == 0
-    assert 0 <= out["attainment"] <= 1 and out["ttft_p50"] > 0 and out["tpot_p50"] >= 0
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_load_client_against_the_server(server, tmp_path):
+    from tropical_jax.sim.workloads import make_requests
+
+    out = run_load_client("--url", server.url, "--workload", "humaneval", "--rate", "20", "--num-requests", "12",
+                          "--max-input-len", "60", "--max-output-len", "8", "--out", str(tmp_path / "s.json"))
+    assert out == json.loads((tmp_path / "s.json").read_text())
+    assert out["num_requests"] == out["completed"] == 12 and out["errors"] == 0
+    assert 0 <= out["attainment"] <= 1 and 0 < out["ttft_p50"] <= out["ttft_p99"] and out["tpot_p50"] > 0
+    # ignore_eos: every request generated its workload output length.
+    want = make_requests("humaneval", 12, 20, seed=0, max_input_len=60, max_output_len=8)
+    assert out["mean_completion_tokens"] == pytest.approx(sum(r.max_tokens for r in want) / 12)
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"input_length": 5 + i, "output_length": 3, "timestamp": 40 * i}) + "\n"
+                             for i in range(6)))
+    chat = run_load_client("--url", server.url, "--endpoint", "chat", "--workload", str(trace), "--arrival", "trace",
+                           "--rate", "25", "--num-requests", "6", "--ttft-slo-ms", "60000", "--tpot-slo-ms", "60000")
+    assert chat["completed"] == 6 and chat["mean_completion_tokens"] == 3 and chat["attainment"] == 1.0
