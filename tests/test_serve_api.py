@@ -199,5 +199,8 @@ def test_api_key_and_sigterm_drain(model_dir):
             t.join(timeout=60)
         assert results == [600] * 4
         assert s.proc.wait(timeout=30) == 0
+        time.sleep(0.2)  # the reader thread collects the last lines
+        log = "".join(s.lines)
+        assert "drained; exiting" in log and "Traceback" not in log
     finally:
         s.stop()

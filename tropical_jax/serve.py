@@ -255,7 +255,8 @@ class _Closing:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tropical_jax").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays out
     args = parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
     if args.cluster is not None and "xla_force_host_platform_device_count" not in flags:
@@ -298,7 +299,10 @@ def main(argv=None) -> int:
                 time.sleep(0.05)
             time.sleep(0.2)  # the last bytes leave waitress's buffers
             left = len(server.client.handles)
-            log.info("drained; exiting" if not left else "drain timeout: exiting with %d request(s) unfinished", left)
+            if left:
+                log.warning("drain timeout: exiting with %d request(s) unfinished", left)
+            else:
+                log.info("drained; exiting")
             os._exit(0)
 
         threading.Thread(target=wait_then_exit, daemon=True).start()
