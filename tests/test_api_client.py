@@ -78,6 +78,16 @@ class FakeEngine:
                 seq.on_output(seq, [7], "x")
 
 
+CLIENTS = []
+
+
+@pytest.fixture(autouse=True)
+def stop_engine_threads():
+    yield
+    while CLIENTS:
+        CLIENTS.pop().shutdown()
+
+
 def make(max_queue=8, queue_timeout=None, ready=True):
     engine = FakeEngine()
     backend = LocalWorker(engine, {16: 0.01}, ttft_scale=5.0, queue_timeout=queue_timeout)
@@ -87,6 +97,7 @@ def make(max_queue=8, queue_timeout=None, ready=True):
     server.metrics = ServerMetrics(state=lambda: server.client.state() if server.client else None)
     if ready:
         server.client = EngineClient(backend, max_queue=max_queue, on_finish=server.metrics.finished)
+        CLIENTS.append(server.client)
     return server, engine, create_app(server).test_client()
 
 
@@ -110,6 +121,7 @@ def test_warming_up_answers_503_then_serves():
     assert r.status_code == 503 and r.json["error"]["code"] == "warming_up"
     assert http.get("/metrics").status_code == 200  # scrapes work before the engine exists
     server.client = EngineClient(server.backend, on_finish=server.metrics.finished)
+    CLIENTS.append(server.client)
     assert http.get("/health").json == {"status": "ok"}
     r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 3})
     assert r.status_code == 200 and r.json["token_ids"] == [7, 7, 7] and r.json["slo"]["path"] == "colocated"
@@ -193,8 +205,10 @@ def test_metrics_and_cluster_state_have_their_shapes():
     text = http.get("/metrics").get_data(as_text=True)
     for line in ("tropical_ttft_seconds_count 1.0", "tropical_tpot_seconds_count 1.0",
                  "tropical_queueing_seconds_count 1.0", "tropical_kv_transfer_seconds_count 0.0",
-                 'tropical_dispatch_total{path="colocated"} 1.0', 'tropical_worker_info{role="colocated",worker="C0"} 1.0',
-                 'tropical_worker_kv_pages_used{role="colocated",worker="C0"} 0.0', "tropical_generated_tokens_total 5.0"):
+                 'tropical_dispatch_total{path="colocated"} 1.0',
+                 'tropical_worker_info{role="colocated",worker="C0"} 1.0',
+                 'tropical_worker_kv_pages_used{role="colocated",worker="C0"} 0.0',
+                 "tropical_generated_tokens_total 5.0"):
         assert line in text, line
     state = http.get("/v1/cluster").json
     assert state["workers"][0]["name"] == "C0" and state["in_flight"] == 0 and state["draining"] is False

@@ -25,15 +25,14 @@ class _EngineState:
     def collect(self):
         st = self.state() or {"workers": [], "dispatch": {}}
         labels = ["worker", "role"]
-        families = {
-            "queue": GaugeMetricFamily("tropical_worker_queue", "Prefills assigned to the worker, not finished", labels=labels),
-            "running": GaugeMetricFamily("tropical_worker_running", "Requests decoding on the worker", labels=labels),
-            "kv_pages_used": GaugeMetricFamily("tropical_worker_kv_pages_used", "KV cache pages in use", labels=labels),
-            "kv_pages_total": GaugeMetricFamily("tropical_worker_kv_pages_total", "KV cache pages", labels=labels),
-            "min_slack_s": GaugeMetricFamily("tropical_worker_min_slack_seconds",
-                                             "Smallest banked TPOT slack in the decode batch (DESIGN §3)",
-                                             labels=labels),
-        }
+        families = {field: GaugeMetricFamily(name, doc, labels=labels) for field, name, doc in (
+            ("queue", "tropical_worker_queue", "Prefills assigned to the worker, not finished"),
+            ("running", "tropical_worker_running", "Requests decoding on the worker"),
+            ("kv_pages_used", "tropical_worker_kv_pages_used", "KV cache pages in use"),
+            ("kv_pages_total", "tropical_worker_kv_pages_total", "KV cache pages"),
+            ("min_slack_s", "tropical_worker_min_slack_seconds",
+             "Smallest banked TPOT slack in the decode batch (DESIGN §3)"),
+        )}
         role = GaugeMetricFamily("tropical_worker_info", "Worker roles (value 1)", labels=labels)
         for w in st["workers"]:
             key = [w["name"], w["role"]]
