@@ -31,6 +31,7 @@ def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
     assert a.policy.policy == "tropical" and a.policy.ttft_scale == 3 and a.policy.queue_timeout == 2
     assert parse_args(["--cluster", "2C"]).policy.policy == "colocated"
     assert parse_args(["--cluster", "1P1D"]).policy.policy == "disaggregated"
+    assert parse_args(["--cluster", "P:tp2,M:tp2"]).devices_needed == 4  # CPU hosts emulate this many
     # A knob in the policy string wins over the flag.
     assert parse_args(["--cluster", "1P1M", "--policy", "planned:ttft_scale=9"]).policy.ttft_scale == 9
 
@@ -42,6 +43,7 @@ def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
     (["--batch-buckets", "1,x"], "comma-separated integers"),
     (["--max-model-len", "0"], "must be positive"),
     (["--dtype", "float8"], "invalid choice"),
+    (["--cluster", "1P1M", "--tensor-parallel", "2"], "tp per worker"),
 ])
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -27,7 +27,7 @@ DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=No
                 tpot_slo_ms=100.0, max_model_len=1024, api_key=None, max_queue=256, queue_timeout=None,
                 max_num_seqs=32, max_chunk_tokens=256, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
-                compilation_cache_dir="~/.cache/tropical_jax/xla", threads=None, drain_timeout=60.0,
+                compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
                 max_body_bytes=4 << 20, served_model_name=None)
 
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-chunk-tokens", type=_positive(int), help="largest prefill chunk (256)")
     e.add_argument("--page-size", type=_positive(int), help="tokens per KV page (16)")
     e.add_argument("--num-pages", type=_positive(int), help="KV pages per worker (default: max-num-seqs full contexts)")
+    e.add_argument("--tensor-parallel", type=_positive(int), help="devices of the single worker (clusters say it "
+                                                                  "per worker: 'P:tp2,M:tp2')")
     e.add_argument("--dtype", choices=["float32", "bfloat16"])
     e.add_argument("--attention-backend", choices=["reference", "pallas"])
     e.add_argument("--batch-buckets", type=_sizes, help="decode batch buckets, e.g. 1,8,32 (fewer: faster warmup)")
@@ -128,9 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     options.update(flags)
     options["api_key"] = options["api_key"] or os.environ.get("TROPICAL_API_KEY")
     a = argparse.Namespace(**options)
-    workers = 1
+    workers, a.devices_needed = 1, a.tensor_parallel
     if a.cluster is None and (a.policy is not None or a.profile is not None):
         parser.error("--policy and --profile need --cluster (the single worker runs plain continuous batching)")
+    if a.cluster is not None and a.tensor_parallel != 1:
+        parser.error("--tensor-parallel is for the single worker; give clusters tp per worker ('P:tp2,M:tp2')")
     if a.cluster is not None:
         from .sched.config import PolicyConfig, parse_cluster
 
@@ -194,7 +198,7 @@ class Server:
             llm = LLM(a.model, cluster=a.cluster, policy=a.policy, profile=a.profile, **engine)
             self.backend = ClusterWorkers(llm.cluster)
         else:
-            llm = LLM(a.model, **engine)
+            llm = LLM(a.model, tensor_parallel=a.tensor_parallel, **engine)
             self.warmup = "measuring prefill times"
             self.backend = LocalWorker(llm.engine, measure_prefill(llm.executor), a.ttft_scale, a.queue_timeout)
         self.tokenizer = llm.tokenizer
@@ -259,8 +263,8 @@ def main(argv=None) -> int:
     logging.getLogger("tropical_jax").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays out
     args = parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")
-    if args.cluster is not None and "xla_force_host_platform_device_count" not in flags:
-        # On a CPU host, emulate one device per worker (or tp share); other platforms ignore this flag.
+    if args.devices_needed > 1 and "xla_force_host_platform_device_count" not in flags:
+        # On a CPU host, emulate the devices the workers need; other platforms ignore this flag.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices_needed}".strip()
     from waitress import create_server
 
