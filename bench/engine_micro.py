@@ -1,7 +1,7 @@
 """Engine micro-benchmark: per-bucket step times, prefill/decode throughput, compile time, and
 transformers `generate` on the same weights and batch, side by side in one run (ratios).
 
-    python bench/engine_micro.py [--out bench/results/engine_micro.json] [--quick]
+    python bench/engine_micro.py [--out bench/results/engine_micro.json] [--configs default-5M] [--batches 1,8]
 
 Prints JSON (and writes it to --out) stating the machine. Both engines run greedy decoding on
 the same random-weight HF checkpoint, prompts of equal length (no padding), on the CPU.
@@ -113,11 +113,12 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/engine_micro.json")
-    ap.add_argument("--quick", action="store_true", help="one config, small batches (a smoke run)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    ap.add_argument("--batches", default="1,8,32,64")
     args = ap.parse_args()
     flops = matmul_flops()
-    batches = [1, 8] if args.quick else [1, 8, 32, 64]
-    configs = {"default-5M": CONFIGS["default-5M"]} if args.quick else CONFIGS
+    batches = [int(b) for b in args.batches.split(",")]
+    configs = {n: CONFIGS[n] for n in args.configs.split(",")}
     result = {"machine": machine(), "matmul_gflops": round(flops / 1e9, 1), "prompt_len": 32, "new_tokens": 64,
               "dtype": "float32", "note": "end-to-end greedy generate wall time; both engines same weights, "
                                           "same prompts, same batch, one process, CPU",
