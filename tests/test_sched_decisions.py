@@ -410,7 +410,7 @@ def test_decode_out_of_pages_preempts_youngest():
 
 def test_inline_frontier_equals_step_by_step_plan():
     """The shared-sequence planner gives exactly the step-by-step strict plan, for any prompt length."""
-    from tropical_jax.sched.multiplex import InlineFrontier, plan_prefill, queued_state
+    from tropical_jax.sched.multiplex import InlineFrontier, QueuedPlan, plan_prefill
 
     cost = CostModel.from_json({**PROFILE, "prefill": {"c2": 2e-6, "c1": 0.1, "c0": 15.0},
                                 "decode": {"d0": 20.0, "d1": 0.2, "d2": 5e-5}})
@@ -424,7 +424,7 @@ def test_inline_frontier_equals_step_by_step_plan():
         for _ in range(rng.randint(0, 2)):
             queued(s, "M0", req(rng.randint(1, 3000)))
         s.dispatcher.begin_pass(NOW)
-        base = queued_state(s.mon, s.workers["M0"], NOW)
+        base = QueuedPlan(s.mon, s.workers["M0"], NOW).full
         front = InlineFrontier(s.mon, base)
         for L in [rng.randint(1, 12_000) for _ in range(8)] + [1, 64, 500, 512, 2048]:
             r = req(L)

@@ -75,3 +75,133 @@ def test_work_bound_by_hand():
     assert b["bound_rps"] == pytest.approx(2 / 0.11125)
     with pytest.raises(ValueError, match="misses the TPOT SLO"):
         work_bound([10], [5], COST, 1, tpot_slo=0.01)
+
+
+def queue_on(sched, worker, r):
+    """Put r in `worker`'s local prefill queue, as if dispatched there earlier."""
+    sched.mon.track(r, len(sched.mon.seq))
+    w = sched.workers[worker]
+    if w.role == "M":
+        assert w.reserve(r, r.prompt_len + 1)
+    w.queue.append(r)
+    w.rem[r] = sched.mon.remaining_time(w, r)
+    w.touch()
+    sched.live += 1
+
+
+def decoding(sched, worker, L, slack, now, tpot=0.1, n_out=5, max_tokens=1000):
+    """A request in `worker`'s decode batch with `slack` seconds banked at `now`."""
+    r = Request(f"d{L}-{slack}", 0.0, L, max_tokens, ttft_slo=100.0, tpot_slo=tpot, output_len=max_tokens)
+    r.n_out = n_out
+    r.first_token_time = now + slack - tpot * n_out
+    r.last_token_time = now
+    r.path = "inline"
+    w = sched.workers[worker]
+    sched.mon.track(r, 10**6 + len(sched.mon.seq))
+    assert w.reserve(r, L + n_out - 1)
+    w.decoding.append(r)
+    sched.live += 1
+    return r
+
+
+def test_long_prompt_inlined_in_many_chunks_keeps_every_decode_on_time():
+    # P0 has five 15k prompts queued (~7.5 s); a 20k newcomer is inlined on M0 beside two decodes with
+    # 0.3 s and 0.15 s banked. Its plan takes many mixed steps, each sized to the tightest decode's
+    # slack. Running M0's steps at their predicted times, every decode token is on time and the
+    # first token lands when the plan said.
+    now = 10.0
+    sched = Scheduler("1P1M", "planned:chunk_buckets=256/512/1024/2048/4096,safety_factor=1", COST)
+    busy = [Request(f"p{i}", now, 15000, 4, ttft_slo=100.0, output_len=4) for i in range(5)]
+    for b in busy:
+        queue_on(sched, "P0", b)
+    decs = [decoding(sched, "M0", 3000, 0.3, now), decoding(sched, "M0", 500, 0.15, now, tpot=0.08)]
+    r = Request("long", now, 20000, 4, ttft_slo=100.0, output_len=4)
+    sched.mon.track(r, 99)
+    sched.dispatcher.begin_pass(now)
+    (_, planned_end, _, _), = sched.dispatcher.rule2(r, False, None)
+    sched.mon.forget(r)
+    sched.submit(r, now)
+    assert r.path == "inline" and r.prefill_worker == "M0"
+    t, chunks = now, []
+    while r.first_token_time is None:
+        plan = sched.next_step("M0", t)
+        t = plan.end
+        for d in plan.decodes:  # its next token is due at first + tpot * n_out
+            assert t <= d.first_token_time + d.tpot_slo * d.n_out + 1e-9, (d.id, len(chunks))
+        if plan.chunk is not None:
+            chunks.append(plan.chunk.length)
+        sched.step_done("M0", plan, t)
+    assert sum(chunks) == 20000 and len(chunks) >= 8 and max(chunks) < 20000
+    assert len(set(chunks)) > 1  # chunk sizes follow the slack budget, not one fixed size
+    assert r.first_token_time == pytest.approx(planned_end, abs=1e-9)
+    assert all(d.n_out > 5 for d in decs)
+
+
+def test_finish_prefers_the_prefill_worker_when_its_first_token_comes_earlier():
+    # M0 already has a 9k inline queued: a 5k newcomer would finish after it there, but at once on
+    # the idle P0 -> P0, although M0 is eligible.
+    sched = Scheduler("1P1M", "planned:chunk_buckets=512/4096,jump_tokens=none", COST)
+    queue_on(sched, "M0", Request(0, 0.0, 9000, 4, ttft_slo=100.0, output_len=4))
+    r = Request(1, 0.0, 5000, 4, ttft_slo=100.0, output_len=4)
+    sched.mon.track(r, 1)
+    sched.dispatcher.begin_pass(0.0)
+    (_, p_end, _), = sched.dispatcher.rule1(r, False, None)
+    (_, m_end, _, pos), = sched.dispatcher.rule2(r, False, None)
+    assert m_end > p_end and pos is None
+    sched.mon.forget(r)
+    sched.submit(r, 0.0)
+    assert r.prefill_worker == "P0" and r.path == "prefill"
+
+
+def lane(jump_tokens="2048", x_slo=5.0, j_slo=2.0):
+    """1M (inlines only): a 9k inline X queued on idle M0 at t=0, then a 1k prompt J."""
+    sched = Scheduler("1M", f"planned:chunk_buckets=256/1024/4096,jump_tokens={jump_tokens}", COST,
+                      record_decisions=True)
+    x = Request("X", 0.0, 9000, 4, ttft_slo=x_slo, output_len=4)
+    sched.submit(x, 0.0)
+    assert x.path == "inline" and sched.workers["M0"].queue == [x]
+    j = Request("J", 0.0, 1000, 4, ttft_slo=j_slo, output_len=4)
+    sched.submit(j, 0.0)
+    return sched, x, j
+
+
+def test_short_prompt_jumps_a_long_inline_that_stays_on_time():
+    # X alone: 0.1 ms/token + 10 ms per chunk -> 9000 tokens in 3 chunks, ends ~0.93 s (deadline 5 s).
+    # J (0.11 s) jumps: first in M0's queue; X, replanned behind J, still ends by its deadline.
+    sched, x, j = lane()
+    w = sched.workers["M0"]
+    assert j.path == "inline" and j.jumped and w.queue == [j, x] and sched.counters["jumped"] == 1
+    from tropical_jax.sched.multiplex import QueuedPlan
+    sched.dispatcher.begin_pass(0.0)
+    after = QueuedPlan(sched.mon, w, 0.0)
+    assert after.full.t0 + after.full.S <= x.deadline
+    # A second short prompt goes behind the first jumper, still ahead of X.
+    j2 = Request("J2", 0.0, 500, 4, ttft_slo=2.0, output_len=4)
+    sched.submit(j2, 0.0)
+    assert w.queue == [j, j2, x]
+    # Run M0: J's first token comes first, X's on time.
+    t = 0.0
+    while x.first_token_time is None:
+        plan = sched.next_step("M0", t)
+        t = plan.end
+        sched.step_done("M0", plan, t)
+    assert j.first_token_time < j2.first_token_time < x.first_token_time <= x.deadline
+
+
+def test_short_prompt_does_not_jump_an_inline_it_would_make_late():
+    # X's deadline (0.95 s) leaves ~0.02 s of margin: J (0.11 s) may not overtake it. Behind X, J's
+    # first token (~1 s) misses its 0.5 s SLO, so J waits (1M has no P worker).
+    sched, x, j = lane(x_slo=0.95, j_slo=0.5)
+    assert not j.jumped and j.path is None and sched.workers["M0"].queue == [x]
+    assert sched.counters["waited"] == 1 and sched.counters["jumped"] == 0
+    reason = next(d.reason for d in sched.decisions if d.request == "J")
+    assert "jump: delays a queued inline past its margin" in reason
+
+
+def test_jump_lane_is_a_knob():
+    # The same state as the jump test, lane off: J plans behind X (its 2 s SLO allows it).
+    sched, x, j = lane(jump_tokens="none")
+    assert j.path == "inline" and not j.jumped and sched.workers["M0"].queue == [x, j]
+    # Prompts over jump_tokens never jump.
+    sched, x, j = lane(jump_tokens="999")
+    assert not j.jumped and sched.workers["M0"].queue == [x, j]

@@ -86,6 +86,10 @@ class PolicyConfig:
     prefer: str = ""
     # Longest prompt that may be inlined on an M worker (None: no cap). Default: 8192; None for planned.
     max_multiplex_tokens: int | None = _UNSET
+    # A prompt of at most this many tokens may be planned ahead of inlines queued on an M worker (behind
+    # earlier jumpers) if the overtaken on-time inlines stay on time (DESIGN §3b). Default: 2048 for
+    # planned; None (no jumping, the paper's FIFO inlines) for tropical.
+    jump_tokens: int | None = _UNSET
     # Reject at once a request whose isolated prefill cannot finish by its deadline even if started now
     # (DESIGN §3b). Default: on for planned, off for every other policy.
     shed: bool | None = None
@@ -125,6 +129,8 @@ class PolicyConfig:
             object.__setattr__(self, "prefer", "finish" if planned else "prefill")
         if self.max_multiplex_tokens == _UNSET:
             object.__setattr__(self, "max_multiplex_tokens", None if planned else 8192)
+        if self.jump_tokens == _UNSET:
+            object.__setattr__(self, "jump_tokens", 2048 if planned else None)
         if self.shed is None:
             object.__setattr__(self, "shed", planned)
         if self.prefer not in ("prefill", "multiplex", "finish"):
@@ -186,6 +192,6 @@ def _parse_value(key: str, v: str):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"shed must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
-    if key in ("max_multiplex_tokens", "short_prompt_tokens", "token_budget", "max_batch"):
+    if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch"):
         return int(v)
     return float(v)

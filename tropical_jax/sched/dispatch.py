@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
-from tropical_jax.sched.multiplex import InlineFrontier, queued_state
+from tropical_jax.sched.multiplex import InlineFrontier, QueuedPlan
 from tropical_jax.sched.request import PATH_COLOCATED, PATH_INLINE, PATH_PREFILL, Request
 
 WAIT = "wait"
@@ -26,6 +26,7 @@ class Decision:
     worker: str | None
     reason: str = ""
     late: bool = False              # placed best effort: its own deadline was out of reach
+    position: int | None = None     # inline jumping queued inlines: its place in the worker's queue
 
 
 class _PQueue:
@@ -75,11 +76,12 @@ class TropicalDispatcher:
             hit = self._cache[w.name] = (key, _PQueue(self.mon, w, self._now))
         return hit[1]
 
-    def _mf(self, w: WorkerState) -> InlineFrontier:
+    def _mf(self, w: WorkerState) -> tuple[QueuedPlan, InlineFrontier]:
         key = self._state_key(w)
         hit = self._cache.get(w.name)
         if hit is None or hit[0] != key:
-            hit = self._cache[w.name] = (key, InlineFrontier(self.mon, queued_state(self.mon, w, self._now)))
+            queued = QueuedPlan(self.mon, w, self._now)
+            hit = self._cache[w.name] = (key, (queued, InlineFrontier(self.mon, queued.full)))
         return hit[1]
 
     def late_at(self, r: Request) -> float:
@@ -109,8 +111,9 @@ class TropicalDispatcher:
         return out
 
     # ---------------- rule 2 ----------------
-    def rule2(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str]]:
-        """Eligible M workers as (min slack left after the plan, first token, name)."""
+    def rule2(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str, int | None]]:
+        """Eligible M workers as (min slack left after the plan, first token, name, queue position if
+        it jumps the queued inlines, else None)."""
         mon, cfg = self.mon, self.mon.cfg
         L = r.prompt_len
         out = []
@@ -121,7 +124,7 @@ class TropicalDispatcher:
             if not w.can_admit(L + 1, cfg.memory_watermark):
                 why is not None and why.append(f"{w.name}: KV memory over the {cfg.memory_watermark:.0%} watermark")
                 continue
-            front = self._mf(w)
+            queued, front = self._mf(w)
             base = front.base
             tpot = min([r.tpot_slo, *base.min_a])
             step = mon.cost.t_decode(base.B + 1, base.T + L + 1) * cfg.safety_factor
@@ -129,11 +132,18 @@ class TropicalDispatcher:
                 why is not None and why.append(
                     f"{w.name}: decode step {step * 1e3:.1f} ms > {cfg.decode_latency_watermark} x TPOT {tpot * 1e3:.0f} ms")
                 continue
-            p = front.plan(r, math.inf if late else r.deadline)
+            deadline = math.inf if late else r.deadline
+            if cfg.jump_tokens is not None and L <= cfg.jump_tokens and queued.overtaken:
+                p = queued.plan_jump(r, deadline)
+                if p.ok:
+                    out.append((p.min_slack_left, p.end, w.name, queued.position))
+                    continue
+                why is not None and why.append(f"{w.name}: {p.reason}")
+            p = front.plan(r, deadline)
             if not p.ok:
                 why is not None and why.append(f"{w.name}: {p.reason}")
                 continue
-            out.append((p.min_slack_left, p.end, w.name))
+            out.append((p.min_slack_left, p.end, w.name, None))
         return out
 
     # ---------------- rules 1-3 ----------------
@@ -152,13 +162,13 @@ class TropicalDispatcher:
                     return d
             return Decision(WAIT, None, "; ".join(why) if why else "")
         # Best effort: wherever the first token comes soonest without making anyone else late.
-        cands = [(f, n, PATH_PREFILL) for _, f, n in self.rule1(r, True, why)]
-        cands += [(f, n, PATH_INLINE) for _, f, n in self.rule2(r, True, why)]
+        cands = [(f, n, PATH_PREFILL, None) for _, f, n in self.rule1(r, True, why)]
+        cands += [(f, n, PATH_INLINE, pos) for _, f, n, pos in self.rule2(r, True, why)]
         if not cands:
             return Decision(WAIT, None, "late; " + "; ".join(why) if why else "", late=True)
-        f, name, path = min(cands)
+        f, name, path, pos = min(cands, key=lambda c: c[:3])
         return Decision(path, name, f"late, best effort: first token {f:.3f} (deadline {r.deadline:.3f})" if explain else "",
-                        late=True)
+                        late=True, position=pos)
 
     def _earliest_first_token(self, r: Request, why) -> Decision:
         """prefer=finish (DESIGN §3b): the best P (rule 1) and the best M (rule 2) compared by
@@ -167,7 +177,7 @@ class TropicalDispatcher:
         if p is None or m is None:
             return p or m or Decision(WAIT, None, "; ".join(why) if why else "")
         p_end = min(f for _, f, n in self._last_p if n == p.worker)
-        m_end = next(f for _, f, n in self._last_m if n == m.worker)
+        m_end = next(f for _, f, n, _ in self._last_m if n == m.worker)
         return m if m_end < p_end else p
 
     def _p_choice(self, r: Request, why) -> Decision | None:
@@ -183,9 +193,10 @@ class TropicalDispatcher:
         if not el:
             return None
         # Largest minimum slack left; ties to the earlier plan end, then the worker name.
-        left, f, name = min(el, key=lambda e: (-e[0], e[1], e[2]))
+        left, f, name, pos = min(el, key=lambda e: (-e[0], e[1], e[2]))
+        jump = "" if pos is None else f", jumps the queued inlines to position {pos}"
         return Decision(PATH_INLINE, name, f"rule 2: plan ends {f:.3f} <= deadline {r.deadline:.3f}, "
-                        f"min slack left {left:.3f} s" if why is not None else "")
+                        f"min slack left {left:.3f} s{jump}" if why is not None else "", position=pos)
 
 
 class BaselineDispatcher:

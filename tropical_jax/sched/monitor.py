@@ -44,7 +44,8 @@ class WorkerState:
         self.tables: dict[Request, BlockTable] = {}
         self.busy: StepPlan | None = None
         # Prefills assigned here and not finished. P and C: served in the local order. M and D:
-        # recomputes first, then inlines in the order they were admitted (their plans assume it).
+        # recomputes first, then inlines in the order they were admitted (their plans assume it), except
+        # that short prompts may jump the ones not yet started (DESIGN §3b, multiplex.jump_position).
         self.queue: list[Request] = []
         self.decoding: list[Request] = []   # decode batch, in the order requests joined it
         self.incoming: list[Request] = []   # KV in transit to this worker

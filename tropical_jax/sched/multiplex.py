@@ -11,7 +11,8 @@ Constraints are grouped by TPOT SLO so a step costs O(#distinct SLOs), not O(bat
 The same `pick_chunk` decides the chunk of the next real step (batcher), so plans and runs agree.
 `InlineFrontier` plans a newcomer of any length on one worker state in O(log steps): while the
 prompt has more left than a step can take, every prompt gets the same chunk at that step, so the
-plan is one shared sequence of steps, cut at the step where the rest fits.
+plan is one shared sequence of steps, cut at the step where the rest fits. `QueuedPlan` plans the
+inlines already queued on a worker, and a short prompt's jump ahead of them (DESIGN §3b).
 """
 
 from __future__ import annotations
@@ -151,13 +152,62 @@ def join(st: PlanState, r: Request) -> None:
         st.add_decode(st.S - (st.j - 1) * r.tpot_slo, r.tpot_slo, r.prompt_len + 1)
 
 
-def queued_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
-    """Plan state after every prefill already queued on w (non-strict), ready for a newcomer."""
-    st = start_state(mon, w, now)
+def jump_position(w: WorkerState) -> int:
+    """Where a jumper joins w's queue: after recomputes, the inline already started, and earlier jumpers."""
+    k = 0
     for q in w.queue:
-        plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
-        join(st, q)
-    return st
+        if not (q.recompute_len or q.prefilled or w.inflight_tokens(q) or q.jumped):
+            break
+        k += 1
+    return k
+
+
+class QueuedPlan:
+    """w's queued prefills planned in order (non-strict), each joining the batch when done.
+
+    `full`: the state after all of them (where a newcomer's plan starts). For the short-prompt lane
+    (DESIGN §3b): `ahead`, the state after the first `position` entries, which a jumper may not
+    overtake; `overtaken`, the rest; `margin`, the smallest deadline margin (deadline - planned
+    end) among the overtaken inlines that are on time (inf if none)."""
+
+    def __init__(self, mon: Monitor, w: WorkerState, now: float):
+        self.mon = mon
+        self.position = jump_position(w)
+        st = start_state(mon, w, now)
+        self.margin = math.inf
+        self.overtaken = w.queue[self.position:]  # none has started, so each plans from token 0
+        self.on_time: list[bool] = []
+        for i, q in enumerate(w.queue):
+            if i == self.position:
+                self.ahead = st.copy()
+            plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
+            if i >= self.position:
+                m = q.deadline - (st.t0 + st.S)
+                self.on_time.append(m >= 0)
+                if m >= 0:
+                    self.margin = min(self.margin, m)
+            join(st, q)
+        if not self.overtaken:
+            self.ahead = st
+        self.full = st
+
+    def plan_jump(self, r: Request, deadline: float) -> "InlinePlan":
+        """r's strict plan ahead of the overtaken inlines: it must end by `deadline`, delay them by at
+        most their smallest margin, and (replanned behind it) every one on time must stay on time."""
+        mon, a = self.mon, self.ahead
+        st = a.copy()
+        if not plan_prefill(mon, st, r, 0, strict=True, deadline=deadline):
+            return InlinePlan(False, math.inf, -math.inf, st.j - a.j, "jump: no plan by the deadline")
+        end, left, steps = st.t0 + st.S, st.min_slack_left(), st.j - a.j
+        if end - (a.t0 + a.S) > self.margin:
+            return InlinePlan(False, end, left, steps, f"jump: delays a queued inline past its margin {self.margin:.3f} s")
+        join(st, r)
+        for q, on_time in zip(self.overtaken, self.on_time):  # replanned behind r
+            plan_prefill(mon, st, q, 0, strict=False)
+            if on_time and st.t0 + st.S > q.deadline:
+                return InlinePlan(False, end, left, steps, f"jump: queued inline {q.id} would turn late")
+            join(st, q)
+        return InlinePlan(True, end, left, steps)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Request:
     # ---- scheduler bookkeeping (not outcome) ----
     prefilled: int = field(default=0, repr=False)      # tokens of the current prefill already in a KV cache
     recompute_len: int = field(default=0, repr=False)  # > 0 while a recompute (lost KV) is pending: tokens to redo
+    jumped: bool = field(default=False, repr=False)    # an inline planned ahead of queued inlines (DESIGN §3b)
 
     @property
     def prefill_target(self) -> int:

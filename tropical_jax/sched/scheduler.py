@@ -13,7 +13,7 @@ The simulator (sim/simulator.py) is an event loop over these calls with a virtua
 engine calls the very same methods from its worker threads with a wall clock.
 
 Every dispatch decision is counted (`counters`: prefill / inline / colocated / waited / rejected /
-late, plus transfers, transfer_failures, recomputes, preemptions), logged at DEBUG on the
+late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions), logged at DEBUG on the
 "tropical_jax.sched" logger with its reason, and recorded in `decisions` when asked.
 """
 
@@ -230,7 +230,12 @@ class Scheduler:
         if d.action != PATH_PREFILL:
             r.decode_worker = w.name
         r.late = d.late
-        w.queue.append(r)
+        if d.position is None:
+            w.queue.append(r)
+        else:  # the short-prompt lane (DESIGN §3b): ahead of the queued inlines it overtakes
+            w.queue.insert(d.position, r)
+            r.jumped = True
+            self.counters["jumped"] += 1
         w.rem[r] = self.mon.remaining_time(w, r)
         self.counters[d.action] += 1
         if d.late:
