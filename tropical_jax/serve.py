@@ -28,7 +28,7 @@ DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=No
                 max_num_seqs=32, max_chunk_tokens=256, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
-                max_body_bytes=4 << 20, served_model_name=None)
+                max_body_bytes=4 << 20, served_model_name=None, jax_distributed="off")
 
 
 def _sizes(text: str) -> list[int]:
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-buckets", type=_sizes, help="prefill chunk buckets, e.g. 16,64,256")
     e.add_argument("--context-buckets", type=_sizes, help="context buckets in tokens")
     e.add_argument("--compilation-cache-dir", help="persistent XLA cache ('' disables)")
+    e.add_argument("--jax-distributed", choices=["off", "host", "slice"],
+                   help="off (default); host: on a multi-host TPU slice use only this host's chips; slice: "
+                        "jax.distributed.initialize() (see tropical_jax/cluster/distributed.py)")
     h = p.add_argument_group("http")
     h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $TROPICAL_API_KEY)")
     h.add_argument("--threads", type=_positive(int), help="HTTP threads (default: enough for every running "
@@ -266,6 +269,9 @@ def main(argv=None) -> int:
     if args.devices_needed > 1 and "xla_force_host_platform_device_count" not in flags:
         # On a CPU host, emulate the devices the workers need; other platforms ignore this flag.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices_needed}".strip()
+    from .cluster.distributed import initialize as init_distributed
+
+    init_distributed(args.jax_distributed)  # before JAX starts its backend
     from waitress import create_server
 
     from .api.app import create_app
