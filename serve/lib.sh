@@ -33,11 +33,12 @@ run() { if is_dry_run; then show "$@"; else "$@"; fi; }
 # A read-only lookup the script needs the answer of: printed (to stderr) in a dry run, always run.
 query() { if is_dry_run; then show "$@" >&2; fi; "$@"; }
 
-# `run` for a long-lived command: started in the background, its output in LOG.
+# `run` for a long-lived command: started in the background, its output in LOG, its pid in PIDFILE.
 run_background() {
-  local logfile=$1; shift
-  if is_dry_run; then show "$@"; echo "#   (in the background, output to $logfile)"; return; fi
+  local logfile=$1 pidfile=$2; shift 2
+  if is_dry_run; then show "$@"; echo "#   (in the background, output to $logfile, pid in $pidfile)"; return; fi
   nohup "$@" >"$logfile" 2>&1 </dev/null &
+  echo $! >"$pidfile"
 }
 
 # Repeat a command (given as `run CMD...` or a function that uses run) until it succeeds, for at
