@@ -51,9 +51,9 @@ while :; do
   fi
   ((SECONDS - started < healthy_after)) || delay=$first_delay
   log "the command exited with $status; restarting in ${delay}s"
-  child=''
   sleep "$delay" &
-  wait $! || true  # in the background so a stop signal cuts the pause short
+  child=$!  # so a stop signal cuts the pause short
+  wait "$child" || true
   ((stopping)) && exit 0
   delay=$((delay * 2 > max_delay ? max_delay : delay * 2))
 done

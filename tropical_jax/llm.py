@@ -30,10 +30,18 @@ class LLM:
                  max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, context_buckets=None,
                  tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
-                 progress: bool = True, cluster: str | None = None, policy: str = "tropical", profile=None):
+                 progress: bool = True, cluster: str | None = None, policy: str = "tropical", profile=None,
+                 backend: str = "local", ray_address: str | None = None):
         """cluster: None for one in-process worker, or a layout such as "1P1M", "2C", "1P1D",
         "P:tp2,M:tp2" run by the shared scheduler under `policy`; `profile` is its cost model (a
-        JSON path or dict; None: measured on these devices at startup)."""
+        JSON path or dict; None: measured on these devices at startup). backend: "local" (the
+        cluster's workers in this process) or "ray" (each worker a Ray actor; `ray_address` None
+        starts or joins a local Ray, see tropical_jax/cluster/ray_backend.py)."""
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        if backend == "ray" and cluster is None:
+            raise ValueError("backend='ray' runs a cluster's workers as Ray actors: pass cluster= (e.g. '1P1M'); "
+                             "the single worker runs in-process")
         self.engine_config = EngineConfig(
             max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, dtype=dtype,
             attention_backend=attention_backend, max_num_seqs=max_num_seqs, max_chunk_tokens=max_chunk_tokens,
@@ -45,8 +53,11 @@ class LLM:
         if cluster is not None:
             from .cluster.engine import ClusterEngine
 
-            cost = _cluster_cost_model(model, profile, self.engine_config, dtype, progress)
-            self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress)
+            # On Ray an unprofiled cluster is measured on its first actor (the driver may own no devices).
+            cost = None if backend == "ray" and profile is None else \
+                _cluster_cost_model(model, profile, self.engine_config, dtype, progress)
+            self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress,
+                                         backend=backend, ray_address=ray_address)
             self.model_config, self.tokenizer = self.cluster.model_config, self.cluster.tokenizer
             self.model_config.check_context(max_model_len)
             return
