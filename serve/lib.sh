@@ -58,13 +58,14 @@ need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value (se
 need_int() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 
 # The layout chooser (tropical_jax/cluster/layout.py; stdlib only, runs without installing the
-# project) fills LAYOUT[ACCELERATOR_TYPE, RUNTIME_VERSION, CHIPS, CHIPS_PER_HOST, HOSTS, TP, CLUSTER].
-declare -gA LAYOUT=()  # read by the scripts that source this
+# project) sets LAYOUT_CLUSTER, LAYOUT_TP, LAYOUT_CHIPS, LAYOUT_CHIPS_PER_HOST, LAYOUT_HOSTS and, for
+# TPUs, LAYOUT_ACCELERATOR_TYPE and LAYOUT_RUNTIME_VERSION. (Plain variables, and the
+# ${array[@]+"${array[@]}"} idiom for arrays that may be empty: macOS still ships bash 3.2.)
 load_layout() {
   local out key value
   out=$(PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m tropical_jax.cluster.layout --format env "$@") \
     || exit 2
-  while IFS='=' read -r key value; do LAYOUT[$key]=$value; done <<<"$out"
+  while IFS='=' read -r key value; do printf -v "LAYOUT_$key" '%s' "$value"; done <<<"$out"
 }
 
 # The server's arguments for a layout: SERVE_ARGS=(--host ... --cluster ... [--backend ray ...] extra...).

@@ -39,6 +39,6 @@ fi
 project=$REPO_ROOT
 ((${#extras[@]})) && project+="[$(IFS=,; echo "${extras[*]}")]"
 run "$PYTHON" -m pip install -U pip
-run "$PYTHON" -m pip install -e "$project" "${jax[@]}"
+run "$PYTHON" -m pip install -e "$project" ${jax[@]+"${jax[@]}"}
 # Not fatal: installing on a host without GPUs (to build an image, say) is fine.
 if query nvidia-smi -L >/dev/null 2>&1; then log "installed with jax[cuda$cuda]"; else log "installed; nvidia-smi found no driver here"; fi

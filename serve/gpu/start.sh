@@ -57,8 +57,8 @@ weights=${convert:-$model}
 if [[ -z $cluster ]]; then
   [[ -n $weights ]] && layout_args+=(--model-dir "$weights")
   load_layout --chips $((GPU_COUNT * hosts)) --chips-per-host "$GPU_COUNT" --platform gpu \
-    --chip-gib "$(awk -v m="$GPU_MEMORY_MIB" 'BEGIN { print m / 1024 }')" "${layout_args[@]}"
-  cluster=${LAYOUT[CLUSTER]}
+    --chip-gib "$(awk -v m="$GPU_MEMORY_MIB" 'BEGIN { print m / 1024 }')" ${layout_args[@]+"${layout_args[@]}"}
+  cluster=${LAYOUT_CLUSTER}
 fi
 log "$GPU_COUNT GPU(s) of $GPU_MEMORY_MIB MiB on each of $hosts host(s): cluster $cluster"
 
@@ -78,7 +78,7 @@ logging_level='error'); sys.exit(ray.cluster_resources().get('GPU', 0) < $total)
   server=(env JAX_PLATFORMS=cpu "${server[@]}")  # the driver schedules; the GPUs belong to the actors
 fi
 
-serve_args "$port" "$cluster" "$model" "$multi_host" ${policy:+--policy "$policy"} "${extra[@]}"
+serve_args "$port" "$cluster" "$model" "$multi_host" ${policy:+--policy "$policy"} ${extra[@]+"${extra[@]}"}
 run mkdir -p "$STATE_DIR"
 run_background "$LOGFILE" "$PIDFILE" "$REPO_ROOT/serve/supervise.sh" -- "${server[@]}" "${SERVE_ARGS[@]}"
 wait_until "$health_timeout" "the server's /health" run curl -sf "http://127.0.0.1:$port/health"

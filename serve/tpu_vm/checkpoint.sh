@@ -21,7 +21,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 src='' on_workers='' convert=0 dtype=bfloat16 dest=''
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --src) need_value "$@"; src=$2; shift 2 ;;

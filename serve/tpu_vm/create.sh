@@ -18,7 +18,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 runtime='' spot=()
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --runtime-version) need_value "$@"; runtime=$2; shift 2 ;;
@@ -27,6 +27,6 @@ while (($#)); do
   esac
 done
 tpu_require_type
-log "${LAYOUT[ACCELERATOR_TYPE]}: ${LAYOUT[CHIPS]} chips on ${LAYOUT[HOSTS]} host(s); default layout ${LAYOUT[CLUSTER]}"
-tpu_gcloud create "$TPU_NAME" --accelerator-type="${LAYOUT[ACCELERATOR_TYPE]}" \
-  --version="${runtime:-${LAYOUT[RUNTIME_VERSION]}}" "${spot[@]}"
+log "${LAYOUT_ACCELERATOR_TYPE}: ${LAYOUT_CHIPS} chips on ${LAYOUT_HOSTS} host(s); default layout ${LAYOUT_CLUSTER}"
+tpu_gcloud create "$TPU_NAME" --accelerator-type="${LAYOUT_ACCELERATOR_TYPE}" \
+  --version="${runtime:-${LAYOUT_RUNTIME_VERSION}}" ${spot[@]+"${spot[@]}"}

@@ -20,7 +20,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 create_opts=() checkpoint='' checkpoint_opts=() start_opts=() has_model=0
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --runtime-version) need_value "$@"; create_opts+=("$1" "$2"); shift 2 ;;
@@ -38,19 +38,19 @@ common=(--name "$TPU_NAME" --zone "$TPU_ZONE" --project "$TPU_PROJECT" --acceler
 [[ -n $checkpoint || ${#checkpoint_opts[@]} -eq 0 ]] || die "--convert and --dtype go with --checkpoint DIR"
 [[ -z $checkpoint || -d $checkpoint ]] || die "--checkpoint $checkpoint: no such directory"
 if [[ -n $checkpoint ]] && ((!has_model)); then
-  start_opts=(--model "models/$(basename "$checkpoint")" "${start_opts[@]}")
+  start_opts=(--model "models/$(basename "$checkpoint")" ${start_opts[@]+"${start_opts[@]}"})
 fi
 
 # Bad start options (a TP the slice cannot tile, an unknown flag) fail now, not after creating the VM.
-if ! checked=$(DRY_RUN=1 "$here/start.sh" "${common[@]}" "${start_opts[@]}" 2>&1 >/dev/null); then
+if ! checked=$(DRY_RUN=1 "$here/start.sh" "${common[@]}" ${start_opts[@]+"${start_opts[@]}"} 2>&1 >/dev/null); then
   echo "$checked" >&2
   die "start.sh rejects these options; nothing was created"
 fi
 
-"$here/create.sh" "${common[@]}" "${create_opts[@]}"
+"$here/create.sh" "${common[@]}" ${create_opts[@]+"${create_opts[@]}"}
 "$here/install.sh" --name "$TPU_NAME" --zone "$TPU_ZONE" --project "$TPU_PROJECT"
 if [[ -n $checkpoint ]]; then
   "$here/checkpoint.sh" --name "$TPU_NAME" --zone "$TPU_ZONE" --project "$TPU_PROJECT" --src "$checkpoint" \
-    "${checkpoint_opts[@]}"
+    ${checkpoint_opts[@]+"${checkpoint_opts[@]}"}
 fi
-"$here/start.sh" "${common[@]}" "${start_opts[@]}"
+"$here/start.sh" "${common[@]}" ${start_opts[@]+"${start_opts[@]}"}

@@ -17,7 +17,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 remote_python=python3.11 extras=tpu,ray
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --python) need_value "$@"; remote_python=$2; shift 2 ;;

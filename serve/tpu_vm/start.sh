@@ -26,7 +26,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 model='' cluster='' policy='' port=8000 health_timeout=1800 extra=()
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --model) need_value "$@"; model=$2; shift 2 ;;
@@ -41,10 +41,10 @@ while (($#)); do
   esac
 done
 tpu_require_type
-cluster=${cluster:-${LAYOUT[CLUSTER]}}
-hosts=${LAYOUT[HOSTS]}
+cluster=${cluster:-${LAYOUT_CLUSTER}}
+hosts=${LAYOUT_HOSTS}
 multi_host=$((hosts > 1 ? 1 : 0))
-log "${LAYOUT[ACCELERATOR_TYPE]}: ${LAYOUT[CHIPS]} chips on $hosts host(s), cluster $cluster"
+log "${LAYOUT_ACCELERATOR_TYPE}: ${LAYOUT_CHIPS} chips on $hosts host(s), cluster $cluster"
 
 ray="$VENV/bin/ray"
 if ((multi_host)); then
@@ -56,7 +56,7 @@ TROPICAL_JAX_DISTRIBUTED=host $ray start --head --port=6379 --disable-usage-stat
 TROPICAL_JAX_DISTRIBUTED=host $ray start --address=$head_ip:6379 --disable-usage-stats"
 fi
 
-serve_args "$port" "$cluster" "$model" "$multi_host" ${policy:+--policy "$policy"} "${extra[@]}"
+serve_args "$port" "$cluster" "$model" "$multi_host" ${policy:+--policy "$policy"} ${extra[@]+"${extra[@]}"}
 exec_start="\$HOME/$VENV/bin/python -m tropical_jax.serve"
 for word in "${SERVE_ARGS[@]}"; do exec_start+=" $(quote "$word")"; done
 environment='Environment=PYTHONUNBUFFERED=1'  # log lines reach the journal as they happen
@@ -68,6 +68,7 @@ tpu_ssh 0 "set -euo pipefail
 sudo tee /etc/systemd/system/$SERVICE.service >/dev/null <<UNIT
 [Unit]
 Description=tropical_jax server (python -m tropical_jax.serve)
+Wants=network-online.target
 After=network-online.target
 StartLimitIntervalSec=0
 

@@ -15,7 +15,7 @@ source "$here/tpu.sh"
 
 tpu_parse_args "$@"
 keep_vm=0
-set -- "${REST[@]}"
+set -- ${REST[@]+"${REST[@]}"}
 while (($#)); do
   case $1 in
     --keep-vm) keep_vm=1; shift ;;

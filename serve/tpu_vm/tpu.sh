@@ -40,13 +40,13 @@ tpu_require() {
   [[ $TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "bad TPU name '$TPU_NAME' (lowercase letters, digits, -)"
 }
 
-# Also fills LAYOUT from the accelerator type (unknown types fail here, with the known forms);
+# Also sets the LAYOUT_ variables from the accelerator type (unknown types fail here, with the known forms);
 # LAYOUT_ARGS adds the chooser's options (--tp, --roles, ...).
 LAYOUT_ARGS=()
 tpu_require_type() {
   tpu_require
   [[ -n $TPU_TYPE ]] || die "no accelerator type: pass --accelerator-type (e.g. v5litepod-8) or set TPU_TYPE"
-  load_layout --accelerator-type "$TPU_TYPE" "${LAYOUT_ARGS[@]}"
+  load_layout --accelerator-type "$TPU_TYPE" ${LAYOUT_ARGS[@]+"${LAYOUT_ARGS[@]}"}
 }
 
 tpu_gcloud() { run gcloud compute tpus tpu-vm "$@" --zone="$TPU_ZONE" --project="$TPU_PROJECT"; }
