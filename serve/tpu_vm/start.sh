@@ -48,7 +48,7 @@ log "${LAYOUT_ACCELERATOR_TYPE}: ${LAYOUT_CHIPS} chips on $hosts host(s), cluste
 
 ray="$VENV/bin/ray"
 if ((multi_host)); then
-  head_ip=$(tpu_head_ip)
+  head_ip=$(tpu_address ipAddress)
   # Every raylet (and so every worker actor it starts) confines its processes to their host's chips.
   tpu_ssh 0 "$ray stop >/dev/null 2>&1 || true
 TROPICAL_JAX_DISTRIBUTED=host $ray start --head --port=6379 --disable-usage-stats"
@@ -89,7 +89,6 @@ sudo systemctl enable $SERVICE
 sudo systemctl restart $SERVICE"
 
 wait_until "$health_timeout" "/health on worker 0" tpu_ssh 0 "curl -sf http://localhost:$port/health"
-ip=$(query gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$TPU_ZONE" --project="$TPU_PROJECT" \
-  --format='value(networkEndpoints[0].accessConfig.externalIp)') || ip=''
-echo "endpoint: http://${ip:-WORKER0_EXTERNAL_IP}:$port/v1  (open tcp:$port in the VPC firewall, or tunnel:"
+ip=$(tpu_address accessConfig.externalIp)
+echo "endpoint: http://$ip:$port/v1  (open tcp:$port in the VPC firewall, or tunnel:"
 echo "  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$TPU_ZONE --project=$TPU_PROJECT --worker=0 -- -L $port:localhost:$port)"

@@ -57,14 +57,15 @@ tpu_ssh() { tpu_gcloud ssh "$TPU_NAME" --worker="$1" --command="$2"; }
 # tpu_scp LOCAL REMOTE: copy to every worker.
 tpu_scp() { tpu_gcloud scp --recurse "$1" "$TPU_NAME:$2" --worker=all; }
 
-# Internal IP of worker 0 (the Ray head), from gcloud.
-tpu_head_ip() {
+# tpu_address ipAddress|accessConfig.externalIp: worker 0's internal address (the Ray head's) or
+# its external one, from gcloud. A dry run without the VM gets a placeholder.
+tpu_address() {
   local ip
   ip=$(query gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$TPU_ZONE" --project="$TPU_PROJECT" \
-    --format='value(networkEndpoints[0].ipAddress)') || ip=
+    --format="value(networkEndpoints[0].$1)") || ip=''
   if [[ -z $ip ]]; then
-    is_dry_run || die "cannot find worker 0's address of $TPU_NAME"
-    ip=WORKER0_IP
+    is_dry_run || die "cannot find worker 0's $1 of $TPU_NAME"
+    ip=WORKER0_ADDRESS
   fi
   echo "$ip"
 }
