@@ -3,7 +3,8 @@
 Answers at once (/health says "warming_up", the API 503) while the model loads and its steps
 compile (a progress bar on stderr), then prints its URL. With no --cluster, one in-process worker
 runs continuous batching; --cluster (e.g. 1P1M, 2C, 1P1D) runs the multi-worker engine under the
-shared scheduler and --policy. SIGTERM/SIGINT stop admission (503), let in-flight requests finish
+shared scheduler and --policy; --backend ray makes each of its workers a Ray actor (local Ray, or
+--ray-address). SIGTERM/SIGINT stop admission (503), let in-flight requests finish
 (bounded by --drain-timeout), then exit 0.
 """
 
@@ -28,7 +29,8 @@ DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=No
                 max_num_seqs=32, max_chunk_tokens=256, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
-                max_body_bytes=4 << 20, served_model_name=None, jax_distributed="off")
+                max_body_bytes=4 << 20, served_model_name=None, backend="local", ray_address=None,
+                jax_distributed="off")
 
 
 def _sizes(text: str) -> list[int]:
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "colon ('tropical:prefer=multiplex'); default from the cluster's roles")
     g.add_argument("--profile", help="cost-model JSON for the scheduler (python -m tropical_jax.profile); "
                                      "default: measured at startup")
+    g.add_argument("--backend", choices=["local", "ray"], help="where the cluster's workers run: local (threads in "
+                                                               "this process, the default) or ray (one Ray actor each)")
+    g.add_argument("--ray-address", help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else start "
+                                         "a local Ray)")
     g.add_argument("--ttft-scale", type=_positive(float), help="default TTFT SLO = scale x isolated prefill time (5)")
     g.add_argument("--tpot-slo-ms", type=_positive(float), help="default TPOT SLO (100)")
     g.add_argument("--max-queue", type=_positive(int), help="requests waiting for their prefill before 429 (256)")
@@ -136,6 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     workers, a.devices_needed = 1, a.tensor_parallel
     if a.cluster is None and (a.policy is not None or a.profile is not None):
         parser.error("--policy and --profile need --cluster (the single worker runs plain continuous batching)")
+    if a.backend == "ray" and a.cluster is None:
+        parser.error("--backend ray runs a cluster's workers as Ray actors: give --cluster (e.g. 1P1M)")
+    if a.ray_address is not None and a.backend != "ray":
+        parser.error("--ray-address needs --backend ray")
     if a.cluster is not None and a.tensor_parallel != 1:
         parser.error("--tensor-parallel is for the single worker; give clusters tp per worker ('P:tp2,M:tp2')")
     if a.cluster is not None:
@@ -154,7 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             parser.error(str(e))
         a.policy, workers = policy, len(spec.workers)
-        a.devices_needed = sum(w.tp for w in spec.workers)
+        # Ray actors get their own devices (cluster/ray_backend.py); only local workers share ours.
+        a.devices_needed = sum(w.tp for w in spec.workers) if a.backend == "local" else 1
     if a.threads is None:
         # A thread per running or queued request, so overload is answered with 429 instead of
         # waiting unseen in the socket backlog.
@@ -198,7 +209,8 @@ class Server:
                       compilation_cache_dir=a.compilation_cache_dir or None)
         self.warmup = "loading the model and compiling its steps"
         if a.cluster is not None:
-            llm = LLM(a.model, cluster=a.cluster, policy=a.policy, profile=a.profile, **engine)
+            llm = LLM(a.model, cluster=a.cluster, policy=a.policy, profile=a.profile, backend=a.backend,
+                      ray_address=a.ray_address, **engine)
             self.backend = ClusterWorkers(llm.cluster)
         else:
             llm = LLM(a.model, tensor_parallel=a.tensor_parallel, **engine)

@@ -1,10 +1,15 @@
-"""A cluster of workers in one process, each on its own device mesh, driven by the shared scheduler.
+"""A cluster of workers, each on its own device mesh, driven by the shared scheduler.
 
 The scheduler (tropical_jax.sched, the very code the simulator runs) decides every step; each
-worker thread asks it for the next StepPlan, runs it on its ModelExecutor, and reports back with a
-real clock. The scheduler owns the block tables (its page accounting IS the device layout). KV
-handoffs P -> M copy the request's pages between the workers' pools (`jax.device_put` to the
-destination's sharding); a failed copy makes the destination recompute the prefill.
+worker thread asks it for the next StepPlan, prepares the step's host metadata, runs it on its
+worker handle (cluster/workers.py), and reports back with a real clock. The scheduler owns the
+block tables (its page accounting IS the device layout). KV handoffs P -> M copy the request's
+pages between the workers' pools: read from the source handle, written by the destination's; a
+failed copy makes the destination recompute the prefill.
+
+backend="local": every worker in this process on a slice of its devices (`jax.device_put`
+between meshes). backend="ray": every worker a Ray actor (cluster/ray_backend.py), pages moving
+as host arrays; the scheduler and these loops stay here, on the driver.
 """
 
 from __future__ import annotations
@@ -14,52 +19,30 @@ import threading
 import time
 from dataclasses import replace
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..config import EngineConfig
-from ..model.loader import load_model
-from ..model.sharding import make_mesh
-from ..runtime.executor import ModelExecutor
+from ..model.loader import load_tokenizer, model_path, read_config
+from ..model.sharding import check_tensor_parallel
+from ..runtime.executor import step_inputs
 from ..runtime.sequence import Sequence, append_token
 from ..sched.config import PolicyConfig, parse_cluster
+from ..sched.cost_model import CostModel
 from ..sched.request import Request
 from ..sched.scheduler import Scheduler
+from .workers import local_workers
 
 log = logging.getLogger(__name__)
 
-
-def carve_meshes(cluster, devices=None):
-    """One mesh per worker, taking `tp` consecutive devices each."""
-    devices = list(devices if devices is not None else jax.devices())
-    need = sum(w.tp for w in cluster.workers)
-    if need > len(devices):
-        raise ValueError(f"cluster {cluster} needs {need} devices, {len(devices)} available")
-    meshes, i = {}, 0
-    for w in cluster.workers:
-        meshes[w.name] = make_mesh(devices[i:i + w.tp])
-        i += w.tp
-    return meshes
-
-
-class _PageCopier:
-    """Fixed-shape page gather/scatter (padded to a full block table) so handoffs never recompile."""
-
-    def __init__(self, pages_per_seq: int):
-        self.width = pages_per_seq
-        self.gather = jax.jit(lambda pool, idx: pool[idx])
-        self.scatter = jax.jit(lambda pool, idx, vals: pool.at[idx].set(vals, mode="drop"), donate_argnums=(0,))
-
-    def indices(self, pages, num_pages: int, fill: int) -> np.ndarray:
-        idx = np.full(self.width, fill, np.int32)
-        idx[:len(pages)] = pages
-        return idx
+BACKENDS = ("local", "ray")
 
 
 class ClusterEngine:
     def __init__(self, model, cluster: str, policy: str | PolicyConfig, cost_model, engine_cfg: EngineConfig,
-                 dtype=jnp.float32, progress: bool = True):
+                 dtype=jnp.float32, progress: bool = True, backend: str = "local", ray_address: str | None = None):
+        """cost_model: a CostModel, or None to measure one on the first worker's devices."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = parse_cluster(cluster)
         # The scheduler may only plan chunks the engine has executables for.
         top = engine_cfg.chunk_sizes[-1]
@@ -69,20 +52,21 @@ class ClusterEngine:
                               max_batch=engine_cfg.batch_sizes[-1])
         self.policy.check_cluster(self.spec)
         self.cfg = engine_cfg
-        meshes = carve_meshes(self.spec)
-        self.executors: dict[str, ModelExecutor] = {}
+        self.backend = backend
+        self.model_config = read_config(model)
         for w in self.spec.workers:
-            self.model_config, graphdef, params, self.tokenizer = load_model(model, dtype, meshes[w.name])
-            self.executors[w.name] = ModelExecutor(self.model_config, graphdef, params, engine_cfg, meshes[w.name])
-        self.meshes = meshes
-        self.scheduler = Scheduler(self.spec, self.policy, cost_model, page_size=engine_cfg.page_size,
-                                   kv_capacity_tokens=engine_cfg.total_pages * engine_cfg.page_size)
+            check_tensor_parallel(self.model_config, w.tp)
+        self.tokenizer = load_tokenizer(model_path(model))
+        if backend == "ray":
+            from .ray_backend import ray_workers
+
+            self.workers = ray_workers(model, self.spec, engine_cfg, dtype, ray_address, progress)
+        else:
+            self.workers = local_workers(model, self.spec, engine_cfg, dtype)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos = eos
-        self.copier = _PageCopier(engine_cfg.pages_per_seq)
-        self.locks = {name: threading.Lock() for name in self.executors}  # one step or copy at a time per pool
         self.seqs: dict[Request, Sequence] = {}
         self.fail_transfers = False  # tests force the recompute path
         self._wake = threading.Condition()
@@ -90,17 +74,21 @@ class ClusterEngine:
         self._threads: list[threading.Thread] = []
         self._stop = False
         self._errors: list[BaseException] = []
-        for name, ex in self.executors.items():
-            ex.warmup(progress)
-        self._warm_copies()
+        for w in self.workers.values():
+            w.warmup(progress)
+        if cost_model is None:
+            cost_model = CostModel.from_json(next(iter(self.workers.values())).profile(progress))
+        self.scheduler = Scheduler(self.spec, self.policy, cost_model, page_size=engine_cfg.page_size,
+                                   kv_capacity_tokens=engine_cfg.total_pages * engine_cfg.page_size)
+
+    def close(self):
+        """Stop the loops and release the workers (Ray: kill the actors)."""
+        self.stop()
+        for w in self.workers.values():
+            w.close()
 
     def now(self) -> float:
         return time.monotonic() - self._t0
-
-    def _warm_copies(self):
-        names = list(self.executors)
-        for src, dst in zip(names, names[1:] + names[:1]):
-            self._copy_pages(src, dst, [], [])
 
     # -- requests ---------------------------------------------------------------------------
     def submit(self, seq: Sequence, ttft_slo: float | None = None, tpot_slo: float = 0.1) -> Request:
@@ -120,7 +108,7 @@ class ClusterEngine:
     def start(self):
         self._stop = False
         self._threads = [threading.Thread(target=self._worker_loop, args=(name,), name=f"worker-{name}", daemon=True)
-                         for name in self.executors]
+                         for name in self.workers]
         for t in self._threads:
             t.start()
 
@@ -175,8 +163,7 @@ class ClusterEngine:
             seq = self.seqs[r]
             seq.block_table = sched.block_table(name, r)
             decodes.append(seq)
-        with self.locks[name]:
-            tokens = self.executors[name].run(chunk, decodes)
+        tokens = self.workers[name].step(step_inputs(self.cfg, chunk, decodes))
         finished = []
         rows = list(zip(plan.decodes, tokens[1:] if chunk is not None else tokens))
         if plan.chunk is not None and plan.chunk.last and not plan.chunk.recompute:
@@ -207,15 +194,4 @@ class ClusterEngine:
 
     def _copy_pages(self, src: str, dst: str, src_pages, dst_pages):
         n = min(len(src_pages), len(dst_pages))
-        sx, dx = self.executors[src], self.executors[dst]
-        src_idx = self.copier.indices(src_pages[:n], self.cfg.total_pages, 0)
-        dst_idx = self.copier.indices(dst_pages[:n], self.cfg.total_pages, self.cfg.total_pages)  # padding dropped
-        with self.locks[src]:
-            moved = [(self.copier.gather(k, src_idx), self.copier.gather(v, src_idx)) for k, v in sx.kv_cache]
-        with self.locks[dst]:
-            new = []
-            for (k, v), (mk, mv) in zip(dx.kv_cache, moved):
-                mk = jax.device_put(mk, k.sharding)
-                mv = jax.device_put(mv, v.sharding)
-                new.append((self.copier.scatter(k, dst_idx, mk), self.copier.scatter(v, dst_idx, mv)))
-            dx.kv_cache = new
+        self.workers[dst].write_pages(dst_pages[:n], self.workers[src].read_pages(src_pages[:n]))

@@ -94,8 +94,8 @@ def is_orbax_checkpoint(path: Path) -> bool:
     return (path / OURS_CONFIG).exists() and (path / "params").is_dir()
 
 
-def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = True):
-    """-> (ModelConfig, graphdef, params, tokenizer or None) from an HF dir or our orbax dir."""
+def model_path(path=None) -> Path:
+    """The checkpoint directory load_model reads: `path`, or the embedded default."""
     if path is None and not DEFAULT_CHECKPOINT.is_dir():
         # checkpoints/ sits beside the package in the source tree; only an editable install sees it.
         raise FileNotFoundError(f"the embedded default model is not at {DEFAULT_CHECKPOINT}: install from a "
@@ -103,23 +103,33 @@ def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = T
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     if not path.is_dir():
         raise FileNotFoundError(f"model path {path} is not a directory (only local paths are loaded)")
-    dtype = jnp.dtype(dtype)
+    return path
+
+
+def read_config(path=None) -> ModelConfig:
+    """The model's shape without its weights (orbax or Hugging Face directory)."""
+    path = model_path(path)
     if is_orbax_checkpoint(path):
-        cfg = ModelConfig.from_dict(json.loads((path / OURS_CONFIG).read_text()))
-        if mesh is not None:
-            check_tensor_parallel(cfg, mesh.shape["model"])
+        return ModelConfig.from_dict(json.loads((path / OURS_CONFIG).read_text()))
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has neither {OURS_CONFIG} (orbax) nor config.json (Hugging Face)")
+    return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+
+
+def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = True):
+    """-> (ModelConfig, graphdef, params, tokenizer or None) from an HF dir or our orbax dir."""
+    path = model_path(path)
+    dtype = jnp.dtype(dtype)
+    cfg = read_config(path)
+    if mesh is not None:
+        check_tensor_parallel(cfg, mesh.shape["model"])
+    graphdef, state = abstract_state(cfg, dtype)
+    if is_orbax_checkpoint(path):
         from ..checkpoint import restore_params
 
-        graphdef, state = abstract_state(cfg, dtype)
         params = restore_params(path / "params", state, mesh, dtype, cfg)
     else:
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{path} has neither {OURS_CONFIG} (orbax) nor config.json (Hugging Face)")
-        cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-        if mesh is not None:
-            check_tensor_parallel(cfg, mesh.shape["model"])
-        graphdef, state = abstract_state(cfg, dtype)
         params = _place(hf_to_pure_dict(cfg, _hf_tensors(path)), state, mesh, dtype, cfg)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     return cfg, graphdef, params, tokenizer

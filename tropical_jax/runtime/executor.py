@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,36 +93,59 @@ class ModelExecutor:
     def run(self, chunk, decodes) -> np.ndarray:
         """chunk: (sequence, start, length) or None; decodes: sequences. Returns sampled ids,
         the chunk's first (meaningful when the chunk ends its prompt), then one per decode."""
-        c = self.chunk_bucket(chunk[2]) if chunk is not None else 0
-        b = _bucket(self.batch_sizes, len(decodes)) if decodes else 0
-        tokens = max(([chunk[1] + chunk[2]] if chunk is not None else []) + [len(s.all_ids) for s in decodes])
-        p = _bucket(self.cfg.context_pages, -(-tokens // self.cfg.page_size))
-        return self._run(c, b, p, chunk, decodes)
+        return self.execute(step_inputs(self.cfg, chunk, decodes))
 
     def _run(self, c, b, p, chunk, decodes) -> np.ndarray:
-        ct, ctab = np.zeros(c, np.int32), np.zeros(p, np.int32)
-        cs = cl = 0
-        rows = []
-        if chunk is not None:
-            seq, cs, cl = chunk
-            ct[:cl] = seq.all_ids[cs:cs + cl]
-            ctab[:min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-            rows.append(seq)
-        dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
-        dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
-        for i, seq in enumerate(decodes):
-            dt[i], dp[i], dm[i] = seq.all_ids[-1], len(seq.all_ids) - 1, True
-            dtab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-        rows += decodes
-        r = (1 if c else 0) + b
-        temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
-        top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
-        offset = 0 if chunk is not None or not c else 1  # a chunk row with no chunk stays padding
-        for i, seq in enumerate(rows, start=offset):
-            sp = seq.params
-            temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-            seeds[i], steps[i] = seq.seed, len(seq.output_ids)
-        batch = StepBatch(ct, np.int32(cs), np.int32(cl), ctab, dt, dp, dtab, dm)
-        tokens, self.kv_cache = self._step(self.params, self.kv_cache, batch, temperature, top_k, top_p,
-                                           seeds, steps)
+        return self.execute(pad_inputs(c, b, p, chunk, decodes))
+
+    def execute(self, inputs: "StepInputs") -> np.ndarray:
+        """Run prepared host metadata (step_inputs): the call a remote worker receives."""
+        tokens, self.kv_cache = self._step(self.params, self.kv_cache, *inputs)
         return np.asarray(tokens)
+
+
+class StepInputs(NamedTuple):
+    """Everything one step needs from the host: small numpy arrays, picklable (Ray ships them)."""
+    batch: StepBatch
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seeds: np.ndarray
+    steps: np.ndarray
+
+
+def step_inputs(cfg: EngineConfig, chunk, decodes) -> StepInputs:
+    """The step's buckets chosen from `cfg`, its metadata padded to them (no device involved)."""
+    c = _bucket(cfg.chunk_sizes, chunk[2]) if chunk is not None else 0
+    b = _bucket(cfg.batch_sizes, len(decodes)) if decodes else 0
+    tokens = max(([chunk[1] + chunk[2]] if chunk is not None else []) + [len(s.all_ids) for s in decodes])
+    p = _bucket(cfg.context_pages, -(-tokens // cfg.page_size))
+    return pad_inputs(c, b, p, chunk, decodes)
+
+
+def pad_inputs(c, b, p, chunk, decodes) -> StepInputs:
+    """Metadata of a (chunk bucket c, batch bucket b, context pages p) step; c or b 0: part absent."""
+    ct, ctab = np.zeros(c, np.int32), np.zeros(p, np.int32)
+    cs = cl = 0
+    rows = []
+    if chunk is not None:
+        seq, cs, cl = chunk
+        ct[:cl] = seq.all_ids[cs:cs + cl]
+        ctab[:min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
+        rows.append(seq)
+    dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
+    for i, seq in enumerate(decodes):
+        dt[i], dp[i], dm[i] = seq.all_ids[-1], len(seq.all_ids) - 1, True
+        dtab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
+    rows += decodes
+    r = (1 if c else 0) + b
+    temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
+    top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
+    offset = 0 if chunk is not None or not c else 1  # a chunk row with no chunk stays padding
+    for i, seq in enumerate(rows, start=offset):
+        sp = seq.params
+        temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+        seeds[i], steps[i] = seq.seed, len(seq.output_ids)
+    batch = StepBatch(ct, np.int32(cs), np.int32(cl), ctab, dt, dp, dtab, dm)
+    return StepInputs(batch, temperature, top_k, top_p, seeds, steps)

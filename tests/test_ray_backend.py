@@ -1,0 +1,105 @@
+"""The Ray backend: cluster workers as local Ray actors, driven by the same scheduler and loops, give
+the single in-process worker's tokens; KV pages move between the actors as host arrays."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from model_helpers import save_tiny_hf
+from test_cluster_engine import ENGINE, SP, profile
+from tropical_jax import LLM
+from tropical_jax.cluster.ray_backend import actor_options, import_ray
+
+
+# One decode bucket: three executables per worker (chunk, decode, mixed), so actors warm up fast.
+ENGINE = dict(ENGINE, batch_buckets=[4])
+
+
+@pytest.fixture(scope="module")
+def ray():
+    ray = pytest.importorskip("ray")
+    # A shared 2-core machine: few Ray processes, no dashboard; the actors reserve no CPUs.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(ray, tmp_path_factory):  # Ray first: it starts its processes before JAX starts threads here
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_hf(path, "llama", max_position_embeddings=128)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 11, 17, 3, 30, 8)]
+    ref = [o.token_ids for o in LLM(str(path), **ENGINE).generate(prompt_token_ids=prompts, sampling_params=SP)]
+    return str(path), prompts, ref
+
+
+def pages_used(llm):
+    return sum(w.alloc.num_used for w in llm.cluster.scheduler.workers.values())
+
+
+@pytest.fixture(scope="module")
+def llm(setup, ray):
+    llm = LLM(setup[0], cluster="1P1M", policy="tropical", profile=profile(), backend="ray", **ENGINE)
+    yield llm
+    llm.cluster.close()
+
+
+def test_two_actors_give_the_single_worker_tokens(setup, llm):
+    _, prompts, ref = setup
+    where = {name: w.where() for name, w in llm.cluster.workers.items()}
+    pids = {w["pid"] for w in where.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # each worker in its own process
+    assert all(len(w["devices"]) == 1 for w in where.values())
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref
+    c = llm.cluster.scheduler.counters
+    assert c["transfers"] >= 1 and c["transfer_failures"] == 0  # prefills ran on P0 and moved their KV to M0
+    assert pages_used(llm) == 0
+
+
+def test_a_failed_actor_to_actor_copy_recomputes_on_the_decode_worker(setup, llm, monkeypatch):
+    _, prompts, ref = setup
+    p0 = llm.cluster.workers["P0"]
+    # The source actor raises while reading; the destination's write sees the failed object ref.
+    monkeypatch.setattr(p0, "read_pages", lambda pages: p0.actor.read_pages.remote(None))
+    before = dict(llm.cluster.scheduler.counters)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
+    assert [o.token_ids for o in outs] == ref
+    c = llm.cluster.scheduler.counters
+    failures = c["transfer_failures"] - before.get("transfer_failures", 0)
+    assert failures >= 1 and c["recomputes"] - before.get("recomputes", 0) == failures
+    assert pages_used(llm) == 0
+
+
+def test_a_tensor_parallel_actor_beside_a_single_device_one(setup, ray):
+    path, prompts, ref = setup
+    llm = LLM(path, cluster="P:tp2,M:tp1", policy="tropical", profile=profile(), backend="ray", **ENGINE)
+    try:
+        assert [len(w.where()["devices"]) for w in llm.cluster.workers.values()] == [2, 1]
+        outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=SP)
+        assert [o.token_ids for o in outs] == ref[:3]
+        assert llm.cluster.scheduler.counters["transfers"] >= 1 and pages_used(llm) == 0
+    finally:
+        llm.cluster.close()
+
+
+def test_actor_options_give_each_actor_its_devices():
+    cpu = actor_options(2, {"CPU": 2.0}, xla_flags="--xla_foo=1 --xla_force_host_platform_device_count=8")
+    assert cpu["num_cpus"] == 0
+    assert cpu["runtime_env"]["env_vars"] == {
+        "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=2"}
+    assert actor_options(4, {"CPU": 8.0, "GPU": 8.0}) == {"num_gpus": 4}
+    assert actor_options(4, {"CPU": 8.0, "TPU": 4.0}) == {"resources": {"TPU": 4}}
+
+
+def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
+    with pytest.raises(ValueError, match="pass cluster="):
+        LLM(None, backend="ray")
+    with pytest.raises(ValueError, match="backend must be"):
+        LLM(None, backend="threads")
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'tropical-jax\[ray\]'"):
+        import_ray()

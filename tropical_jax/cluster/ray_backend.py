@@ -1,0 +1,134 @@
+"""Ray backend (`backend="ray"`): each cluster worker a Ray actor owning its devices and mesh.
+
+The scheduler and the worker loops stay on the driver (cluster/engine.py); a RayWorker handle
+forwards the loop's calls to its actor, which runs an InProcessWorker (model, KV pools, page
+copies) in its own process and JAX runtime. What crosses: a step's padded int32 metadata and
+sampling arrays (runtime.executor.StepInputs), the sampled ids, and on a KV handoff the request's
+pages as host numpy arrays (per layer, only the pages used). A handoff passes the source actor's
+result to the destination actor as an object ref, so the pages go actor to actor through Ray's
+object store and never through the driver.
+
+Devices: on a CPU-only Ray cluster each actor gets JAX_PLATFORMS=cpu and
+--xla_force_host_platform_device_count=<its tp> (one emulated device per shard) and reserves no
+CPUs (num_cpus=0): for trying layouts on one machine. On a cluster with GPUs an actor asks for
+num_gpus=tp (Ray sets CUDA_VISIBLE_DEVICES); with TPUs, resources={"TPU": tp}. Those two paths are
+written but have not been run (no accelerators where this was built).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..model.loader import model_path
+from ..runtime.executor import StepInputs
+from .workers import InProcessWorker
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("backend='ray' needs Ray: pip install 'tropical-jax[ray]'") from None
+    return ray
+
+
+def connect(address: str | None = None):
+    """Ray, initialised: already (as a test or the user did), at `address`, at $RAY_ADDRESS, or a new
+    local instance."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="warning")
+    return ray
+
+
+class WorkerActor:
+    """The actor's body: an InProcessWorker on the first `tp` devices of the actor's process."""
+
+    def __init__(self, model: str | None, dtype: str, engine_cfg: EngineConfig, tp: int):
+        import jax
+
+        devices = jax.devices()
+        if len(devices) < tp:
+            raise RuntimeError(f"this actor sees {len(devices)} device(s) ({devices}), its worker needs tp={tp}")
+        self.worker = InProcessWorker(model, dtype, engine_cfg, devices[:tp])
+
+    def where(self) -> dict:
+        """The actor's process and devices (tests check that each worker has its own)."""
+        import socket
+
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "devices": [str(d) for d in self.worker.mesh.devices.flat]}
+
+    def warmup(self, progress: bool) -> None:
+        self.worker.warmup(progress)
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        return self.worker.step(inputs)
+
+    def read_pages(self, pages: list[int]):
+        return self.worker.host_pages(pages)
+
+    def write_pages(self, pages: list[int], payload) -> None:
+        self.worker.write_pages(pages, payload)
+
+    def profile(self, progress: bool) -> dict:
+        return self.worker.profile(progress)
+
+
+def actor_options(tp: int, resources: dict, xla_flags: str | None = None) -> dict:
+    """Ray options giving an actor the devices of a tp-way worker (see the module docstring)."""
+    if resources.get("GPU", 0) > 0:
+        return {"num_gpus": tp}
+    if resources.get("TPU", 0) > 0:
+        return {"resources": {"TPU": tp}}
+    flags = xla_flags if xla_flags is not None else os.environ.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).split()
+    flags.append(f"--xla_force_host_platform_device_count={tp}")
+    return {"num_cpus": 0, "runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}}}
+
+
+class RayWorker:
+    """The driver's handle on one WorkerActor: InProcessWorker's calls, forwarded."""
+
+    def __init__(self, ray, actor, progress: bool):
+        self.ray, self.actor = ray, actor
+        self._warming = actor.warmup.remote(progress)  # queued behind the model load; actors warm in parallel
+
+    def warmup(self, progress: bool = True) -> None:
+        ref, self._warming = self._warming, None
+        self.ray.get(ref if ref is not None else self.actor.warmup.remote(progress))
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        return self.ray.get(self.actor.step.remote(inputs))
+
+    def read_pages(self, pages):
+        """An object ref to the pages' host arrays: write_pages hands it to the destination actor."""
+        return self.actor.read_pages.remote([int(p) for p in pages])
+
+    def write_pages(self, pages, payload) -> None:
+        self.ray.get(self.actor.write_pages.remote([int(p) for p in pages], payload))
+
+    def profile(self, progress: bool = True) -> dict:
+        return self.ray.get(self.actor.profile.remote(progress))
+
+    def where(self) -> dict:
+        return self.ray.get(self.actor.where.remote())
+
+    def close(self) -> None:
+        self.ray.kill(self.actor)
+
+
+def ray_workers(model, cluster, engine_cfg: EngineConfig, dtype, address: str | None = None,
+                progress: bool = True) -> dict[str, RayWorker]:
+    """One actor per cluster worker, each loading the model from the same local path."""
+    ray = connect(address)
+    resources = ray.cluster_resources()
+    remote = ray.remote(WorkerActor)
+    path = str(model_path(model).resolve())  # actors need not share the driver's working directory
+    dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    return {w.name: RayWorker(ray, remote.options(**actor_options(w.tp, resources)).remote(
+        path, dtype, engine_cfg, w.tp), progress) for w in cluster.workers}

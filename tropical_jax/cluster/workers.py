@@ -1,0 +1,116 @@
+"""Worker handles: what a cluster worker loop talks to, wherever the worker's devices live.
+
+A handle has four calls, the same for every backend:
+    step(inputs) -> sampled ids   run one prepared step (runtime.executor.StepInputs: small host arrays)
+    read_pages(pages) -> payload  the K/V of those pages, every layer; opaque to the caller
+    write_pages(pages, payload)   put a payload read from another worker into these pages
+    warmup(progress)              compile every step and the page copies
+plus profile(progress) (a cost-model JSON measured on the worker's devices) and close().
+
+InProcessWorker holds a mesh carved from this process's devices; its payloads stay on device
+and are `jax.device_put` to the destination's sharding. The Ray backend (ray_backend.py) runs an
+InProcessWorker inside an actor and ships payloads as host numpy arrays.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+
+from ..config import EngineConfig
+from ..model.loader import load_model
+from ..model.sharding import make_mesh
+from ..runtime.executor import ModelExecutor, StepInputs
+
+
+def carve_devices(cluster, devices=None) -> dict[str, list]:
+    """The devices of each worker: `tp` consecutive ones each."""
+    devices = list(devices if devices is not None else jax.devices())
+    need = sum(w.tp for w in cluster.workers)
+    if need > len(devices):
+        raise ValueError(f"cluster {cluster} needs {need} devices, {len(devices)} available")
+    out, i = {}, 0
+    for w in cluster.workers:
+        out[w.name] = devices[i:i + w.tp]
+        i += w.tp
+    return out
+
+
+class PageCopier:
+    """Fixed-shape page gather/scatter (padded to a full block table) so handoffs never recompile."""
+
+    def __init__(self, pages_per_seq: int, num_pages: int):
+        self.width, self.num_pages = pages_per_seq, num_pages
+        self.gather = jax.jit(lambda pool, idx: pool[idx])
+        self.scatter = jax.jit(lambda pool, idx, vals: pool.at[idx].set(vals, mode="drop"), donate_argnums=(0,))
+
+    def indices(self, pages, fill: int) -> np.ndarray:
+        idx = np.full(self.width, fill, np.int32)
+        idx[:len(pages)] = pages
+        return idx
+
+    def pad(self, vals):
+        """Host arrays of fewer pages than a block table, padded to it (padding rows are dropped)."""
+        if isinstance(vals, np.ndarray) and vals.shape[0] < self.width:
+            full = np.zeros((self.width,) + vals.shape[1:], vals.dtype)
+            full[:vals.shape[0]] = vals
+            return full
+        return vals
+
+
+class InProcessWorker:
+    """One worker in this process: its mesh, model, KV pools and page copies. One call at a time
+    touches its pools (steps donate them; a handoff may write them from another worker's thread)."""
+
+    def __init__(self, model, dtype, engine_cfg: EngineConfig, devices):
+        self.mesh = make_mesh(devices)
+        model_config, graphdef, params, _ = load_model(model, dtype, self.mesh, with_tokenizer=False)
+        self.executor = ModelExecutor(model_config, graphdef, params, engine_cfg, self.mesh)
+        self.copier = PageCopier(engine_cfg.pages_per_seq, engine_cfg.total_pages)
+        self.lock = threading.Lock()
+
+    def warmup(self, progress: bool = True) -> None:
+        with self.lock:
+            self.executor.warmup(progress)
+        self.write_pages([], self.read_pages([]))  # compiles the gather and the scatter
+
+    def step(self, inputs: StepInputs) -> np.ndarray:
+        with self.lock:
+            return self.executor.execute(inputs)
+
+    def read_pages(self, pages) -> list[tuple[jax.Array, jax.Array]]:
+        idx = self.copier.indices(pages, 0)
+        with self.lock:
+            return [(self.copier.gather(k, idx), self.copier.gather(v, idx)) for k, v in self.executor.kv_cache]
+
+    def host_pages(self, pages) -> list[tuple[np.ndarray, np.ndarray]]:
+        """read_pages as host arrays of just these pages: what crosses between processes."""
+        n = len(pages)
+        return [(np.asarray(k)[:n], np.asarray(v)[:n]) for k, v in self.read_pages(pages)]
+
+    def write_pages(self, pages, payload) -> None:
+        idx = self.copier.indices(pages, self.copier.num_pages)  # padding indices are out of range: dropped
+        with self.lock:
+            new = []
+            for (k, v), (mk, mv) in zip(self.executor.kv_cache, payload):
+                mk = jax.device_put(self.copier.pad(mk), k.sharding)
+                mv = jax.device_put(self.copier.pad(mv), v.sharding)
+                new.append((self.copier.scatter(k, idx, mk), self.copier.scatter(v, idx, mv)))
+            self.executor.kv_cache = new
+
+    def profile(self, progress: bool = True) -> dict:
+        from .profile import profile_executor
+
+        with self.lock:
+            return profile_executor(self.executor, progress)
+
+    def close(self) -> None:
+        pass
+
+
+def local_workers(model, cluster, engine_cfg: EngineConfig, dtype, devices=None) -> dict[str, InProcessWorker]:
+    """One InProcessWorker per cluster worker, each on its own slice of this process's devices."""
+    return {name: InProcessWorker(model, dtype, engine_cfg, devs)
+            for name, devs in carve_devices(cluster, devices).items()}
