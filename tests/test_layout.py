@@ -9,12 +9,12 @@ from tropical_jax.cluster.layout import choose_layout, main, min_tp_for_model, t
 from tropical_jax.cluster.tpu_types import tpu_slice
 from tropical_jax.sched.config import parse_cluster
 
-HOST_SIZES = {"gpu": (1, 2, 4, 8), "tpu": (1, 4, 8)}
-
-
 def _hosts(chips, platform):
-    """Every host size that tiles `chips` (a single host up to 8 chips, else hosts of the sizes above)."""
-    return [h for h in HOST_SIZES[platform] if chips % h == 0 and (h == chips or chips > 8 or h == min(chips, 8))]
+    """Host sizes to try `chips` on: one host (up to 8 chips; TPU hosts hold 1, 4 or 8), or several
+    hosts of 4 chips (TPU slices) or of 1, 2, 4 or 8 GPUs."""
+    single = [chips] if chips <= 8 and (platform == "gpu" or chips in (1, 4, 8)) else []
+    multi = (4,) if platform == "tpu" else (1, 2, 4, 8)
+    return single + [h for h in multi if h < chips and chips % h == 0]
 
 
 def _check(cluster, chips, per_host):
@@ -62,12 +62,19 @@ def test_tp_override_on_a_v5e_8_host(tp):
     assert {w.tp for w in spec.workers} == {tp}
 
 
-def test_tp_override_over_all_chip_counts_and_tp_sizes():
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_tp_override_over_all_chip_counts_and_tp_sizes(platform):
+    tried = 0
     for chips in range(1, 257):
-        for per_host in _hosts(chips, "gpu"):
-            for tp in tp_sizes(per_host, "gpu"):
-                cluster = choose_layout(chips, per_host, "gpu", tp=tp, roles="C" if chips == tp else None)
-                _check(cluster, chips, per_host)
+        for per_host in _hosts(chips, platform):
+            for tp in tp_sizes(per_host, platform):
+                spec = _check(choose_layout(chips, per_host, platform, tp=tp), chips, per_host)
+                assert {w.tp for w in spec.workers} == {tp}
+                tried += 1
+            for tp in (t for t in range(1, 17) if t not in tp_sizes(per_host, platform)):
+                with pytest.raises(ValueError, match="never spans hosts|does not tile"):
+                    choose_layout(chips, per_host, platform, tp=tp)
+    assert tried > (500 if platform == "gpu" else 150)
 
 
 def test_min_tp_raises_the_default():
