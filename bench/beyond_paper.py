@@ -29,13 +29,14 @@ from tropical_jax.sched.metrics import mean_sd, summarize
 from tropical_jax.sim.cli import build_parser, cmd_goodput, load_profile, plot_curves, run_once
 
 RESULTS = Path(__file__).parent / "results"
+# Brackets around the goodputs seen so far (the search widens them when a goodput lies outside).
 MOONCAKE = dict(workload="mooncake-conversation", profile="a100-internlm2.5-20b-tp2", max_input_len=32768,
-                rate_lo=0.3, rate_hi=1.2)
+                rate_lo=0.45, rate_hi=1.0)
 LLAMA70 = dict(profile="a100-llama2-70b-tp4", max_input_len=4096)
 SETTINGS = {
     "mooncake": dict(MOONCAKE, arrival="poisson"),
     "mooncake-gamma2": dict(MOONCAKE, arrival="gamma", cv=2.0),
-    "arxiv": dict(LLAMA70, workload="arxiv-summarization", arrival="poisson", rate_lo=0.5, rate_hi=2.0),
+    "arxiv": dict(LLAMA70, workload="arxiv-summarization", arrival="poisson", rate_lo=0.8, rate_hi=2.0),
     "azure-code": dict(LLAMA70, workload="azure-code", arrival="poisson", rate_lo=0.5, rate_hi=4.0),
     "azure-code-gamma2": dict(LLAMA70, workload="azure-code", arrival="gamma", cv=2.0, rate_lo=0.5, rate_hi=4.0),
     "azure-conv": dict(LLAMA70, workload="azure-conv", arrival="poisson", rate_lo=0.5, rate_hi=4.0),
