@@ -103,3 +103,17 @@ def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'tropical-jax\[ray\]'"):
         import_ray()
+
+
+def test_serve_flags_choose_the_backend(capsys):
+    from tropical_jax.serve import parse_args
+
+    a = parse_args(["--cluster", "P:tp2,M:tp2", "--backend", "ray", "--ray-address", "auto"])
+    assert (a.backend, a.ray_address) == ("ray", "auto")
+    assert a.devices_needed == 1  # the actors bring their own devices; the server process needs none
+    assert parse_args(["--cluster", "1P1M"]).backend == "local"
+    for argv, message in [(["--backend", "ray"], "give --cluster"),
+                          (["--cluster", "1P1M", "--ray-address", "auto"], "--ray-address needs --backend ray")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -11,8 +11,11 @@ object store and never through the driver.
 Devices: on a CPU-only Ray cluster each actor gets JAX_PLATFORMS=cpu and
 --xla_force_host_platform_device_count=<its tp> (one emulated device per shard) and reserves no
 CPUs (num_cpus=0): for trying layouts on one machine. On a cluster with GPUs an actor asks for
-num_gpus=tp (Ray sets CUDA_VISIBLE_DEVICES); with TPUs, resources={"TPU": tp}. Those two paths are
-written but have not been run (no accelerators where this was built).
+num_gpus=tp (Ray sets CUDA_VISIBLE_DEVICES); with TPUs, resources={"TPU": tp} (Ray sets
+TPU_VISIBLE_CHIPS; cluster/distributed.py's "host" mode, from the raylet's environment, makes the
+actor a one-process slice of those chips). Those two paths are written but have not been run (no
+accelerators where this was built). The driver never touches devices: with no profile, the cost
+model is measured on the first actor.
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class WorkerActor:
     def __init__(self, model: str | None, dtype: str, engine_cfg: EngineConfig, tp: int):
         import jax
 
+        from .distributed import initialize
+
+        # Before JAX starts its backend: $TROPICAL_JAX_DISTRIBUTED=host (set for `ray start` by the
+        # deploy scripts) confines an actor on a multi-host TPU slice to the chips Ray gave it.
+        initialize()
         devices = jax.devices()
         if len(devices) < tp:
             raise RuntimeError(f"this actor sees {len(devices)} device(s) ({devices}), its worker needs tp={tp}")
