@@ -55,7 +55,7 @@ class LLM:
 
             # On Ray an unprofiled cluster is measured on its first actor (the driver may own no devices).
             cost = None if backend == "ray" and profile is None else \
-                _cluster_cost_model(model, profile, self.engine_config, dtype, progress)
+                _cluster_cost_model(model, profile, self.engine_config, dtype, progress, cluster)
             self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress,
                                          backend=backend, ray_address=ray_address)
             self.model_config, self.tokenizer = self.cluster.model_config, self.cluster.tokenizer
@@ -109,15 +109,14 @@ class LLM:
         return [RequestOutput(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason) for s in seqs]
 
 
-def _cluster_cost_model(model, profile, engine_config, dtype, progress):
-    """The scheduler's cost model: the given profile, or one measured on this machine now."""
+def _cluster_cost_model(model, profile, engine_config, dtype, progress, cluster=None):
+    """The scheduler's cost model: the given profile, else a cached profile of this model, mesh, backend and
+    buckets (tropical_jax/cluster/profile_cache.py), else one measured on this machine now and cached."""
     from .sched.cost_model import CostModel
 
     if profile is not None:
         return CostModel.from_json(profile)
-    from .cluster.profile import profile_executor
+    from .cluster.profile_cache import cached_profile, cluster_tp
 
-    cfg, graphdef, params, _ = load_model(model, jnp.dtype(dtype), with_tokenizer=False)
-    executor = ModelExecutor(cfg, graphdef, params, engine_config)
-    executor.warmup(progress)
-    return CostModel.from_json(profile_executor(executor, progress))
+    measured, _, _ = cached_profile(model, engine_config, cluster_tp(cluster) if cluster else 1, progress)
+    return CostModel.from_json(measured)

@@ -1,65 +1,103 @@
 """Profile this engine's own steps on its devices and fit the scheduler's cost model (DESIGN §5).
 
-    python -m tropical_jax.profile --model PATH --out FILE.json [--max-model-len N ...]
+    python -m tropical_jax.profile --model PATH --cluster 1P1M --out FILE.json [--max-model-len N ...]
 
-Times every chunk bucket (prefill) and every batch x context bucket (decode) after warmup, plus a
-KV page copy between two devices, and writes the CostModel JSON that both the scheduler and the
-simulator accept. There is no mixed-step fit yet: the profile says so, and the cost model derives
-mixed steps as t_chunk + t_decode - min(c0, d0).
+Times, after warmup, every chunk bucket (prefill), every batch x context bucket (decode) and mixed
+steps (every chunk bucket x the smallest, a middle and the largest batch bucket x the smallest and
+largest context bucket), and writes the CostModel JSON that both the scheduler and the simulator
+accept: points, fitted by least squares when the profile is loaded. A step's cost depends on its
+buckets, not on how full they are, so each point is written at its padded shape: a chunk of C tokens
+ending the context bucket (ctx = context - C), decodes reading the whole bucket (T = B x context).
+Coefficients the buckets cannot separate (one context bucket: T moves with B) are pinned to 0.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from tqdm import tqdm
 
+MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
+
 
 def _time(fn, reps: int = 3) -> float:
+    """Median wall time of `reps` calls after one unmeasured call, in ms (the median resists a busy host)."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(reps):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / reps * 1000  # ms
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
 
 
-def profile_executor(executor, progress: bool = True, name: str = "") -> dict:
+def _subset(sizes) -> list:
+    """Smallest, a middle and the largest of sorted bucket sizes (fewer if there are fewer)."""
+    return sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
+
+
+def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
+    """(decode, mixed) coefficients the bucket counts cannot separate, pinned to 0."""
+    decode, mixed = {}, {}
+    if contexts == 1:  # T = B x the one context: only B is seen
+        decode["d2"] = mixed["mcx"] = mixed["mt"] = 0.0
+    if batches == 1:
+        decode["d1"] = mixed["mb"] = 0.0
+    if chunks < 3:
+        mixed["mc2"] = 0.0
+    if chunks < 2:
+        mixed["mc1"] = 0.0
+    return decode, mixed
+
+
+def profile_executor(executor, progress: bool = True, name: str = "", mixed: bool = True) -> dict:
     cfg = executor.cfg
     ps = cfg.page_size
     top = cfg.context_pages[-1]
     shapes = [("prefill", c, 0, top) for c in executor.chunk_sizes]
     shapes += [("decode", 0, b, p) for b in executor.batch_sizes for p in cfg.context_pages]
-    prefill, decode = [], []
+    if mixed and cfg.mixed_steps:
+        shapes += [("mixed", c, b, p) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
+                   for p in sorted({cfg.context_pages[0], top})]
+    prefill, decode, mixed_pts = [], [], []
     for kind, c, b, p in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
         ms = _time(lambda: executor._run(c, b, p, None, []))
         if kind == "prefill":
             prefill.append([c, ms])
-        else:
+        elif kind == "decode":
             decode.append([b, b * p * ps, ms])  # padded rows read the whole context bucket
+        else:
+            mixed_pts.append([c, max(0, p * ps - c), b, b * p * ps, ms])
     # Longer prompts run as several largest chunks: add those points so the fit spans them.
     cmax, tmax = prefill[-1]
     prefill += [[k * cmax, k * tmax] for k in (2, 4, 8) if k * cmax <= cfg.max_model_len]
     while len(prefill) < 3:
         prefill.append([prefill[-1][0] * 2, prefill[-1][1] * 2])
+    decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes), len(cfg.context_pages))
     decode_fit: dict = {"points": decode}
-    if len(cfg.context_pages) == 1 or len(executor.batch_sizes) == 1:
-        # One context (or batch) bucket: B and T move together, so fit d0 + d1*B and say d2 = 0.
-        import numpy as np
-
-        slope, icept = np.polyfit([b for b, _, _ in decode], [ms for _, _, ms in decode], 1) \
-            if len(executor.batch_sizes) > 1 else (0.0, decode[0][2])
-        decode_fit = {"d0": float(icept), "d1": float(slope), "d2": 0.0}
+    if decode_pins:
+        decode_fit["fixed"] = decode_pins
     mc = executor.model_cfg
     itemsize = 2 if cfg.dtype == "bfloat16" else 4
-    return {
+    out = {
         "name": name or f"measured-{mc.architecture}-{mc.num_layers}x{mc.hidden_size}",
         "units": "ms",
         "source": ("measured by tropical_jax.cluster.profile on this machine's devices: chunk buckets (prefill), "
-                   "batch x context buckets (decode); longer prompts extrapolated as several largest chunks; "
-                   "no mixed-step data: t_mixed = t_chunk + t_decode - min(c0, d0)"),
+                   "batch x context buckets (decode), chunk x batch x context buckets (mixed), median of 3 "
+                   "timed runs each; longer prompts extrapolated as several largest chunks"),
         "prefill": {"points": prefill},
         "decode": decode_fit,
         "kv_bytes_per_token": mc.kv_bytes_per_token(itemsize),
         "transfer": {"bandwidth_GBps": 5.0, "latency_ms": 1.0},
         "kv_capacity_tokens": cfg.total_pages * ps,
+        "buckets": {"chunk": list(executor.chunk_sizes), "batch": list(executor.batch_sizes),
+                    "context_pages": list(cfg.context_pages), "page_size": ps},
     }
+    if mixed_pts:
+        out["mixed"] = {"points": mixed_pts}
+        if mixed_pins:
+            out["mixed"]["fixed"] = mixed_pins
+    else:
+        out["source"] += "; no mixed-step data: t_mixed = t_chunk + t_decode - min(c0, d0)"
+    return out

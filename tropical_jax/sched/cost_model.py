@@ -26,8 +26,11 @@ JSON profile schema (one object; unknown keys are kept in `extra` and ignored):
                  | {"points": [[B, T, ms], ...]}                    or points (>= 3, B and T varied)
       "mixed":   {"m0","mc2","mcx","mc1","mb","mt"}                optional: coefficients (ms)
                  | {"points": [[C, ctx, B, T, ms], ...]}            or points (>= 6, all features varied)
+                 (the engine's profiler measures mixed steps and writes points: they are fitted and used)
                  absent -> t_mixed = t_chunk + t_decode − min(c0, d0) (one step's fixed overhead is
                  shared; published profiles have no mixed-step data) and `mixed_derived` is True.
+    Any points section may pin coefficients the points cannot separate, e.g. with one context bucket
+    {"points": [...], "fixed": {"mcx": 0, "mt": 0}}: those are taken as given, the rest fitted.
       "kv_bytes_per_token": 196608                                  required: this ...
       "model": {"num_layers": 48, "num_kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}
                                                                     ... or the model shape, from which
@@ -85,7 +88,18 @@ def _section(d: dict, key: str, names: tuple[str, ...], features, width: int) ->
         raise ProfileError(f"profile section {key!r} must be an object")
     if "points" in sec:
         pts = _points(sec, width, key)
-        return _lstsq([features(*p[:-1]) for p in pts], [p[-1] for p in pts], names, key)
+        fixed = {n: float(v) for n, v in (sec.get("fixed") or {}).items()}
+        unknown = set(fixed) - set(names)
+        if unknown:
+            raise ProfileError(f"{key}: 'fixed' names unknown coefficients {sorted(unknown)}; known {names}")
+        free = [i for i, n in enumerate(names) if n not in fixed]
+        rows, ys = [], []
+        for p in pts:
+            f = features(*p[:-1])
+            rows.append([f[i] for i in free])
+            ys.append(p[-1] - sum(fixed[n] * f[i] for i, n in enumerate(names) if n in fixed))
+        fit = _lstsq(rows, ys, tuple(names[i] for i in free), key) if free else {}
+        return {n: fixed.get(n, fit.get(n)) for n in names}
     missing = [n for n in names if n not in sec]
     if missing:
         raise ProfileError(f"profile section {key!r} lacks {missing} (or give 'points')")

@@ -1,0 +1,139 @@
+"""The engine's profiler: mixed steps measured and fitted; profiles cached by model, mesh, backend and buckets."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from model_helpers import save_tiny_hf
+from tropical_jax import LLM
+from tropical_jax.cluster import profile as profile_mod
+from tropical_jax.cluster import profile_cache
+from tropical_jax.cluster.profile_cache import cached_profile, identity, key_of
+from tropical_jax.config import EngineConfig
+from tropical_jax.sched.cost_model import CostModel, ProfileError
+
+BASE = {"units": "ms", "prefill": {"c2": 1e-4, "c1": 0.1, "c0": 10.0}, "decode": {"d0": 8.0, "d1": 0.5, "d2": 1e-3},
+        "kv_bytes_per_token": 1024, "transfer": {"bandwidth_GBps": 5.0, "latency_ms": 1.0}}
+TRUE = {"m0": 12.0, "mc2": 2e-4, "mcx": 3e-4, "mc1": 0.2, "mb": 0.7, "mt": 2e-3}
+
+
+def mixed_points(coef, rng=None):
+    pts = []
+    for c in (16, 32, 64, 128):
+        for b in (1, 4, 16):
+            for ctx_bucket in (256, 1024):
+                ctx, t = ctx_bucket - c, b * ctx_bucket
+                ms = (coef["m0"] + coef["mc2"] * c * c + coef["mcx"] * c * ctx + coef["mc1"] * c + coef["mb"] * b
+                      + coef["mt"] * t)
+                pts.append([c, ctx, b, t, ms * (1 + (rng.normal(0, 0.02) if rng is not None else 0))])
+    return pts
+
+
+def test_mixed_points_are_fitted_and_used_instead_of_the_derivation():
+    cm = CostModel.from_json({**BASE, "mixed": {"points": mixed_points(TRUE)}})
+    assert not cm.mixed_derived
+    for k, v in TRUE.items():
+        assert cm.mixed[k] == pytest.approx(v, rel=1e-6, abs=1e-9)
+    derived = CostModel.from_json(BASE)
+    assert derived.mixed_derived
+    c, ctx, b, t = 64, 192, 4, 1024
+    truth = (TRUE["m0"] + TRUE["mc2"] * c * c + TRUE["mcx"] * c * ctx + TRUE["mc1"] * c + TRUE["mb"] * b
+             + TRUE["mt"] * t) / 1e3
+    assert cm.t_mixed(c, ctx, b, t) == pytest.approx(truth)
+    assert derived.t_mixed(c, ctx, b, t) == pytest.approx(derived.t_chunk(c, ctx) + derived.t_decode(b, t) - 8e-3)
+    # The chunk planner solves the fitted form: the largest chunk within a budget is exact.
+    budget = cm.t_mixed(100, 0, 4, 1024)
+    assert cm.max_chunk(0, 4, 1024, budget, 256) == 100
+    # Noisy measurements still fit within a few percent at the measured shapes.
+    noisy = CostModel.from_json({**BASE, "mixed": {"points": mixed_points(TRUE, np.random.default_rng(0))}})
+    for c, ctx, b, t, _ in mixed_points(TRUE):
+        assert noisy.t_mixed(c, ctx, b, t) == pytest.approx(cm.t_mixed(c, ctx, b, t), rel=0.05)
+    assert CostModel.from_json(cm.to_dict()).mixed == pytest.approx(cm.mixed)
+
+
+def test_pinned_coefficients_fit_points_that_cannot_separate_them():
+    one_ctx = [p for p in mixed_points({**TRUE, "mcx": 0.0, "mt": 0.0}) if p[0] + p[1] == 256]
+    with pytest.raises(ProfileError, match="rank"):
+        CostModel.from_json({**BASE, "mixed": {"points": one_ctx}})
+    cm = CostModel.from_json({**BASE, "mixed": {"points": one_ctx, "fixed": {"mcx": 0, "mt": 0}}})
+    assert cm.mixed["mb"] == pytest.approx(TRUE["mb"]) and cm.mixed["mt"] == 0.0
+    with pytest.raises(ProfileError, match="unknown"):
+        CostModel.from_json({**BASE, "mixed": {"points": one_ctx, "fixed": {"bogus": 0}}})
+
+
+# Few buckets; the persistent compilation cache (LLM's default) makes reruns fast. Compile counts are
+# not asserted here, so it cannot hide anything.
+ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=[16],
+              batch_buckets=[1, 4], progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_hf(path, "llama", max_position_embeddings=128)
+    return str(path)
+
+
+@pytest.fixture
+def counting(monkeypatch, tmp_path):
+    """A fresh profile cache, and a count of the profiler's runs."""
+    monkeypatch.setenv("TROPICAL_JAX_PROFILE_CACHE", str(tmp_path / "profiles"))
+    calls = []
+    real = profile_mod.profile_executor
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(profile_mod, "profile_executor", spy)
+    return calls
+
+
+def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
+    cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=(8, 16),
+                       batch_buckets=(1, 4), context_buckets=(32, 64))
+    prof, _, hit = cached_profile(tiny, cfg, progress=False)
+    assert not hit and counting == [1]
+    shapes = {(c, b, c + ctx) for c, ctx, b, _, _ in prof["mixed"]["points"]}
+    assert shapes == {(c, b, t) for c in (8, 16) for b in (1, 4) for t in (32, 64)}
+    assert prof["mixed"]["fixed"] == {"mc2": 0.0}  # two chunk buckets cannot separate C^2 from C
+    cm = CostModel.from_json(prof)
+    assert not cm.mixed_derived and cm.t_mixed(16, 16, 4, 128) > 0
+
+
+def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, counting, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="tropical_jax")
+    first = LLM(tiny, cluster="1P1M", **ENGINE)
+    assert counting == [1] and "no cached profile fits" in caplog.text
+    caplog.clear()
+    second = LLM(tiny, cluster="2C", policy="colocated", **ENGINE)
+    assert counting == [1], "the second startup timed the buckets again"
+    assert "reusing the cached profile" in caplog.text
+    assert second.cluster.scheduler.cost.mixed == first.cluster.scheduler.cost.mixed
+    # Other buckets miss the cache (measuring is faked here: the first startup measured for real).
+    measured = []
+    monkeypatch.setattr(profile_cache, "measure", lambda *a, **k: measured.append(a[1]) or dict(BASE))
+    cfg = first.engine_config
+    _, _, hit = cached_profile(tiny, EngineConfig(**{**cfg.__dict__, "chunk_buckets": (8, 16)}), progress=False)
+    assert not hit and len(measured) == 1
+    _, _, hit = cached_profile(tiny, cfg, progress=False)
+    assert hit and len(measured) == 1
+
+
+def test_cache_key_follows_model_mesh_backend_and_buckets(tiny):
+    path = tiny
+    cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16)
+    key = key_of(identity(path, cfg))
+    assert key == key_of(identity(path, EngineConfig(**{**cfg.__dict__, "compilation_cache_dir": None})))
+    for change in ({"batch_buckets": (1, 4)}, {"attention_backend": "pallas"}, {"dtype": "bfloat16"},
+                   {"page_size": 8}, {"num_pages": 100}):
+        assert key_of(identity(path, EngineConfig(**{**cfg.__dict__, **change}))) != key, change
+    assert key_of(identity(path, cfg, tp=2)) != key
+    import os
+    import pathlib
+
+    weights = next(pathlib.Path(path).glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # new weights, same name
+    assert key_of(identity(path, cfg)) != key
