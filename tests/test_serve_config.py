@@ -28,7 +28,7 @@ def test_config_file_sets_options_and_flags_win(tmp_path, suffix):
 
 def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
     a = parse_args(["--cluster", "1P1M", "--ttft-scale", "3", "--queue-timeout", "2"])
-    assert a.policy.policy == "tropical" and a.policy.ttft_scale == 3 and a.policy.queue_timeout == 2
+    assert a.policy.policy == "planned" and a.policy.ttft_scale == 3 and a.policy.queue_timeout == 2
     assert parse_args(["--cluster", "2C"]).policy.policy == "colocated"
     assert parse_args(["--cluster", "1P1D"]).policy.policy == "disaggregated"
     assert parse_args(["--cluster", "P:tp2,M:tp2"]).devices_needed == 4  # CPU hosts emulate this many

@@ -30,10 +30,11 @@ class LLM:
                  max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, context_buckets=None,
                  tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
-                 progress: bool = True, cluster: str | None = None, policy: str = "tropical", profile=None,
+                 progress: bool = True, cluster: str | None = None, policy: str | None = None, profile=None,
                  backend: str = "local", ray_address: str | None = None):
         """cluster: None for one in-process worker, or a layout such as "1P1M", "2C", "1P1D",
-        "P:tp2,M:tp2" run by the shared scheduler under `policy`; `profile` is its cost model (a
+        "P:tp2,M:tp2" run by the shared scheduler under `policy` (None: by the cluster's roles,
+        sched.config.default_policy: planned for P+M); `profile` is its cost model (a
         JSON path or dict; None: measured on these devices at startup). backend: "local" (the
         cluster's workers in this process) or "ray" (each worker a Ray actor; `ray_address` None
         starts or joins a local Ray, see tropical_jax/cluster/ray_backend.py)."""
@@ -52,6 +53,9 @@ class LLM:
         self.cluster = None
         if cluster is not None:
             from .cluster.engine import ClusterEngine
+            from .sched.config import default_policy
+
+            policy = policy or default_policy(cluster)
 
             # On Ray an unprofiled cluster is measured on its first actor (the driver may own no devices).
             cost = None if backend == "ray" and profile is None else \

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster", help="worker layout, e.g. 1P1M, 2C, 1P1D, 'P:tp2,M:tp2' (default: one in-process "
                                      "worker with continuous batching)")
     g.add_argument("--policy", help="tropical, planned, colocated, chunked or disaggregated, with knobs after a "
-                                    "colon ('tropical:prefer=multiplex'); default from the cluster's roles")
+                                    "colon ('tropical:prefer=multiplex'); default from the cluster's roles: planned "
+                                    "for P+M, colocated for C, disaggregated for P+D")
     g.add_argument("--profile", help="cost-model JSON for the scheduler (python -m tropical_jax.profile); "
                                      "default: measured at startup")
     g.add_argument("--backend", choices=["local", "ray"], help="where the cluster's workers run: local (threads in "
@@ -123,13 +124,6 @@ def _file_argv(path: str, parser) -> list[str]:
     return argv
 
 
-def default_policy(cluster: str) -> str:
-    from .sched.config import parse_cluster
-
-    roles = {w.role for w in parse_cluster(cluster).workers}
-    return "colocated" if roles == {"C"} else "disaggregated" if "D" in roles else "tropical"
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
@@ -149,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.cluster is not None and a.tensor_parallel != 1:
         parser.error("--tensor-parallel is for the single worker; give clusters tp per worker ('P:tp2,M:tp2')")
     if a.cluster is not None:
-        from .sched.config import PolicyConfig, parse_cluster
+        from .sched.config import PolicyConfig, default_policy, parse_cluster
 
         try:
             spec = parse_cluster(a.cluster)

@@ -77,6 +77,13 @@ def parse_cluster(text: str | ClusterSpec) -> ClusterSpec:
     return ClusterSpec(tuple(workers), s)
 
 
+def default_policy(cluster: str | ClusterSpec) -> str:
+    """The policy a cluster runs when none is named: by its roles. P+M clusters get `planned` (DESIGN
+    §3b), which beat the paper's `tropical` rules in bench/results/beyond_paper.md."""
+    roles = {w.role for w in parse_cluster(cluster).workers}
+    return "colocated" if roles == {"C"} else "disaggregated" if "D" in roles else "planned"
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """A dispatch policy and every knob of DESIGN §3. Times in seconds."""
