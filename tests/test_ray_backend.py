@@ -117,3 +117,36 @@ def test_serve_flags_choose_the_backend(capsys):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_ray_the_engine_started_is_shut_down_with_it(monkeypatch):
+    """connect() starts a local Ray only when none is up; disconnect() (ClusterEngine.close, the
+    server's drain) shuts down only a Ray that connect() started, never the user's own."""
+    from tropical_jax.cluster import ray_backend
+
+    class FakeRay:
+        def __init__(self, up):
+            self.up, self.calls = up, []
+
+        def is_initialized(self):
+            return self.up
+
+        def init(self, **kw):
+            self.up = True
+            self.calls.append("init")
+
+        def shutdown(self):
+            self.up = False
+            self.calls.append("shutdown")
+
+    users = FakeRay(up=True)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: users)
+    ray_backend.connect()
+    ray_backend.disconnect()
+    assert users.calls == [] and users.up  # the user's Ray stays up
+    ours = FakeRay(up=False)
+    monkeypatch.setattr(ray_backend, "import_ray", lambda: ours)
+    ray_backend.connect()
+    ray_backend.disconnect()
+    ray_backend.disconnect()
+    assert ours.calls == ["init", "shutdown"] and not ours.up

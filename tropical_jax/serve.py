@@ -190,6 +190,15 @@ class Server:
     def default_ttft_slo(self, prompt_len: int) -> float:
         return self.backend.default_ttft_slo(prompt_len)
 
+    def release(self) -> None:
+        """Before exit: stop a cluster's workers (Ray: its actors, and a Ray this server started)."""
+        cluster = getattr(self.backend, "cluster", None)
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception:
+                log.exception("releasing the cluster's workers failed")
+
     def load(self):
         from .api.backends import ClusterWorkers, LocalWorker
         from .api.engine_client import EngineClient
@@ -319,6 +328,7 @@ def main(argv=None) -> int:
                 log.warning("drain timeout: exiting with %d request(s) unfinished", left)
             else:
                 log.info("drained; exiting")
+            server.release()
             os._exit(0)
 
         threading.Thread(target=wait_then_exit, daemon=True).start()

@@ -86,6 +86,10 @@ class ClusterEngine:
         self.stop()
         for w in self.workers.values():
             w.close()
+        if self.backend == "ray":
+            from .ray_backend import disconnect
+
+            disconnect()
 
     def now(self) -> float:
         return time.monotonic() - self._t0

@@ -42,10 +42,23 @@ def import_ray():
 def connect(address: str | None = None):
     """Ray, initialised: already (as a test or the user did), at `address`, at $RAY_ADDRESS, or a new
     local instance."""
+    global _started_here
     ray = import_ray()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level="warning")
+        _started_here = True
     return ray
+
+
+_started_here = False  # connect() initialised Ray (so disconnect() may shut it down)
+
+
+def disconnect() -> None:
+    """Shut Ray down if connect() started it: a local Ray's processes must not outlive the server."""
+    global _started_here
+    if _started_here:
+        import_ray().shutdown()
+        _started_here = False
 
 
 class WorkerActor:
