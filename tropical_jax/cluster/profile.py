@@ -21,7 +21,7 @@ from tqdm import tqdm
 MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
 
 
-def _time(fn, reps: int = 3) -> float:
+def _time(fn, reps: int = 5) -> float:
     """Median wall time of `reps` calls after one unmeasured call, in ms (the median resists a busy host)."""
     fn()
     times = []
@@ -84,7 +84,7 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
         "name": name or f"measured-{mc.architecture}-{mc.num_layers}x{mc.hidden_size}",
         "units": "ms",
         "source": ("measured by tropical_jax.cluster.profile on this machine's devices: chunk buckets (prefill), "
-                   "batch x context buckets (decode), chunk x batch x context buckets (mixed), median of 3 "
+                   "batch x context buckets (decode), chunk x batch x context buckets (mixed), median of 5 "
                    "timed runs each; longer prompts extrapolated as several largest chunks"),
         "prefill": {"points": prefill},
         "decode": decode_fit,

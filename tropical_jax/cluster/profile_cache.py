@@ -22,7 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Bump when the profiler measures differently, so profiles of an older profiler miss.
-PROFILER_VERSION = 2
+PROFILER_VERSION = 3
 
 
 def cache_dir() -> Path:

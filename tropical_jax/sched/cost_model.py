@@ -31,6 +31,7 @@ JSON profile schema (one object; unknown keys are kept in `extra` and ignored):
                  shared; published profiles have no mixed-step data) and `mixed_derived` is True.
     Any points section may pin coefficients the points cannot separate, e.g. with one context bucket
     {"points": [...], "fixed": {"mcx": 0, "mt": 0}}: those are taken as given, the rest fitted.
+    Fitted coefficients are never negative: a negative one (noisy timings) is pinned to 0, the rest refitted.
       "kv_bytes_per_token": 196608                                  required: this ...
       "model": {"num_layers": 48, "num_kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}
                                                                     ... or the model shape, from which
@@ -92,14 +93,18 @@ def _section(d: dict, key: str, names: tuple[str, ...], features, width: int) ->
         unknown = set(fixed) - set(names)
         if unknown:
             raise ProfileError(f"{key}: 'fixed' names unknown coefficients {sorted(unknown)}; known {names}")
-        free = [i for i, n in enumerate(names) if n not in fixed]
-        rows, ys = [], []
-        for p in pts:
-            f = features(*p[:-1])
-            rows.append([f[i] for i in free])
-            ys.append(p[-1] - sum(fixed[n] * f[i] for i, n in enumerate(names) if n in fixed))
-        fit = _lstsq(rows, ys, tuple(names[i] for i in free), key) if free else {}
-        return {n: fixed.get(n, fit.get(n)) for n in names}
+        feats = [features(*p[:-1]) for p in pts]
+        while True:
+            free = [i for i, n in enumerate(names) if n not in fixed]
+            rows = [[f[i] for i in free] for f in feats]
+            ys = [p[-1] - sum(fixed[n] * f[i] for i, n in enumerate(names) if n in fixed) for p, f in zip(pts, feats)]
+            fit = _lstsq(rows, ys, tuple(names[i] for i in free), key) if free else {}
+            # No step gets faster with more work: a negative coefficient is noise (a busy host, few
+            # points). Pin the most negative to 0 and fit the rest again.
+            worst = min(fit, key=fit.get, default=None)
+            if worst is None or fit[worst] >= 0:
+                return {n: fixed.get(n, fit.get(n)) for n in names}
+            fixed[worst] = 0.0
     missing = [n for n in names if n not in sec]
     if missing:
         raise ProfileError(f"profile section {key!r} lacks {missing} (or give 'points')")
