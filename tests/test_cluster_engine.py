@@ -23,14 +23,19 @@ def profile(decode_ms=5.0):
             "transfer": {"bandwidth_GBps": 5.0, "latency_ms": 1.0}}
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def make_setup(tmp_path_factory, engine):
+    """A tiny HF llama on disk, six prompts, and the single in-process worker's greedy tokens for them."""
     path = tmp_path_factory.mktemp("tiny")
     save_tiny_hf(path, "llama", max_position_embeddings=128)
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 11, 17, 3, 30, 8)]
-    ref = [o.token_ids for o in LLM(str(path), **ENGINE).generate(prompt_token_ids=prompts, sampling_params=SP)]
+    ref = [o.token_ids for o in LLM(str(path), **engine).generate(prompt_token_ids=prompts, sampling_params=SP)]
     return str(path), prompts, ref
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory, ENGINE)
 
 
 def pages_used(llm):

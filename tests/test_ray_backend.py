@@ -4,11 +4,9 @@ the single in-process worker's tokens; KV pages move between the actors as host 
 import os
 import sys
 
-import numpy as np
 import pytest
 
-from model_helpers import save_tiny_hf
-from test_cluster_engine import ENGINE, SP, profile
+from test_cluster_engine import ENGINE, SP, make_setup, profile
 from tropical_jax import LLM
 from tropical_jax.cluster.ray_backend import actor_options, import_ray
 
@@ -28,12 +26,7 @@ def ray():
 
 @pytest.fixture(scope="module")
 def setup(ray, tmp_path_factory):  # Ray first: it starts its processes before JAX starts threads here
-    path = tmp_path_factory.mktemp("tiny")
-    save_tiny_hf(path, "llama", max_position_embeddings=128)
-    rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 11, 17, 3, 30, 8)]
-    ref = [o.token_ids for o in LLM(str(path), **ENGINE).generate(prompt_token_ids=prompts, sampling_params=SP)]
-    return str(path), prompts, ref
+    return make_setup(tmp_path_factory, ENGINE)
 
 
 def pages_used(llm):
