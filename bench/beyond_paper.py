@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/tropical_jax_beyond_paper")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the reports from the cache; run nothing")
     a = ap.parse_args()
     settings = a.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
@@ -173,7 +174,7 @@ def main():
     sheds = (True, False) if a.shed == "both" else (True,)
     keys = [(s, p, shed, seed, a.num_requests) for s in settings for shed in sheds for p in policies
             for seed in range(a.seeds)]
-    todo = [k for k in keys if not _cache_path(cache, k).exists()]
+    todo = [] if a.report_only else [k for k in keys if not _cache_path(cache, k).exists()]
     print(f"{len(keys)} searches, {len(keys) - len(todo)} cached", flush=True)
     start = time.time()
     with ProcessPoolExecutor(a.jobs) as pool:
@@ -183,8 +184,8 @@ def main():
                   f"{time.time() - start:.0f} s in all)", flush=True)
     # Every cached result of the settings asked for, whatever run made it.
     rows = [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
-    rows = [r for r in rows if r["setting"] in settings and r["num_requests"] == a.num_requests
-            and r["seed"] < a.seeds]
+    rows = [r for r in rows if r["setting"] in settings and r["policy"] in policies and r["shed"] in sheds
+            and r["num_requests"] == a.num_requests and r["seed"] < a.seeds]
     summary = aggregate(rows)
     out = {"machine": platform.platform(), "argv": f"--settings {a.settings} --seeds {a.seeds} "
                                                    f"--num-requests {a.num_requests} --shed {a.shed}",
