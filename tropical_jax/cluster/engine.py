@@ -113,6 +113,9 @@ class ClusterEngine:
         self._stop = False
         self._threads = [threading.Thread(target=self._worker_loop, args=(name,), name=f"worker-{name}", daemon=True)
                          for name in self.workers]
+        # KV handoffs run on their own thread: a P worker goes on with its next prefill while its last
+        # one's pages wait for the destination's step in flight to end (the simulator's model too).
+        self._threads.append(threading.Thread(target=self._transfer_loop, name="kv-transfers", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -145,14 +148,25 @@ class ClusterEngine:
                     continue
                 finished = self._run_plan(name, plan)
                 self.scheduler.step_done(name, plan, self.now(), finished)
-                self._do_transfers()
                 with self._wake:
                     self._wake.notify_all()
         except BaseException as e:  # surface to run_until_done instead of dying silently
-            log.exception("worker %s failed", name)
-            self._errors.append(e)
-            with self._wake:
-                self._wake.notify_all()
+            self._failed(f"worker {name}", e)
+
+    def _transfer_loop(self):
+        try:
+            while not self._stop:
+                if not self._do_transfers():
+                    with self._wake:
+                        self._wake.wait(timeout=0.02)
+        except BaseException as e:
+            self._failed("kv-transfers", e)
+
+    def _failed(self, name: str, e: BaseException):
+        log.exception("%s failed", name)
+        self._errors.append(e)
+        with self._wake:
+            self._wake.notify_all()
 
     def _run_plan(self, name: str, plan) -> list[Request]:
         sched = self.scheduler
@@ -183,8 +197,10 @@ class ClusterEngine:
         return finished
 
     # -- KV handoff -------------------------------------------------------------------------
-    def _do_transfers(self):
-        for t in self.scheduler.take_transfers():
+    def _do_transfers(self) -> int:
+        """Run the handoffs the scheduler has started; returns how many."""
+        transfers = self.scheduler.take_transfers()
+        for t in transfers:
             ok = not self.fail_transfers
             if ok:
                 try:
@@ -195,6 +211,9 @@ class ClusterEngine:
                     log.exception("KV transfer of %s failed; recomputing on %s", t.request.id, t.dst)
                     ok = False
             self.scheduler.transfer_done(t, self.now(), ok)
+            with self._wake:
+                self._wake.notify_all()
+        return len(transfers)
 
     def _copy_pages(self, src: str, dst: str, src_pages, dst_pages):
         n = min(len(src_pages), len(dst_pages))
