@@ -127,6 +127,20 @@ def write_markdown(out: dict, path: Path) -> None:
              "shown for misses). Fraction of bound: goodput / the work bound for the cluster's two workers "
              f"(DESIGN §3b). Machine: {out['machine']}; {out['wall_s']} s of runs in all "
              f"(`python bench/beyond_paper.py {out['argv']}`).", ""]
+    lines += ["| setting (shed on) | planned (req/s) | strongest baseline | planned / strongest | planned / tropical | "
+              "planned of bound | planned's worst class miss rate |", "|---|---|---|---|---|---|---|"]
+    for setting, modes in out["summary"].items():
+        m = modes.get("shed")
+        if not m or "planned" not in m["policies"]:
+            continue
+        a, best = m["policies"]["planned"], m["best_baseline"]
+        trop = m["policies"].get("tropical")
+        worst = max((v for v in a["worst_miss_rate_by_length"].values() if v is not None), default=None)
+        lines.append(f"| {setting} | {a['goodput_mean']:.3f} ± {a['goodput_sd']:.3f} | {best} "
+                     f"{m['policies'][best]['goodput_mean']:.3f} | {_ratio(a['ratio_to_best_baseline'])} | "
+                     f"{_ratio(a['goodput_mean'] / trop['goodput_mean'] if trop else None)} | "
+                     f"{a['fraction_of_bound']:.0%} | {_pct(worst)} |")
+    lines.append("")
     for setting, modes in out["summary"].items():
         s = out["settings"][setting]
         arrival = s["arrival"] + (f" CV {s['cv']:g}" if s["arrival"] == "gamma" else "")
