@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from test_sched_decisions import queued  # puts a request in a worker's queue, as if dispatched there
 from tropical_jax.sched.bound import work_bound
 from tropical_jax.sched.config import PolicyConfig
 from tropical_jax.sched.cost_model import CostModel
@@ -77,18 +78,6 @@ def test_work_bound_by_hand():
         work_bound([10], [5], COST, 1, tpot_slo=0.01)
 
 
-def queue_on(sched, worker, r):
-    """Put r in `worker`'s local prefill queue, as if dispatched there earlier."""
-    sched.mon.track(r, len(sched.mon.seq))
-    w = sched.workers[worker]
-    if w.role == "M":
-        assert w.reserve(r, r.prompt_len + 1)
-    w.queue.append(r)
-    w.rem[r] = sched.mon.remaining_time(w, r)
-    w.touch()
-    sched.live += 1
-
-
 def decoding(sched, worker, L, slack, now, tpot=0.1, n_out=5, max_tokens=1000):
     """A request in `worker`'s decode batch with `slack` seconds banked at `now`."""
     r = Request(f"d{L}-{slack}", 0.0, L, max_tokens, ttft_slo=100.0, tpot_slo=tpot, output_len=max_tokens)
@@ -113,7 +102,7 @@ def test_long_prompt_inlined_in_many_chunks_keeps_every_decode_on_time():
     sched = Scheduler("1P1M", "planned:chunk_buckets=256/512/1024/2048/4096,safety_factor=1", COST)
     busy = [Request(f"p{i}", now, 15000, 4, ttft_slo=100.0, output_len=4) for i in range(5)]
     for b in busy:
-        queue_on(sched, "P0", b)
+        queued(sched, "P0", b)
     decs = [decoding(sched, "M0", 3000, 0.3, now), decoding(sched, "M0", 500, 0.15, now, tpot=0.08)]
     r = Request("long", now, 20000, 4, ttft_slo=100.0, output_len=4)
     sched.mon.track(r, 99)
@@ -141,7 +130,7 @@ def test_finish_prefers_the_prefill_worker_when_its_first_token_comes_earlier():
     # M0 already has a 9k inline queued: a 5k newcomer would finish after it there, but at once on
     # the idle P0 -> P0, although M0 is eligible.
     sched = Scheduler("1P1M", "planned:chunk_buckets=512/4096,jump_tokens=none", COST)
-    queue_on(sched, "M0", Request(0, 0.0, 9000, 4, ttft_slo=100.0, output_len=4))
+    queued(sched, "M0", Request(0, 0.0, 9000, 4, ttft_slo=100.0, output_len=4))
     r = Request(1, 0.0, 5000, 4, ttft_slo=100.0, output_len=4)
     sched.mon.track(r, 1)
     sched.dispatcher.begin_pass(0.0)
