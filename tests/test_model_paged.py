@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from model_helpers import PagedRunner, save_tiny_hf
 from tropical_jax.config import ModelConfig
-from tropical_jax.model.attention import _attend
+from tropical_jax.model.attention import _attend, decode_attention
 from tropical_jax.model.loader import DEFAULT_CHECKPOINT, load_model
 from tropical_jax.model.sharding import make_mesh
 
@@ -66,6 +66,26 @@ def test_paged_attention_equals_dense_softmax():
     w = np.exp(s - s.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     np.testing.assert_allclose(got, np.einsum("hqk,khd->qhd", w, vv), atol=1e-5)
+
+
+def test_blocked_decode_attention_equals_one_softmax_over_scattered_pages():
+    # Lengths on both sides of the loop's block boundaries, a padding row, pages in random order.
+    rng = np.random.default_rng(2)
+    page_size, pages_per_row, heads, kvh, dim = 4, 24, 4, 2, 8
+    lengths = np.array([1, 31, 32, 33, 70, 96, 0])
+    rows = len(lengths)
+    k_pool = rng.standard_normal((200, page_size, kvh, dim)).astype(np.float32)
+    v_pool = rng.standard_normal((200, page_size, kvh, dim)).astype(np.float32)
+    tables = rng.permutation(200)[:rows * pages_per_row].reshape(rows, pages_per_row).astype(np.int32)
+    q = rng.standard_normal((rows, heads, dim)).astype(np.float32)
+    got = np.asarray(decode_attention(jnp.asarray(q), jnp.asarray(k_pool), jnp.asarray(v_pool), jnp.asarray(tables),
+                                      jnp.asarray(np.maximum(lengths - 1, 0)), jnp.asarray(lengths > 0)))
+    keys = k_pool[tables].reshape(rows, -1, kvh, dim)
+    values = v_pool[tables].reshape(rows, -1, kvh, dim)
+    mask = np.arange(keys.shape[1])[None, :] < lengths[:, None]
+    want = np.asarray(_attend(jnp.asarray(q[:, None]), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask[:, None])))
+    np.testing.assert_allclose(got, want[:, 0], atol=1e-5)
+    assert not got[-1].any()  # the padding row attends to nothing
 
 
 def test_bf16_stays_close_to_f32(tiny):

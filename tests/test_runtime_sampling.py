@@ -48,3 +48,45 @@ def test_buckets_double_then_grow_linearly():
     assert cfg.pages_per_seq == 7 and cfg.total_pages == 21 and cfg.batch_sizes == (1, 2, 3)
     with pytest.raises(ValueError, match="num_pages=2 cannot hold even one sequence"):
         EngineConfig(max_model_len=100, page_size=16, num_pages=2)
+
+
+def sorted_support(logits, temperature, top_k, top_p):
+    """The textbook rule on a full sort (numpy): top-k ranks, then the smallest prefix reaching top_p."""
+    keep = np.zeros_like(logits, bool)
+    for i, row in enumerate(logits / temperature[:, None]):
+        order = np.argsort(-row)
+        k = top_k[i] if 0 < top_k[i] < len(row) else len(row)
+        probs = np.exp(row[order[:k]] - row[order[0]])
+        probs /= probs.sum()
+        n = int(np.sum(np.cumsum(probs) - probs < top_p[i]))
+        keep[i, order[:n]] = True
+    return keep
+
+
+def test_bisection_support_equals_the_sorted_rule_on_random_rows():
+    from tropical_jax.runtime.sampling import _support
+
+    rng = np.random.default_rng(0)
+    r, v = 64, 1000
+    logits = (rng.standard_normal((r, v)) * rng.uniform(0.5, 8, (r, 1))).astype(np.float32)
+    temperature = rng.uniform(0.3, 2, r).astype(np.float32)
+    top_k = rng.choice([-1, 1, 5, 50, 999, 1000, 5000], r).astype(np.int32)
+    top_p = rng.choice([0.05, 0.5, 0.9, 0.99, 1.0], r).astype(np.float32)
+    got = np.asarray(jax.jit(_support)(logits / temperature[:, None], top_k, top_p))
+    want = sorted_support(logits, temperature, top_k, top_p)
+    assert (got.sum(1) >= 1).all()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_step():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((4, 500)).astype(np.float32)
+    alone = sample(logits[:1], np.ones(1, np.float32), np.full(1, -1, np.int32), np.ones(1, np.float32),
+                   np.full(1, 7, np.uint32), np.full(1, 3, np.int32))
+    # Beside a greedy row and two filtering rows: other branches of the sampler run this time.
+    shared = sample(logits, np.array([1, 0, 1, 1], np.float32), np.array([-1, 5, 3, -1], np.int32),
+                    np.array([1, 1, 1, 0.5], np.float32), np.array([7, 0, 1, 2], np.uint32),
+                    np.array([3, 0, 0, 0], np.int32))
+    assert int(alone[0]) == int(shared[0])
+    assert int(shared[1]) == int(np.argmax(logits[1]))
+    assert int(shared[2]) in set(np.argsort(-logits[2])[:3])

@@ -227,13 +227,13 @@ class Server:
 
 def measure_prefill(executor) -> dict[int, float]:
     """Isolated step time of each chunk bucket (best of 3, after warmup): the default TTFT SLO's base.
-    Runs a padding-only step of each shape, as cluster/profile.py does."""
+    Times each shape full, as cluster/profile.py does."""
     times = {}
     for c in executor.chunk_sizes:
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
-            executor._run(c, 0, executor.cfg.context_pages[0], None, [])
+            executor.time_step(c, 0, executor.cfg.context_pages[0])
             best = min(best, time.perf_counter() - start)
         times[c] = best
     return times

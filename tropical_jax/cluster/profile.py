@@ -6,8 +6,8 @@ Times, after warmup, every chunk bucket (prefill), every batch x context bucket 
 steps (every chunk bucket x the smallest, a middle and the largest batch bucket x the smallest and
 largest context bucket), and writes the CostModel JSON that both the scheduler and the simulator
 accept: points, fitted by least squares when the profile is loaded. A step's cost depends on its
-buckets, not on how full they are, so each point is written at its padded shape: a chunk of C tokens
-ending the context bucket (ctx = context - C), decodes reading the whole bucket (T = B x context).
+buckets, so each point is timed and written with the buckets full (executor.full_inputs): a chunk of C
+tokens ending the context bucket (ctx = context - C), decodes reading the whole bucket (T = B x context).
 Coefficients the buckets cannot separate (one context bucket: T moves with B) are pinned to 0.
 """
 
@@ -62,11 +62,11 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
                    for p in sorted({cfg.context_pages[0], top})]
     prefill, decode, mixed_pts = [], [], []
     for kind, c, b, p in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
-        ms = _time(lambda: executor._run(c, b, p, None, []))
+        ms = _time(lambda: executor.time_step(c, b, p))
         if kind == "prefill":
             prefill.append([c, ms])
         elif kind == "decode":
-            decode.append([b, b * p * ps, ms])  # padded rows read the whole context bucket
+            decode.append([b, b * p * ps, ms])
         else:
             mixed_pts.append([c, max(0, p * ps - c), b, b * p * ps, ms])
     # Longer prompts run as several largest chunks: add those points so the fit spans them.

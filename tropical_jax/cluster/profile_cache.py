@@ -21,8 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Bump when the profiler measures differently, so profiles of an older profiler miss.
-PROFILER_VERSION = 3
+# Bump when the profiler or the steps it times change, so profiles of older code miss.
+PROFILER_VERSION = 4  # 4: buckets timed full (decode attention reads only live context)
 
 
 def cache_dir() -> Path:

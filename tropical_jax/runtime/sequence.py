@@ -13,7 +13,7 @@ from ..sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine's `seq in running` checks must not compare every field
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
@@ -27,6 +27,10 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     seed: int = 0
+    # Incremental detokenization: output_ids[prefix_offset:read_offset] is the window last decoded.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_streamed: int = 0  # characters of text already returned as new text
 
     def __post_init__(self):
         # An unseeded request still needs a key; draw one so its samples differ from others'.
@@ -54,7 +58,9 @@ def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_
     """Record a sampled token; returns (finish reason or None, new text to stream).
 
     EOS (unless ignore_eos) and stop token ids finish with "stop", so do stop strings (the text is cut
-    before them); max_tokens or a full context finish with "length"."""
+    before them); max_tokens or a full context finish with "length". While stop strings may still
+    match, the last len(longest stop) - 1 characters are held back, so no part of a stop string is
+    ever streamed."""
     seq.output_ids.append(token)
     sp = seq.params
     reason = None
@@ -64,12 +70,28 @@ def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_
         reason = "length"
     if tokenizer is None:
         return reason, ""
-    text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-    cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
-    if cut >= 0:
-        text, reason = text[:cut], "stop"
-    # Hold back a trailing partial UTF-8 character until its bytes complete.
-    if reason is None and text.endswith("\ufffd"):
-        text = seq.text
-    new_text, seq.text = text[len(seq.text):], text
+    text = seq.text + _new_text(seq, tokenizer, flush=reason is not None)
+    if sp.stop:  # only an occurrence that reaches into the new text can be new
+        start = max(0, len(seq.text) - max(map(len, sp.stop)) + 1)
+        cut = min((i for i in (text.find(s, start) for s in sp.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+    seq.text = text
+    hold = 0 if reason is not None or not sp.stop else max(map(len, sp.stop)) - 1
+    end = max(seq.num_streamed, len(text) - hold)
+    new_text, seq.num_streamed = text[seq.num_streamed:end], end
     return reason, new_text
+
+
+def _new_text(seq: Sequence, tokenizer, flush: bool) -> str:
+    """The text the newest token adds, decoding only a short window of tokens (decoding the whole
+    output on every token costs O(n^2)). The window starts a few tokens back, so a tokenizer that
+    drops a leading space at the start of a decode drops it from both strings compared. A trailing
+    partial UTF-8 character is held back until its bytes complete, or the sequence ends (flush)."""
+    ids = seq.output_ids
+    before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+    after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    if len(after) <= len(before) or (after.endswith("\ufffd") and not flush):
+        return ""
+    seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+    return after[len(before):]
