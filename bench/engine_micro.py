@@ -2,6 +2,7 @@
 transformers `generate` on the same weights and batch, side by side in one run (ratios).
 
     python bench/engine_micro.py [--out bench/results/engine_micro.json] [--configs default-5M] [--batches 1,8]
+    python bench/engine_micro.py --replot   # redraw engine_micro.png from the JSON
 
 Prints JSON (and writes it to --out) stating the machine. Both engines run greedy decoding on
 the same random-weight HF checkpoint, prompts of equal length (no padding), on the CPU.
@@ -129,12 +130,46 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
             "step_ms": steps, "throughput": rows}
 
 
+def plot(result: dict, path: str) -> None:
+    """Decode and end-to-end tokens/s of both engines by batch, one panel per model shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = result["configs"]
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4), squeeze=False)
+    bars = [("decode_tok_s", "tropical_jax decode", "tab:blue", None),
+            ("transformers_decode_tok_s", "transformers decode", "tab:orange", None),
+            ("e2e_tok_s", "tropical_jax end to end", "tab:blue", "//"),
+            ("transformers_e2e_tok_s", "transformers end to end", "tab:orange", "//")]
+    for ax, (name, c) in zip(axes[0], configs.items()):
+        rows = c["throughput"]
+        x = np.arange(len(rows))
+        for i, (key, label, color, hatch) in enumerate(bars):
+            ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=label, color=color, hatch=hatch,
+                   alpha=0.5 if hatch else 1.0)
+        for xi, r in zip(x, rows):
+            ax.text(xi, max(r[k] for k, *_ in bars) * 1.02, f"{r['decode_ratio_vs_transformers']}x", ha="center")
+        ax.set_xticks(x, [str(r["batch"]) for r in rows])
+        ax.set(title=f"{name} ({c['params'] / 1e6:.0f}M params, f32)", xlabel="batch", ylabel="tokens/s")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"greedy decode on {result['machine']['cpus']} CPU cores, same weights (ratio: decode, ours/theirs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/engine_micro.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--batches", default="1,8,32,64")
     args = ap.parse_args()
+    png = os.path.splitext(args.out)[0] + ".png"
+    if args.replot:
+        with open(args.out) as f:
+            return plot(json.load(f), png)
     flops = matmul_flops()
     batches = [int(b) for b in args.batches.split(",")]
     configs = {n: CONFIGS[n] for n in args.configs.split(",")}
@@ -148,6 +183,7 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    plot(result, png)
     print(json.dumps(result))
 
 

@@ -8,7 +8,8 @@
    (prefill and decode steps) give the median real/predicted time of each kind of step; the profile
    with each kind scaled by its factor, plus the mean host time a busy worker spends after that kind of
    step (a prefill's KV copy, token handling, planning), is what the engine schedules with and the
-   simulator simulates.
+   simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
+   bandwidth of its page copy) instead of the profile's constant.
    Each replay is also simulated on the uncalibrated profile, and both errors are reported.
 2. Scales a real trace down to the model (lengths x --input-scale / --output-scale, capped to its
    context) and scales the SLOs to the calibrated profile: TTFT SLO = 5 x the request's isolated prefill
@@ -42,6 +43,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tropical_jax.cluster.profile import measure_transfer  # noqa: E402
 from tropical_jax.sched.config import PolicyConfig  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import goodput, summarize  # noqa: E402
@@ -221,6 +223,9 @@ def main(argv=None) -> int:
         text = policy_text(cal_policy, args)
         g_raw, _ = sim_goodput(args, cal_cluster, engine_policy(text, cfg), raw, tpot_raw, 0.5, 4.0)
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
+        if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
+            transfer = measure_transfer(lambda s, d: llm.cluster._copy_pages("P0", "D0", s, d), cfg.page_size,
+                                        raw.kv_bytes_per_token, cfg.pages_per_seq)
         part = StepWatch(llm.cluster)
         llm.cluster.start()
         try:
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
     overall = step_ratio(seen)
     factors = {k: step_ratio(seen, k) or overall for k in ("prefill", "decode", "mixed")}
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
-    profile = scaled_profile(raw, factors, gap_ms)
+    profile = {**scaled_profile(raw, factors, gap_ms), "transfer": transfer}
     cost = CostModel.from_json(profile)
     tpot_slo, step = slo_for(cost)
 
@@ -261,6 +266,7 @@ def main(argv=None) -> int:
                        "measured_points": {k: measured[k] for k in ("prefill", "decode", "mixed") if k in measured},
                        "calibration": {"runs": cal, "real_over_predicted_median": factors,
                                        "host_gap_after_step_ms_mean": gap_ms},
+                       "transfer_measured": transfer,
                        "used": profile},
            "workload": {"trace": args.workload, "arrival": "poisson (open loop, real clock)",
                         "input_scale": args.input_scale, "output_scale": args.output_scale,

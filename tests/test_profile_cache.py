@@ -90,6 +90,22 @@ def counting(monkeypatch, tmp_path):
     return calls
 
 
+def test_transfer_fit_recovers_latency_and_bandwidth_of_the_copy(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: clock[0])
+    kv_bytes, page_size = 1000, 16
+
+    def copy(src, dst):  # 2 ms, then 4 GB/s
+        assert src == dst
+        clock[0] += 2e-3 + len(src) * page_size * kv_bytes / 4e9
+
+    got = profile_mod.measure_transfer(copy, page_size, kv_bytes, max_pages=64)
+    assert [t for t, _ in got["points"]] == [16, 256, 1024]
+    assert got["latency_ms"] == pytest.approx(2.0, rel=1e-3)
+    assert got["bandwidth_GBps"] == pytest.approx(4.0, rel=1e-3)
+    CostModel.from_json({**BASE, "transfer": got})  # the scheduler accepts it as it is
+
+
 def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
     cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=(8, 16),
                        batch_buckets=(1, 4), context_buckets=(32, 64))
@@ -111,6 +127,8 @@ def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, cou
     assert counting == [1], "the second startup timed the buckets again"
     assert "reusing the cached profile" in caplog.text
     assert second.cluster.scheduler.cost.mixed == first.cluster.scheduler.cost.mixed
+    # 1P1M timed its own P -> M page copy; 2C has no handoff and keeps the profile's constant.
+    assert first.cluster.scheduler.cost.bandwidth_Bps != second.cluster.scheduler.cost.bandwidth_Bps == 5e9
     # Other buckets miss the cache (measuring is faked here: the first startup measured for real).
     measured = []
     monkeypatch.setattr(profile_cache, "measure", lambda *a, **k: measured.append(a[1]) or dict(BASE))

@@ -2,6 +2,7 @@
 single worker, per-worker state and dispatch counts in /v1/cluster and /metrics, disconnects."""
 
 import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,3 +98,25 @@ def test_cluster_disconnect_frees_pages_on_every_worker(server):
     assert float(generated.split()[-1]) < 1000 + 100  # it stopped early (other tests made < 100 tokens)
     ok = server.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_server_on_ray_actors_gives_the_same_tokens_and_takes_its_ray_down_on_sigterm(model_dir):
+    import psutil
+
+    prompt = [7, 3, 9, 11, 2, 8]
+    llm = LLM(str(model_dir), **ENGINE, compilation_cache_dir=None, progress=False)
+    want = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=8, temperature=0))
+    s = ServerProcess("--model", str(model_dir), "--profile", str(model_dir / "profile.json"), *FLAGS,
+                      "--backend", "ray", timeout=300)
+    try:
+        ray_processes = psutil.Process(s.proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in ray_processes)  # the server started a local Ray
+        r = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+        assert r["token_ids"] == want[0].token_ids
+        assert s.get("/v1/cluster").json()["backend"] == "ray"
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(ray_processes, timeout=30)
+        assert not alive, f"Ray processes outlived the server: {[p.cmdline()[:1] for p in alive]}"
+    finally:
+        s.stop()

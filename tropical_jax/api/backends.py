@@ -118,7 +118,7 @@ class LocalWorker:
             if h is not None:
                 decoding.append((h.first_token_time, h.tpot_slo, h.n_out))
         return {
-            "cluster": "single worker", "policy": "continuous batching",
+            "cluster": "single worker", "policy": "continuous batching", "backend": "local",
             "workers": [{
                 "name": "C0", "role": "colocated", "queue": len(e.waiting), "running": e.num_active,
                 "kv_pages_used": e.allocator.num_used, "kv_pages_total": e.allocator.num_pages,
@@ -215,5 +215,6 @@ class ClusterWorkers:
                 "incoming": len(w.incoming), "kv_pages_used": w.alloc.num_used,
                 "kv_pages_total": w.alloc.num_pages, "min_slack_s": _min_slack(decoding, now),
             })
-        return {"cluster": str(self.sched.cluster), "policy": self.sched.cfg.policy, "workers": workers,
+        return {"cluster": str(self.sched.cluster), "policy": self.sched.cfg.policy,
+                "backend": self.cluster.backend, "workers": workers,
                 "waiting": len(self.sched.waiting), "dispatch": dict(self.sched.counters)}

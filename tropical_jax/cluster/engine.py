@@ -30,6 +30,7 @@ from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel
 from ..sched.request import Request
 from ..sched.scheduler import Scheduler
+from .profile import measure_transfer
 from .workers import local_workers
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,22 @@ class ClusterEngine:
         for w in self.workers.values():
             w.warmup(progress)
         if cost_model is None:
-            cost_model = CostModel.from_json(next(iter(self.workers.values())).profile(progress))
+            cost_model = CostModel.from_json(self._measured_profile(progress))
         self.scheduler = Scheduler(self.spec, self.policy, cost_model, page_size=engine_cfg.page_size,
                                    kv_capacity_tokens=engine_cfg.total_pages * engine_cfg.page_size)
+
+    def _measured_profile(self, progress: bool) -> dict:
+        """The first worker's step profile (cached), and this cluster's KV copy timed P -> M (not cached:
+        it depends on the pair of meshes and the backend, and takes a fraction of a second)."""
+        profile = next(iter(self.workers.values())).profile(progress)
+        src = self.spec.by_role("P")
+        dst = self.spec.by_role("M") + self.spec.by_role("D")
+        if src and dst:
+            pair = (src[0].name, dst[0].name)
+            profile = {**profile, "transfer": measure_transfer(
+                lambda s, d: self._copy_pages(*pair, s, d), self.cfg.page_size, profile["kv_bytes_per_token"],
+                self.cfg.pages_per_seq)}
+        return profile
 
     def close(self):
         """Stop the loops and release the workers (Ray: kill the actors)."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
+
 from tqdm import tqdm
 
 MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
@@ -101,3 +103,20 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     else:
         out["source"] += "; no mixed-step data: t_mixed = t_chunk + t_decode - min(c0, d0)"
     return out
+
+
+def measure_transfer(copy, page_size: int, kv_bytes_per_token: int, max_pages: int) -> dict:
+    """Time copy(src_pages, dst_pages), the cluster's own P -> M handoff, for a few sizes up to
+    `max_pages` and fit t = latency + bytes / bandwidth (the cost model's transfer section)."""
+    counts = sorted({1, max(1, max_pages // 4), max_pages})
+    points = []
+    for n in counts:
+        pages = list(range(n))
+        points.append([n * page_size, _time(lambda: copy(pages, pages))])
+    tokens, ms = np.array(points, dtype=float).T
+    (latency, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens * kv_bytes_per_token], 1),
+                                              ms, rcond=None)
+    per_byte = max(per_byte, 1e-9)  # ms per byte; noise must not make the bandwidth negative or infinite
+    return {"bandwidth_GBps": round(1e-6 / per_byte, 4), "latency_ms": round(max(latency, 0.0), 4),
+            "points": points, "source": "measured: the cluster's own page copy between its first P and M "
+                                        "(or D) worker, median of 5, fitted by least squares"}
