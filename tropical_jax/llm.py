@@ -60,8 +60,9 @@ class LLM:
             # On Ray an unprofiled cluster is measured on its first actor (the driver may own no devices).
             cost = None if backend == "ray" and profile is None else \
                 _cluster_cost_model(model, profile, self.engine_config, dtype, progress, cluster)
+            # A measured profile's transfer is a constant: the cluster times its own copy. A given one is kept.
             self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress,
-                                         backend=backend, ray_address=ray_address)
+                                         backend=backend, ray_address=ray_address, time_transfer=profile is None)
             self.model_config, self.tokenizer = self.cluster.model_config, self.cluster.tokenizer
             self.model_config.check_context(max_model_len)
             return

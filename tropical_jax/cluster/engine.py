@@ -40,8 +40,10 @@ BACKENDS = ("local", "ray")
 
 class ClusterEngine:
     def __init__(self, model, cluster: str, policy: str | PolicyConfig, cost_model, engine_cfg: EngineConfig,
-                 dtype=jnp.float32, progress: bool = True, backend: str = "local", ray_address: str | None = None):
-        """cost_model: a CostModel, or None to measure one on the first worker's devices."""
+                 dtype=jnp.float32, progress: bool = True, backend: str = "local", ray_address: str | None = None,
+                 time_transfer: bool = False):
+        """cost_model: a CostModel, or None to measure one on the first worker's devices. time_transfer:
+        replace its KV-transfer constants by this cluster's own copy, timed (always when measuring)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = parse_cluster(cluster)
@@ -77,23 +79,26 @@ class ClusterEngine:
         self._errors: list[BaseException] = []
         for w in self.workers.values():
             w.warmup(progress)
+        self.measured_transfer = None
         if cost_model is None:
-            cost_model = CostModel.from_json(self._measured_profile(progress))
+            cost_model, time_transfer = CostModel.from_json(next(iter(self.workers.values())).profile(progress)), True
+        if time_transfer:
+            cost_model = self._with_measured_transfer(cost_model)
         self.scheduler = Scheduler(self.spec, self.policy, cost_model, page_size=engine_cfg.page_size,
                                    kv_capacity_tokens=engine_cfg.total_pages * engine_cfg.page_size)
 
-    def _measured_profile(self, progress: bool) -> dict:
-        """The first worker's step profile (cached), and this cluster's KV copy timed P -> M (not cached:
-        it depends on the pair of meshes and the backend, and takes a fraction of a second)."""
-        profile = next(iter(self.workers.values())).profile(progress)
+    def _with_measured_transfer(self, cost: CostModel) -> CostModel:
+        """The cost model with this cluster's own P -> M (or D) page copy timed in place of its transfer
+        constants (not cached: it depends on the pair of meshes and the backend; it takes well under a second)."""
         src = self.spec.by_role("P")
         dst = self.spec.by_role("M") + self.spec.by_role("D")
-        if src and dst:
-            pair = (src[0].name, dst[0].name)
-            profile = {**profile, "transfer": measure_transfer(
-                lambda s, d: self._copy_pages(*pair, s, d), self.cfg.page_size, profile["kv_bytes_per_token"],
-                self.cfg.pages_per_seq)}
-        return profile
+        if not (src and dst):
+            return cost
+        pair = (src[0].name, dst[0].name)
+        self.measured_transfer = measure_transfer(lambda s, d: self._copy_pages(*pair, s, d), self.cfg.page_size,
+                                                  cost.kv_bytes_per_token, self.cfg.pages_per_seq)
+        return replace(cost, bandwidth_Bps=self.measured_transfer["bandwidth_GBps"] * 1e9,
+                       transfer_latency=self.measured_transfer["latency_ms"] * 1e-3)
 
     def close(self):
         """Stop the loops and release the workers (Ray: kill the actors)."""

@@ -32,6 +32,9 @@ from .workers import InProcessWorker
 
 
 def import_ray():
+    # Ray's native crash handler would take the SIGTERM a server drains on, print a bogus crash trace
+    # and abort the process after the drain (exit -6, not 0). Read when ray is first imported.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray
     except ImportError:
