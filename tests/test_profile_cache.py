@@ -114,6 +114,8 @@ def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
     shapes = {(c, b, c + ctx) for c, ctx, b, _, _ in prof["mixed"]["points"]}
     assert shapes == {(c, b, t) for c in (8, 16) for b in (1, 4) for t in (32, 64)}
     assert prof["mixed"]["fixed"] == {"mc2": 0.0}  # two chunk buckets cannot separate C^2 from C
+    # Decode rows read a quarter, half and all of each context bucket (32 and 64 tokens): T is free of B.
+    assert {t // b for b, t, _ in prof["decode"]["points"]} == {8, 16, 32, 64} and "fixed" not in prof["decode"]
     cm = CostModel.from_json(prof)
     assert not cm.mixed_derived and cm.t_mixed(16, 16, 4, 128) > 0
 

@@ -2,13 +2,15 @@
 
     python -m tropical_jax.profile --model PATH --cluster 1P1M --out FILE.json [--max-model-len N ...]
 
-Times, after warmup, every chunk bucket (prefill), every batch x context bucket (decode) and mixed
+Times, after warmup, every chunk bucket (prefill), every batch x context bucket (decode; each at a
+quarter, half and all of its context, since decode attention reads only the context rows have) and mixed
 steps (every chunk bucket x the smallest, a middle and the largest batch bucket x the smallest and
 largest context bucket), and writes the CostModel JSON that both the scheduler and the simulator
 accept: points, fitted by least squares when the profile is loaded. A step's cost depends on its
-buckets, so each point is timed and written with the buckets full (executor.full_inputs): a chunk of C
-tokens ending the context bucket (ctx = context - C), decodes reading the whole bucket (T = B x context).
-Coefficients the buckets cannot separate (one context bucket: T moves with B) are pinned to 0.
+buckets and on how much context decode rows read, so each point is timed with every row live
+(executor.full_inputs): a chunk of C tokens ending the context bucket (ctx = context - C), decode rows
+reading t tokens each (T = B x t).
+Coefficients the points cannot separate (one context bucket: a mixed step's T moves with B) are pinned to 0.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def _subset(sizes) -> list:
 def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
     """(decode, mixed) coefficients the bucket counts cannot separate, pinned to 0."""
     decode, mixed = {}, {}
-    if contexts == 1:  # T = B x the one context: only B is seen
-        decode["d2"] = mixed["mcx"] = mixed["mt"] = 0.0
+    if contexts == 1:  # mixed steps are timed full: T = B x the one context, only B is seen
+        mixed["mcx"] = mixed["mt"] = 0.0
     if batches == 1:
         decode["d1"] = mixed["mb"] = 0.0
     if chunks < 3:
@@ -57,18 +59,19 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     cfg = executor.cfg
     ps = cfg.page_size
     top = cfg.context_pages[-1]
-    shapes = [("prefill", c, 0, top) for c in executor.chunk_sizes]
-    shapes += [("decode", 0, b, p) for b in executor.batch_sizes for p in cfg.context_pages]
+    shapes = [("prefill", c, 0, top, None) for c in executor.chunk_sizes]
+    shapes += [("decode", 0, b, p, t) for b in executor.batch_sizes for p in cfg.context_pages
+               for t in sorted({max(1, p * ps // 4), p * ps // 2, p * ps})]
     if mixed and cfg.mixed_steps:
-        shapes += [("mixed", c, b, p) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
+        shapes += [("mixed", c, b, p, None) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
                    for p in sorted({cfg.context_pages[0], top})]
     prefill, decode, mixed_pts = [], [], []
-    for kind, c, b, p in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
-        ms = _time(lambda: executor.time_step(c, b, p))
+    for kind, c, b, p, t in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
+        ms = _time(lambda: executor.time_step(c, b, p, t))
         if kind == "prefill":
             prefill.append([c, ms])
         elif kind == "decode":
-            decode.append([b, b * p * ps, ms])
+            decode.append([b, b * t, ms])
         else:
             mixed_pts.append([c, max(0, p * ps - c), b, b * p * ps, ms])
     # Longer prompts run as several largest chunks: add those points so the fit spans them.
@@ -86,7 +89,8 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
         "name": name or f"measured-{mc.architecture}-{mc.num_layers}x{mc.hidden_size}",
         "units": "ms",
         "source": ("measured by tropical_jax.cluster.profile on this machine's devices: chunk buckets (prefill), "
-                   "batch x context buckets (decode), chunk x batch x context buckets (mixed), median of 5 "
+                   "batch x context buckets at 1/4, 1/2 and all of the context (decode), chunk x batch x context "
+                   "buckets (mixed), median of 5 "
                    "timed runs each; longer prompts extrapolated as several largest chunks"),
         "prefill": {"points": prefill},
         "decode": decode_fit,
@@ -116,7 +120,10 @@ def measure_transfer(copy, page_size: int, kv_bytes_per_token: int, max_pages: i
     tokens, ms = np.array(points, dtype=float).T
     (latency, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens * kv_bytes_per_token], 1),
                                               ms, rcond=None)
-    per_byte = max(per_byte, 1e-9)  # ms per byte; noise must not make the bandwidth negative or infinite
+    source = "measured: the cluster's own page copy between its first P and M (or D) worker, median of 5, " \
+             "fitted by least squares"
+    if per_byte < 1e-9:  # ms per byte: the size made no difference the timer could see
+        per_byte, source = 1e-9, source + "; the copy's size changed its time by less than noise: bandwidth " \
+                                          "set to 1000 GB/s, the latency carries it"
     return {"bandwidth_GBps": round(1e-6 / per_byte, 4), "latency_ms": round(max(latency, 0.0), 4),
-            "points": points, "source": "measured: the cluster's own page copy between its first P and M "
-                                        "(or D) worker, median of 5, fitted by least squares"}
+            "points": points, "source": source}

@@ -22,7 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Bump when the profiler or the steps it times change, so profiles of older code miss.
-PROFILER_VERSION = 4  # 4: buckets timed full (decode attention reads only live context)
+PROFILER_VERSION = 5  # 4: buckets timed full (decode attention reads only live context); 5: decode at 3 fills
 
 
 def cache_dir() -> Path:

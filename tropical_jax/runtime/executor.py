@@ -102,9 +102,10 @@ class ModelExecutor:
     def _run(self, c, b, p, chunk, decodes) -> np.ndarray:
         return self.execute(pad_inputs(c, b, p, chunk, decodes))
 
-    def time_step(self, c, b, p) -> np.ndarray:
-        """Run a step of these buckets as full as they can be (for profiling)."""
-        return self.execute(full_inputs(self.cfg, c, b, p))
+    def time_step(self, c, b, p, decode_tokens=None) -> np.ndarray:
+        """Run a step of these buckets as full as they can be, or with decode rows of `decode_tokens`
+        tokens of context (for profiling)."""
+        return self.execute(full_inputs(self.cfg, c, b, p, decode_tokens))
 
     def execute(self, inputs: "StepInputs") -> np.ndarray:
         """Run prepared host metadata (step_inputs): the call a remote worker receives."""
@@ -159,14 +160,16 @@ def pad_inputs(c, b, p, chunk, decodes) -> StepInputs:
     return StepInputs(batch, temperature, top_k, top_p, seeds, steps)
 
 
-def full_inputs(cfg: EngineConfig, c, b, p) -> StepInputs:
+def full_inputs(cfg: EngineConfig, c, b, p, decode_tokens=None) -> StepInputs:
     """A (c, b, p) step with every row live: the chunk fills c tokens ending at the context bucket,
-    each decode row reads the whole bucket from its own pages. Decode attention stops at the longest
-    live row, so padding rows would time a step that reads nothing. Greedy; the tokens are junk."""
+    each decode row reads `decode_tokens` (default: the whole bucket) from its own pages. Decode
+    attention stops at the longest live row, so padding rows would time a step that reads nothing.
+    Greedy; the tokens are junk."""
     inputs = pad_inputs(c, b, p, None, [])
     tokens = p * cfg.page_size
     pages = (np.arange((b + 1) * p, dtype=np.int32) % cfg.total_pages).reshape(b + 1, p)
     batch = inputs.batch._replace(
         chunk_start=np.int32(max(0, tokens - c)), chunk_len=np.int32(min(c, tokens)), chunk_block_table=pages[0],
-        dec_positions=np.full(b, tokens - 1, np.int32), dec_block_tables=pages[1:], dec_mask=np.ones(b, bool))
+        dec_positions=np.full(b, (decode_tokens or tokens) - 1, np.int32), dec_block_tables=pages[1:],
+        dec_mask=np.ones(b, bool))
     return inputs._replace(batch=batch)
