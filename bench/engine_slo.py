@@ -43,7 +43,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tropical_jax.cluster.profile import measure_transfer  # noqa: E402
 from tropical_jax.sched.config import PolicyConfig  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import goodput, summarize  # noqa: E402
@@ -224,8 +223,7 @@ def main(argv=None) -> int:
         g_raw, _ = sim_goodput(args, cal_cluster, engine_policy(text, cfg), raw, tpot_raw, 0.5, 4.0)
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
-            transfer = measure_transfer(lambda s, d: llm.cluster._copy_pages("P0", "D0", s, d), cfg.page_size,
-                                        raw.kv_bytes_per_token, cfg.pages_per_seq)
+            transfer = llm.cluster.measure_handoff(raw.kv_bytes_per_token)
         part = StepWatch(llm.cluster)
         llm.cluster.start()
         try:

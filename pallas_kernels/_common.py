@@ -38,19 +38,20 @@ def check_pools(q, k_pool, v_pool):
 
 
 def online_softmax_update(m, l, acc, s, mask, v):
-    """One flash-attention step over a block of keys.
+    """One flash-attention step over a block of keys, for any leading batch dims [...].
 
-    m, l: [R, 1] f32 running max / denominator; acc: [R, D] f32 unnormalised output;
-    s: [R, T] f32 scaled scores; mask: [R, T] bool; v: [T, D] with masked rows already zeroed
-    (stale pool memory may hold NaNs, and 0 * NaN would poison acc).
+    m, l: [..., R, 1] f32 running max / denominator; acc: [..., R, D] f32 unnormalised output;
+    s: [..., R, T] f32 scaled scores; mask: broadcastable to s, bool; v: [..., T, D] with masked rows
+    already zeroed (stale pool memory may hold NaNs, and 0 * NaN would poison acc).
     Masked probabilities are forced to exactly 0, so a row that has seen no valid key keeps
     l == 0 and the caller can emit zeros for it.
     """
-    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, NEG), axis=1, keepdims=True))
+    m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, NEG), axis=-1, keepdims=True))
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+    l_new = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
+    n, batch = p.ndim, tuple(range(p.ndim - 2))
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((n - 1,), (n - 2,)), (batch, batch)),
                              preferred_element_type=jnp.float32)
     return m_new, l_new, alpha * acc + pv
 

@@ -79,26 +79,27 @@ class ClusterEngine:
         self._errors: list[BaseException] = []
         for w in self.workers.values():
             w.warmup(progress)
-        self.measured_transfer = None
         if cost_model is None:
-            cost_model, time_transfer = CostModel.from_json(next(iter(self.workers.values())).profile(progress)), True
-        if time_transfer:
-            cost_model = self._with_measured_transfer(cost_model)
+            cost_model = CostModel.from_json(next(iter(self.workers.values())).profile(progress))
+            time_transfer = True
+        handoff = self.measure_handoff(cost_model.kv_bytes_per_token) if time_transfer else None
+        if handoff is not None:
+            cost_model = replace(cost_model, bandwidth_Bps=handoff["bandwidth_GBps"] * 1e9,
+                                 transfer_latency=handoff["latency_ms"] * 1e-3)
         self.scheduler = Scheduler(self.spec, self.policy, cost_model, page_size=engine_cfg.page_size,
                                    kv_capacity_tokens=engine_cfg.total_pages * engine_cfg.page_size)
 
-    def _with_measured_transfer(self, cost: CostModel) -> CostModel:
-        """The cost model with this cluster's own P -> M (or D) page copy timed in place of its transfer
-        constants (not cached: it depends on the pair of meshes and the backend; it takes well under a second)."""
+    def measure_handoff(self, kv_bytes_per_token: int) -> dict | None:
+        """This cluster's own P -> M (or D) page copy, timed and fitted (the cost model's transfer
+        section); None without such a pair. Not cached: it depends on the pair of meshes and the backend,
+        and takes well under a second."""
         src = self.spec.by_role("P")
         dst = self.spec.by_role("M") + self.spec.by_role("D")
         if not (src and dst):
-            return cost
+            return None
         pair = (src[0].name, dst[0].name)
-        self.measured_transfer = measure_transfer(lambda s, d: self._copy_pages(*pair, s, d), self.cfg.page_size,
-                                                  cost.kv_bytes_per_token, self.cfg.pages_per_seq)
-        return replace(cost, bandwidth_Bps=self.measured_transfer["bandwidth_GBps"] * 1e9,
-                       transfer_latency=self.measured_transfer["latency_ms"] * 1e-3)
+        return measure_transfer(lambda s, d: self._copy_pages(*pair, s, d), self.cfg.page_size, kv_bytes_per_token,
+                                self.cfg.pages_per_seq)
 
     def close(self):
         """Stop the loops and release the workers (Ray: kill the actors)."""

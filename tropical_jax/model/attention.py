@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import NEG, finish, online_softmax_update
 from pallas_kernels.engine_adapter import step_slots
 from pallas_kernels.kv_write import write_kv_reference
 
@@ -64,22 +65,17 @@ def decode_attention(q, k_pool, v_pool, block_tables, positions, mask):
     def step(carry):
         i, m, l, acc = carry
         ids = jax.lax.dynamic_slice_in_dim(tables, i * pages, pages, axis=1)
+        visible = (i * block + jnp.arange(block) < lengths[:, None])[:, None, :]  # [b, 1, t]
         keys, values = (_gather(pool, ids).astype(jnp.float32).transpose(0, 2, 1, 3) for pool in (k_pool, v_pool))
+        values = jnp.where(visible[..., None], values, 0.0)  # rows past a length never reach the sum
         s = jnp.einsum("bhgd,bhtd->bhgt", qg, keys)
-        visible = (i * block + jnp.arange(block) < lengths[:, None])[:, None, None, :]
-        s = jnp.where(visible, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing visible yet stays at zero
-        p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
-        scale = jnp.exp(jnp.where(jnp.isfinite(m), m, safe) - safe)
-        acc = acc * scale[..., None] + jnp.einsum("bhgt,bhtd->bhgd", p, values)
-        return i + 1, m_new, l * scale + jnp.sum(p, axis=-1), acc
+        return (i + 1, *online_softmax_update(m, l, acc, s, visible[:, :, None, :], values))
 
-    shape = (b, kvh, heads // kvh)
+    rows = (b, kvh, heads // kvh)
     blocks = (jnp.max(lengths) + block - 1) // block
-    init = (jnp.int32(0), jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape + (dim,)))
+    init = (jnp.int32(0), jnp.full(rows + (1,), NEG), jnp.zeros(rows + (1,)), jnp.zeros(rows + (dim,)))
     _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < blocks, step, init)
-    return (acc / jnp.where(l > 0, l, 1.0)[..., None]).reshape(b, heads, dim).astype(q.dtype)
+    return finish(l, acc).reshape(b, heads, dim).astype(q.dtype)
 
 
 def reference_attention(q, k, v, k_pool, v_pool, batch: StepBatch):

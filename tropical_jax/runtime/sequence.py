@@ -71,13 +71,14 @@ def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_
     if tokenizer is None:
         return reason, ""
     text = seq.text + _new_text(seq, tokenizer, flush=reason is not None)
-    if sp.stop:  # only an occurrence that reaches into the new text can be new
-        start = max(0, len(seq.text) - max(map(len, sp.stop)) + 1)
+    longest = max(map(len, sp.stop), default=0)
+    if longest:  # only an occurrence that reaches into the new text can be new
+        start = max(0, len(seq.text) - longest + 1)
         cut = min((i for i in (text.find(s, start) for s in sp.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
     seq.text = text
-    hold = 0 if reason is not None or not sp.stop else max(map(len, sp.stop)) - 1
+    hold = 0 if reason is not None else max(longest - 1, 0)
     end = max(seq.num_streamed, len(text) - hold)
     new_text, seq.num_streamed = text[seq.num_streamed:end], end
     return reason, new_text
