@@ -50,7 +50,7 @@ from tropical_jax.sched.request import Request  # noqa: E402
 from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
-from step_calibration import StepWatch, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
+from step_calibration import StepWatch, alone_factors, contention, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
 
 POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
             ("disaggregated", "1P1D")]
@@ -72,7 +72,15 @@ def machine() -> dict:
 
 
 def policy_text(name: str, args) -> str:
-    return f"{name}:shed={'true' if args.shed else 'false'}"
+    """The policy with its token-length knobs scaled like the prompts (x --input-scale): unscaled, a
+    512-token short-prompt exemption would exempt every prompt here from the slack check."""
+    knobs = [f"shed={'true' if args.shed else 'false'}"]
+    if name in ("tropical", "planned"):
+        p = PolicyConfig(policy=name)
+        knobs += [f"{k}={max(1, round(getattr(p, k) * args.input_scale))}"
+                  for k in ("short_prompt_tokens", "max_multiplex_tokens", "jump_tokens") if getattr(p, k) is not None]
+        knobs.append(f"handoff_guard={'true' if args.handoff_guard else 'false'}")
+    return f"{name}:{','.join(knobs)}"
 
 
 def engine_policy(text: str, cfg) -> PolicyConfig:
@@ -193,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--no-shed", dest="shed", action="store_false",
                     help="do not reject hopeless requests at once (default: every policy sheds them)")
+    ap.add_argument("--handoff-guard", action="store_true",
+                    help="cap M steps so a request handed over mid-step keeps its TPOT (PolicyConfig.handoff_guard)")
     ap.add_argument("--sim-requests", type=int, default=400)
     ap.add_argument("--sim-seeds", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "engine_slo.json"))
@@ -235,11 +245,12 @@ def main(argv=None) -> int:
         seen += part
         gaps += part.gaps
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "rate": rate, "requests": len(reqs),
-                    "steps": {k: sum(x[0] == k for x in part) for k in ("prefill", "decode", "mixed")}})
-    overall = step_ratio(seen)
-    factors = {k: step_ratio(seen, k) or overall for k in ("prefill", "decode", "mixed")}
+                    "steps": {k: sum(x[0] == k for x in part) for k in ("prefill", "decode", "mixed")},
+                    "steps_beside_another": sum(x[3] for x in part)})
+    factors = alone_factors(seen)
+    shared_factor = contention(seen, factors)
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
-    profile = {**scaled_profile(raw, factors, gap_ms), "transfer": transfer}
+    profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
     cost = CostModel.from_json(profile)
     tpot_slo, step = slo_for(cost)
 

@@ -1,8 +1,10 @@
 """Calibrating a measured profile to the steps as a cluster really runs them (bench/engine_slo.py).
 
 The profiler times each step alone; in a cluster the workers share the machine's cores. `StepWatch`
-records every step's real and predicted time and the host time after it; `scaled_profile` scales each
-kind of step by its median real/predicted ratio and adds that host time.
+records every step's real and predicted time, whether another worker ran a step when it started, and
+the host time after it. `scaled_profile` scales each kind of step by its median real/predicted ratio
+among the steps that started alone and adds that host time; `contention` is how much longer the others
+ran (the profile's contention factor, which the simulator applies to steps that start beside another).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ def step_kind(plan) -> str:
 
 
 class StepWatch(list):
-    """(kind, real s, predicted s) of every step the engine runs from now on, and the host time a busy worker
+    """(kind, real s, predicted s, shared) of every step the engine runs from now on, and the host time a busy worker
     spends after each kind of step before the next (`gaps`: (kind, s); a prefill's KV copy to its decode
     worker runs there, waiting for that worker's step to end; tokens are appended; the next step is planned).
     Wraps the engine's scheduler's next_step and step_done."""
@@ -28,9 +30,12 @@ class StepWatch(list):
         sched = eng.scheduler
         nxt, done = sched.next_step, sched.step_done
         last_end: dict = {}
+        shared: dict = {}
 
         def next_step(worker, now):
             plan = nxt(worker, now)
+            if plan is not None:
+                shared[worker] = any(n != worker and w.busy is not None for n, w in sched.workers.items())
             if plan is None:
                 last_end.pop(worker, None)  # idle: the next gap is not overhead
             elif worker in last_end:
@@ -39,7 +44,7 @@ class StepWatch(list):
             return plan
 
         def step_done(worker, plan, now, finished=()):
-            self.append((step_kind(plan), now - plan.start, plan.predicted))
+            self.append((step_kind(plan), now - plan.start, plan.predicted, shared.pop(worker, False)))
             out = done(worker, plan, now, finished)
             last_end[worker] = (step_kind(plan), now)
             return out
@@ -51,10 +56,24 @@ class StepWatch(list):
         self.gaps.clear()
 
 
-def step_ratio(seen, kind: str | None = None) -> float | None:
-    """Median real/predicted step time (of one kind of step, or all)."""
-    r = [real / pred for k, real, pred in seen if pred > 0 and kind in (None, k)]
-    return float(np.median(r)) if r else None
+def step_ratio(seen, kind: str | None = None, shared: bool | None = None, min_steps: int = 1) -> float | None:
+    """Median real/predicted step time (of one kind of step, or all; of steps that started beside
+    another worker's, alone, or either); None with fewer than min_steps such steps."""
+    r = [real / pred for k, real, pred, sh in seen if pred > 0 and kind in (None, k) and shared in (None, sh)]
+    return float(np.median(r)) if len(r) >= min_steps else None
+
+
+def alone_factors(seen, min_steps: int = 20) -> dict:
+    """Per kind of step, the median real/predicted of steps that started alone (all alone steps where a
+    kind has too few, all steps where there are too few alone)."""
+    overall = step_ratio(seen, shared=False, min_steps=min_steps) or step_ratio(seen)
+    return {k: step_ratio(seen, k, False, min_steps) or overall for k in ("prefill", "decode", "mixed")}
+
+
+def contention(seen, factors: dict) -> float:
+    """Median over steps that started beside another worker's of real / (predicted x its kind's factor)."""
+    r = [real / (pred * factors[k]) for k, real, pred, sh in seen if sh and pred > 0]
+    return float(np.median(r)) if r else 1.0
 
 
 def mean_gaps_ms(gaps) -> dict:
@@ -62,9 +81,9 @@ def mean_gaps_ms(gaps) -> dict:
             for k in ("prefill", "decode", "mixed")}
 
 
-def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict) -> dict:
+def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: float = 1.0) -> dict:
     """The measured profile with each kind of step's time x its factor, plus the host time between steps
-    (the steps as the cluster ran them)."""
+    (the steps as the cluster ran them), and the contention factor of steps beside another's."""
     d = cost.to_dict()
     for sec, kind in (("prefill", "prefill"), ("chunk", "prefill"), ("decode", "decode"), ("mixed", "mixed")):
         if sec in d:
@@ -74,7 +93,10 @@ def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict) -> dict:
         if sec in d:
             d[sec][const] += gap_ms[kind]
     text = ", ".join(f"{k} x {factors[k]:.2f} + {gap_ms[k]:.1f} ms after it" for k in factors)
-    d["name"] = f"{d['name']} calibrated ({text})"
-    d["source"] = (f"{d['source']}; step times scaled ({text}): the median real/predicted step time of each kind "
-                   "in calibration runs of the cluster on this machine (two workers sharing its cores)")
+    d["name"] = f"{d['name']} calibrated ({text}; x {shared_factor:.2f} beside another worker's step)"
+    d["source"] = (f"{d['source']}; step times scaled ({text}): the median real/predicted time of each kind of "
+                   "step that started alone, in calibration runs of the cluster on this machine (two workers "
+                   f"sharing its cores); a step that started beside another worker's took x {shared_factor:.2f} "
+                   "(median), the contention factor")
+    d["contention"] = {"factor": shared_factor}
     return d

@@ -90,3 +90,15 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_step():
     assert int(alone[0]) == int(shared[0])
     assert int(shared[1]) == int(np.argmax(logits[1]))
     assert int(shared[2]) in set(np.argsort(-logits[2])[:3])
+
+
+def test_greedy_is_numpy_argmax_first_of_ties():
+    # Small integer logits make ties common; -inf and large values too.
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 3, (64, 1000)).astype(np.float32)
+    logits[0] = -np.inf
+    logits[1, 999] = 1e30
+    zeros = np.zeros(64, np.int32)
+    got = jax.jit(sample)(logits, np.zeros(64, np.float32), zeros, np.ones(64, np.float32),
+                          zeros.astype(np.uint32), zeros)
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(logits, axis=-1))

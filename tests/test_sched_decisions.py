@@ -333,6 +333,21 @@ def test_m_step_chunk_is_largest_bucket_within_slack(slack, chunk):
     assert (plan.chunk.length if plan.chunk else None) == chunk
 
 
+@pytest.mark.parametrize("guard,pending,chunk", [(False, True, 1024), (True, False, 1024), (True, True, 128)])
+def test_handoff_guard_keeps_m_steps_short_while_a_prefill_is_pending(guard, pending, chunk):
+    # The pending request (1000 tokens, TPOT 100 ms) lands after a 2 ms copy (1 ms + 1 MB at 1 GB/s)
+    # and then needs its own 20 ms decode step: M steps may last 100 - 2 - 20 = 78 ms, i.e. a mixed
+    # step of 0.25 C + 20 <= 78 -> C <= 232 -> bucket 128. The decode's 5 s of slack allows 1024.
+    s = make("1P1M", handoff_guard=guard)
+    decoding(s, "M0", slack=5)
+    queued(s, "M0", req(2048))
+    if pending:
+        queued(s, "P0", req(1000, tpot=0.1))
+    m = s.workers["M0"]
+    assert s.mon.handoff_cap(m) == (pytest.approx(0.078) if guard and pending else math.inf)
+    assert s.next_step("M0", NOW).chunk.length == chunk
+
+
 def test_p_worker_srpt_at_chunk_boundary():
     s = make("1P1M", max_multiplex_tokens=100)
     a = req(3000)

@@ -146,6 +146,27 @@ def test_md1_mean_queueing():
     assert all(r.first_token_time - r.first_scheduled == pytest.approx(D) for r in res.requests[:100])
 
 
+def test_contention_slows_only_steps_that_start_beside_another():
+    """Two colocated workers, prefill-only requests of constant time D, contention factor 1.5: a
+    step that starts while the other worker runs one takes 1.5 D, one that starts alone D (of two
+    arriving together, the first starts alone)."""
+    D = 0.1
+    prof = {**PROFILE, "prefill": {"c2": 0.0, "c1": 0.0, "c0": D * 1e3}, "contention": {"factor": 1.5}}
+    cost = CostModel.from_json(prof)
+    assert CostModel.from_json(cost.to_dict()).contention == 1.5
+    reqs = [Request(0, 0.0, 10, 1, 1e9, 0.1, 1), Request(1, 1.0, 10, 1, 1e9, 0.1, 1),
+            Request(2, 1.0, 10, 1, 1e9, 0.1, 1), Request(3, 2.0, 10, 1, 1e9, 0.1, 1),
+            Request(4, 2.05, 10, 1, 1e9, 0.1, 1)]
+    res = simulate(reqs, "2C", "colocated", cost, kv_capacity_tokens=1_000_000)
+    took = [r.first_token_time - r.first_scheduled for r in sorted(res.requests, key=lambda r: r.id)]
+    assert took == pytest.approx([D, D, 1.5 * D, D, 1.5 * D])
+    plain = simulate(reqs, "2C", "colocated", CostModel.from_json(PROFILE | {"prefill": prof["prefill"]}),
+                     kv_capacity_tokens=1_000_000)
+    assert all(r.first_token_time - r.first_scheduled == pytest.approx(D) for r in plain.requests)
+    with pytest.raises(ValueError, match="contention"):
+        CostModel.from_json({**PROFILE, "contention": {"factor": 0}})
+
+
 def test_max_misses_stops_only_runs_below_target():
     reqs = workload(300, rate=6.0, seed=2, slo_scale=None)
     for rate_reqs, cluster, policy in ((reqs, "1P1M", "tropical"), (workload(300, 1.0, 2), "2C", "colocated")):

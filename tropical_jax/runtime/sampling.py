@@ -65,10 +65,18 @@ def _draw(scaled, keep, seeds, steps):
     return jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
 
 
+def _argmax(logits):
+    """jnp.argmax (the first of tied maxima) as two plain reductions: XLA CPU's variadic
+    (value, index) reduce is 2.5x slower (0.32 vs 0.13 ms at 32 x 4096)."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = -jnp.arange(logits.shape[-1], dtype=jnp.float32)  # exact below 2**24 tokens
+    return (-jnp.max(jnp.where(logits == best, index, -jnp.inf), axis=-1)).astype(jnp.int32)
+
+
 def sample(logits, temperature, top_k, top_p, seeds, steps):
     """logits f32[R, V]; temperature/top_p f32[R]; top_k/steps int32[R] (top_k <= 0: off); seeds uint32[R]."""
     vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _argmax(logits)
 
     def sampled():
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]

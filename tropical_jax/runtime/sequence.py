@@ -90,9 +90,19 @@ def _new_text(seq: Sequence, tokenizer, flush: bool) -> str:
     drops a leading space at the start of a decode drops it from both strings compared. A trailing
     partial UTF-8 character is held back until its bytes complete, or the sequence ends (flush)."""
     ids = seq.output_ids
-    before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-    after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    before = _decode(tokenizer, ids[seq.prefix_offset:seq.read_offset])
+    after = _decode(tokenizer, ids[seq.prefix_offset:])
     if len(after) <= len(before) or (after.endswith("\ufffd") and not flush):
         return ""
     seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     return after[len(before):]
+
+
+def _decode(tokenizer, ids) -> str:
+    """tokenizer.decode(ids, skip_special_tokens=True); through the Rust tokenizer directly when
+    transformers would add nothing (no space clean-up): its Python wrapper costs ~30 us a call, two
+    calls a token, 2 ms a step at batch 32."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return backend.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -114,7 +114,7 @@ class Batcher:
         if w.queue:
             r = w.queue[0]
             if self._admit(w, r):
-                st = PlanState(t0=now)
+                st = PlanState(t0=now, cap=self.mon.handoff_cap(w))
                 for d in decodes:
                     st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
                 for d in w.incoming:  # they get their next token after this step at the earliest

@@ -114,6 +114,10 @@ class PolicyConfig:
     queue_order: str = "sjf"
     # A request whose prefill has not started this long after arrival is rejected (HTTP 429). None: never.
     queue_timeout: float | None = None
+    # Keep every M step short enough that a request handed over from a P worker mid-step still gets
+    # its second token within its TPOT (Monitor.handoff_cap). False: only decodes already on (or in
+    # transit to) the M worker are protected, as the paper's rules have it.
+    handoff_guard: bool = False
     # Slack a decode must keep at each of its tokens during a planned inline (s).
     slack_margin: float = 0.0
     # Prefill chunk sizes the engine has executables for. P workers use the largest; M workers the
@@ -195,9 +199,9 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy"):
         return v
-    if key == "shed":
+    if key in ("shed", "handoff_guard"):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
-            raise ValueError(f"shed must be true or false, got {v!r}")
+            raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
     if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch"):
         return int(v)

@@ -38,6 +38,10 @@ JSON profile schema (one object; unknown keys are kept in `extra` and ignored):
                  kv_bytes_per_token = 2 (K and V) · layers · kv_heads · head_dim · dtype_bytes.
       "transfer": {"bandwidth_GBps": 200, "latency_ms": 1.0}        required (GB = 1e9 bytes)
       "kv_capacity_tokens": 500000                                  optional: KV tokens one worker holds
+      "contention": {"factor": 1.4}                                 optional (default 1): a step that
+                 starts while another worker of the cluster runs one takes this x longer (workers that
+                 share one host's cores, e.g. emulated CPU devices). Only the simulator's executor
+                 applies it: the scheduler plans with the times alone.
     }
 A missing file, a missing required section, a wrong unit or too few points raises `ProfileError`:
 a scheduler without a cost model must not silently stop multiplexing (a defect of the reference
@@ -125,6 +129,7 @@ class CostModel:
     name: str = ""
     source: str = ""
     chunk_derived: bool = False
+    contention: float = 1.0              # step time x this when another worker runs a step meanwhile
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -258,13 +263,17 @@ class CostModel:
         except (KeyError, TypeError) as e:
             raise ProfileError(f"profile 'transfer' needs bandwidth_GBps and latency_ms: {e}") from e
         cap = d.get("kv_capacity_tokens")
+        try:
+            contention = float(d.get("contention", {}).get("factor", 1.0))
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ProfileError(f"profile 'contention' is {{\"factor\": number}}: {e}") from e
         known = {"name", "source", "units", "prefill", "chunk", "decode", "mixed", "kv_bytes_per_token",
-                 "model", "transfer", "kv_capacity_tokens"}
+                 "model", "transfer", "kv_capacity_tokens", "contention"}
         cm = cls(prefill=prefill, chunk=chunk, decode=decode, mixed=mixed, kv_bytes_per_token=kvb,
                  bandwidth_Bps=bw, transfer_latency=lat,
                  kv_capacity_tokens=None if cap is None else int(cap),
                  name=str(d.get("name", "")), source=str(d.get("source", "")),
-                 chunk_derived="chunk" not in d,
+                 chunk_derived="chunk" not in d, contention=contention,
                  extra={k: v for k, v in d.items() if k not in known})
         cm._validate()
         return cm
@@ -276,6 +285,8 @@ class CostModel:
             raise ProfileError("profile coefficients must be finite")
         if self.kv_bytes_per_token <= 0 or self.bandwidth_Bps <= 0 or self.transfer_latency < 0:
             raise ProfileError("kv_bytes_per_token and bandwidth must be positive, latency >= 0")
+        if not (math.isfinite(self.contention) and self.contention > 0):
+            raise ProfileError(f"contention factor must be positive, got {self.contention}")
         # A model that predicts non-positive times would make every plan look free.
         for L in (1, 128, 4096):
             if self.t_prefill(L) <= 0 or self.t_chunk(L, 0) <= 0:
@@ -294,4 +305,6 @@ class CostModel:
             d["mixed"] = dict(self.mixed)
         if self.kv_capacity_tokens is not None:
             d["kv_capacity_tokens"] = self.kv_capacity_tokens
+        if self.contention != 1.0:
+            d["contention"] = {"factor": self.contention}
         return d

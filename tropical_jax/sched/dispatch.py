@@ -66,8 +66,12 @@ class TropicalDispatcher:
         self._now = now
 
     def _state_key(self, w: WorkerState) -> tuple:
-        # An idle worker's plans start now, so they also depend on the time.
-        return (w.version, self._now if w.busy is None else None)
+        # An idle worker's plans start now, so they also depend on the time; an M worker's on what
+        # the prefill workers will hand it (Monitor.handoff_cap).
+        key = (w.version, self._now if w.busy is None else None)
+        if w.role == "M" and self.mon.cfg.handoff_guard:
+            key += tuple(p.version for p in self.mon.of_role("P"))
+        return key
 
     def _pq(self, w: WorkerState) -> _PQueue:
         key = self._state_key(w)

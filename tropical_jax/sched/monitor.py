@@ -7,6 +7,8 @@ request). Banked TPOT slack is a function of a request and the time (DESIGN §3)
 
 from __future__ import annotations
 
+import math
+
 from tropical_jax.kv.allocator import BlockTable, PageAllocator
 from tropical_jax.sched.config import PolicyConfig, WorkerSpec
 from tropical_jax.sched.cost_model import CostModel
@@ -122,6 +124,21 @@ class Monitor:
         if w.role == "C":
             return self.cfg.chunked_budget if self.cfg.policy == "chunked" else self.cfg.token_budget
         return self.big_chunk
+
+    def handoff_cap(self, w: WorkerState) -> float:
+        """Longest step (s, safety factor included) an M worker may run while a prefill worker holds
+        requests that will hand their KV to it: one landing just after such a step starts gets its
+        second token only after that step, then one of its own, and both must fit in its TPOT after
+        the copy. inf when the guard is off, for other roles, or when no prefill is pending."""
+        if not self.cfg.handoff_guard or w.role != "M":
+            return math.inf
+        pending = [r for p in self.of_role("P") for r in (*p.queue, *p.handoff)]
+        if not pending:
+            return math.inf
+        longest = max(r.prompt_len for r in pending)
+        c = self.cost
+        own_step = c.t_decode(len(w.decoding) + len(w.incoming) + 1, w.decode_load() + longest + 1)
+        return min(r.tpot_slo for r in pending) - (c.t_transfer(longest) + own_step) * self.cfg.safety_factor
 
     def remaining_time(self, w: WorkerState, r: Request) -> float:
         """Predicted time (no safety factor) to finish r's prefill alone on w, after the chunk in flight."""

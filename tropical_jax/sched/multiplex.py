@@ -37,9 +37,10 @@ class PlanState:
     S: float = 0.0                # planned time so far (safety factor included)
     j: int = 0                    # steps planned so far
     min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
+    cap: float = math.inf         # longest any one step may be (Monitor.handoff_cap)
 
     def copy(self) -> "PlanState":
-        return PlanState(self.t0, self.B, self.T, self.S, self.j, dict(self.min_a))
+        return PlanState(self.t0, self.B, self.T, self.S, self.j, dict(self.min_a), self.cap)
 
     def add_decode(self, a: float, tpot: float, ctx: int) -> None:
         if a < self.min_a.get(tpot, math.inf):
@@ -48,11 +49,11 @@ class PlanState:
         self.T += ctx
 
     def budget(self, margin: float) -> float:
-        """Longest next step (s) that keeps every decode's token of that step on time."""
+        """Longest next step (s) that keeps every decode's token of that step on time (and the cap)."""
         if not self.min_a:
-            return math.inf
+            return self.cap
         j = self.j + 1
-        return min(a + (j - 1) * tp for tp, a in self.min_a.items()) - margin - self.S
+        return min(self.cap, min(a + (j - 1) * tp for tp, a in self.min_a.items()) - margin - self.S)
 
     def min_slack_left(self) -> float:
         """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
@@ -100,6 +101,7 @@ def start_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
     A prefill whose last chunk is in flight is still in w.queue; queued_state joins it to the batch.
     """
     st = PlanState(t0=w.free_at(now, mon.cfg.safety_factor))
+    st.cap = mon.handoff_cap(w)
     in_flight = w.busy.decodes if w.busy is not None else ()
     in_step = {id(r) for r in in_flight}
     for r in w.decoding:
@@ -237,7 +239,7 @@ class InlineFrontier:
         sf, top = mon.cfg.safety_factor, mon.big_chunk
         j = len(self.reach) + 1
         ctx, T = self.N[-1], b.T + (j - 1) * b.B
-        st = PlanState(b.t0, b.B, T, self.S[-1], b.j + j - 1, b.min_a)
+        st = PlanState(b.t0, b.B, T, self.S[-1], b.j + j - 1, b.min_a, b.cap)
         cmax = mon.cost.max_chunk(ctx, b.B, T, st.budget(mon.cfg.slack_margin) / sf, top)
         self.reach.append(max(ctx + cmax, self.reach[-1] if self.reach else 0))
         c = bucket_floor(mon.cfg.chunk_buckets, cmax)

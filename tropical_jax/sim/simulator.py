@@ -133,14 +133,14 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             stopped = True
             break
         now = clock.now()
-        for w in names:
-            plan = sched.next_step(w, now)
-            if plan is not None:
-                steps += 1
-                if observer is not None:
-                    observer("step_start", now, w, plan)
-                heapq.heappush(heap, (now + ex.step_time(plan), seq, _STEP, (w, plan)))
-                seq += 1
+        started = [(w, plan) for w in names if (plan := sched.next_step(w, now)) is not None]
+        for w, plan in started:
+            steps += 1
+            if observer is not None:
+                observer("step_start", now, w, plan)
+            shared = any(x != w and sched.workers[x].busy is not None for x in names)
+            heapq.heappush(heap, (now + ex.step_time(plan, shared), seq, _STEP, (w, plan)))
+            seq += 1
         for tr in sched.take_transfers():
             dur, ok = ex.transfer(tr)
             heapq.heappush(heap, (now + dur, seq, _XFER, (tr, ok)))
