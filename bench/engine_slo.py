@@ -16,7 +16,7 @@
    (the scheduler's default), TPOT SLO = --tpot-scale x the decode step at the middle batch bucket.
 3. Runs every policy on a cluster of two workers (`1P1M` tropical and planned, `2C` colocated and
    chunked, `1P1D` disaggregated) on the real clock: an open-loop driver submits requests at their
-   Poisson arrival times; attainment at each rate, goodput where the curve crosses the target.
+   Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput where the curve crosses the target.
 4. Replays each real run in the simulator (same requests, their actual arrival times, the same policy
    and calibrated profile) and reports the relative error of its P90 TTFT, P90 TPOT and attainment;
    also the simulator's own goodput search on that profile and the workload (which picks the rates).
@@ -92,8 +92,8 @@ def engine_policy(text: str, cfg) -> PolicyConfig:
 
 
 def scaled_requests(args, n: int, rate: float, seed: int, tpot_slo: float) -> list[Request]:
-    """The trace's lengths scaled down to the model; Poisson arrivals at `rate`."""
-    reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo)
+    """The trace's lengths scaled down to the model; Poisson (or Gamma, --arrival) arrivals at `rate`."""
+    reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo, arrival=args.arrival, cv=args.cv)
     out_cap = args.max_output_len
     in_cap = ENGINE["max_model_len"] - out_cap - 1
     for r in reqs:
@@ -201,6 +201,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--no-shed", dest="shed", action="store_false",
                     help="do not reject hopeless requests at once (default: every policy sheds them)")
+    ap.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    ap.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of Gamma inter-arrival times")
+    ap.add_argument("--seeds", type=int, default=1, help="runs (request seeds) per rate, pooled")
+    ap.add_argument("--reprofile", action="store_true", help="measure the profile again instead of reusing the cached one")
     ap.add_argument("--handoff-guard", action="store_true",
                     help="cap M steps so a request handed over mid-step keeps its TPOT (PolicyConfig.handoff_guard)")
     ap.add_argument("--sim-requests", type=int, default=400)
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
     from tropical_jax.config import EngineConfig
 
     cfg = EngineConfig(**ENGINE)
-    measured, profile_path, reused = cached_profile(None, cfg, progress=True)
+    measured, profile_path, reused = cached_profile(None, cfg, progress=True, refresh=args.reprofile)
     raw = CostModel.from_json(measured)
     mid_batch = cfg.batch_sizes[len(cfg.batch_sizes) // 2]
     chosen = [(p, c) for p, c in POLICIES if p in args.policies.split(",")]
@@ -277,10 +281,11 @@ def main(argv=None) -> int:
                                        "host_gap_after_step_ms_mean": gap_ms},
                        "transfer_measured": transfer,
                        "used": profile},
-           "workload": {"trace": args.workload, "arrival": "poisson (open loop, real clock)",
+           "workload": {"trace": args.workload, "arrival": f"{args.arrival}{f' cv {args.cv}' if args.arrival == 'gamma' else ''} (open loop, real clock)",
                         "input_scale": args.input_scale, "output_scale": args.output_scale,
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
-                        "output_cap": args.max_output_len, "seconds_of_arrivals_per_run": args.duration},
+                        "output_cap": args.max_output_len, "seconds_of_arrivals_per_run": args.duration,
+                        "seeds_per_rate": args.seeds},
            "slo": {"ttft": "5 x the request's isolated prefill time (calibrated profile)",
                    "tpot_s": tpot_slo, "tpot": f"{args.tpot_scale} x the calibrated decode step at batch {mid_batch} "
                                              f"({step * 1e3:.1f} ms)"},
@@ -300,16 +305,18 @@ def main(argv=None) -> int:
             for i, rate in enumerate(rates):
                 bar.set_description(f"real {name} on {cluster} at {rate} req/s")
                 n = max(8, round(rate * args.duration))
-                reqs = scaled_requests(args, n, rate, 100 + i, tpot_slo)
                 seen.clear()
-                real = run_real(eng, reqs, tpot_slo, bar)
-                assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
-                rs = summarize(real)
-                ss = summarize(replay(real, cluster, policy, cost, cfg.page_size))
-                # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
-                su = summarize(replay(real, cluster, policy, raw, cfg.page_size))
+                real, sim, sim_raw = [], [], []
+                for seed in range(args.seeds):  # pooled: one run of seeds x n requests, in seeds stretches
+                    done = run_real(eng, scaled_requests(args, n, rate, 100 + i + 1000 * seed, tpot_slo), tpot_slo, bar)
+                    assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
+                    real += done
+                    sim += replay(done, cluster, policy, cost, cfg.page_size)
+                    # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
+                    sim_raw += replay(done, cluster, policy, raw, cfg.page_size)
+                rs, ss, su = summarize(real), summarize(sim), summarize(sim_raw)
                 keys = ("ttft_p90", "tpot_p90", "attainment")
-                runs.append({"rate": rate, "requests": n,
+                runs.append({"rate": rate, "requests": len(real),
                              "step_real_over_predicted": {k: step_ratio(seen, k) for k in ("prefill", "decode", "mixed")},
                              "host_gap_after_step_ms_mean": mean_gaps_ms(seen.gaps),
                              "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),

@@ -1,5 +1,6 @@
 """The engine's profiler: mixed steps measured and fitted; profiles cached by model, mesh, backend and buckets."""
 
+import json
 import logging
 
 import numpy as np
@@ -139,6 +140,9 @@ def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, cou
     assert not hit and len(measured) == 1
     _, _, hit = cached_profile(tiny, cfg, progress=False)
     assert hit and len(measured) == 1
+    # refresh: measured again although a profile fits, and the new one replaces it in the cache.
+    prof, path, hit = cached_profile(tiny, cfg, progress=False, refresh=True)
+    assert not hit and len(measured) == 2 and json.loads(path.read_text())["decode"] == BASE["decode"]
 
 
 def test_cache_key_follows_model_mesh_backend_and_buckets(tiny):

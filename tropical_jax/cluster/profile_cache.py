@@ -85,13 +85,15 @@ def store(profile: dict, ident: dict) -> Path:
     return path
 
 
-def cached_profile(model, engine_cfg, tp: int = 1, progress: bool = True) -> tuple[dict, Path, bool]:
-    """-> (profile, its cache file, whether it was reused). Profiles and stores when none fits."""
+def cached_profile(model, engine_cfg, tp: int = 1, progress: bool = True,
+                   refresh: bool = False) -> tuple[dict, Path, bool]:
+    """-> (profile, its cache file, whether it was reused). Profiles and stores when none fits, or
+    always with refresh (a profile timed on a busy machine stays too slow until it is replaced)."""
     from ..sched.cost_model import CostModel, ProfileError
 
     ident = identity(model, engine_cfg, tp)
     path = cache_dir() / f"{key_of(ident)}.json"
-    if path.exists():
+    if path.exists() and not refresh:
         try:
             profile = json.loads(path.read_text())
             CostModel.from_json(profile)
