@@ -35,7 +35,7 @@ class StepWatch(list):
         def next_step(worker, now):
             plan = nxt(worker, now)
             if plan is not None:
-                shared[worker] = any(n != worker and w.busy is not None for n, w in sched.workers.items())
+                shared[worker] = sched.others_busy(worker)
             if plan is None:
                 last_end.pop(worker, None)  # idle: the next gap is not overhead
             elif worker in last_end:

@@ -100,8 +100,7 @@ def start_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
 
     A prefill whose last chunk is in flight is still in w.queue; queued_state joins it to the batch.
     """
-    st = PlanState(t0=w.free_at(now, mon.cfg.safety_factor))
-    st.cap = mon.handoff_cap(w)
+    st = PlanState(t0=w.free_at(now, mon.cfg.safety_factor), cap=mon.handoff_cap(w))
     in_flight = w.busy.decodes if w.busy is not None else ()
     in_step = {id(r) for r in in_flight}
     for r in w.decoding:

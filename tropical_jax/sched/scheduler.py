@@ -182,6 +182,10 @@ class Scheduler:
     def workers(self) -> dict[str, WorkerState]:
         return self.mon.workers
 
+    def others_busy(self, worker: str) -> bool:
+        """Does another worker have a step in flight (a step starting on `worker` now shares the host)?"""
+        return any(name != worker and w.busy is not None for name, w in self.mon.workers.items())
+
     # ================= internals =================
     @property
     def _explain(self) -> bool:

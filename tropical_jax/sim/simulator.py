@@ -138,7 +138,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             steps += 1
             if observer is not None:
                 observer("step_start", now, w, plan)
-            shared = any(x != w and sched.workers[x].busy is not None for x in names)
+            shared = ex.cost.contention != 1.0 and sched.others_busy(w)
             heapq.heappush(heap, (now + ex.step_time(plan, shared), seq, _STEP, (w, plan)))
             seq += 1
         for tr in sched.take_transfers():
