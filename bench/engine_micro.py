@@ -108,7 +108,7 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
             eng = llm.engine
             sp = SamplingParams(max_tokens=len(prompts) + n + 2, temperature=0, ignore_eos=True)
             seqs = [eng.add_request(p, sp) for p in prompts]
-            while eng.waiting or eng.prefilling is not None:
+            while eng.waiting or eng.prefilling:
                 eng.step()
             assert len(eng.running) == len(seqs)
             t0 = time.perf_counter()

@@ -1,17 +1,28 @@
-"""Map one engine step (StepBatch, notes/interfaces.md) onto the ragged kernel and the KV write.
+"""Map one engine step (the model's StepBatch) onto the ragged kernel and the KV write.
 
 A step's query rows are the C chunk rows followed by the B decode rows: q [C + B, H, D]. The
-ragged kernel wants back-to-back sequences, so the step becomes S = 2 + B sequences (S = B when
-C == 0), all of them "live" with fixed shapes:
-    0        the chunk: tokens [0, chunk_len), kv_len = chunk_start + chunk_len
-    1        the chunk's padding rows [chunk_len, C), kv_len 0 (rows come out as zeros)
-    2 + i    decode slot i: token C + i, kv_len = dec_positions[i] + 1 (0 for a padding row)
+chunk holds up to N segments (prompts of different sequences) back to back. The ragged kernel
+wants back-to-back sequences, so the step becomes N + 1 + B sequences (B when C == 0), all of
+them "live" with fixed shapes:
+    i < N    chunk segment i: its chunk_lens[i] tokens, kv_len = chunk_starts[i] + chunk_lens[i]
+    N        the chunk's padding rows [sum(chunk_lens), C), kv_len 0 (rows come out as zeros)
+    N+1+i    decode slot i: token C + i, kv_len = dec_positions[i] + 1 (0 for a padding row)
 Only duck typing on the StepBatch fields: nothing here imports the model.
 """
 import jax.numpy as jnp
 
 from .dispatch import ragged_paged_attention, write_kv
 from .kv_write import slot_mapping
+
+
+def chunk_layout(batch):
+    """Each chunk token's (segment, position in its sequence, valid): padding tokens are invalid."""
+    c, n = batch.chunk_tokens.shape[0], batch.chunk_lens.shape[0]
+    ends = jnp.cumsum(batch.chunk_lens)
+    t = jnp.arange(c, dtype=jnp.int32)
+    seg = jnp.minimum(jnp.searchsorted(ends, t, side="right", method="compare_all"), n - 1).astype(jnp.int32)
+    pos = batch.chunk_starts[seg] + t - (ends[seg] - batch.chunk_lens[seg])
+    return seg, pos.astype(jnp.int32), t < ends[-1]
 
 
 def step_metadata(batch):
@@ -24,23 +35,22 @@ def step_metadata(batch):
         tables, kv_lens = batch.dec_block_tables, dec_kv
         cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), dec_cu])
     else:
-        chunk_table = batch.chunk_block_table[None, :]
-        tables = jnp.concatenate([chunk_table, jnp.zeros_like(chunk_table),
-                                  batch.dec_block_tables.reshape(b, chunk_table.shape[1])])
-        chunk_kv = jnp.reshape(batch.chunk_start + batch.chunk_len, (1,)).astype(jnp.int32)
+        chunk_tables = batch.chunk_block_tables
+        p = chunk_tables.shape[1]
+        tables = jnp.concatenate([chunk_tables, jnp.zeros((1, p), chunk_tables.dtype),
+                                  batch.dec_block_tables.reshape(b, p)])
+        chunk_kv = (batch.chunk_starts + batch.chunk_lens).astype(jnp.int32)
         kv_lens = jnp.concatenate([chunk_kv, jnp.zeros((1,), jnp.int32), dec_kv])
-        head = jnp.stack([jnp.int32(0), jnp.asarray(batch.chunk_len, jnp.int32), jnp.int32(c)])
-        cu = jnp.concatenate([head, dec_cu])
+        ends = jnp.cumsum(batch.chunk_lens).astype(jnp.int32)
+        cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends, jnp.full((1,), c, jnp.int32), dec_cu])
     num_seqs = jnp.full((1,), kv_lens.shape[0], jnp.int32)
     return tables.astype(jnp.int32), kv_lens, cu.astype(jnp.int32), num_seqs
 
 
 def step_slots(batch, page_size):
     """Pool slots of the step's C + B new tokens (-1 for padding rows), for write_kv."""
-    c = batch.chunk_tokens.shape[0]
-    r = jnp.arange(c, dtype=jnp.int32)
-    chunk = slot_mapping(jnp.broadcast_to(batch.chunk_block_table, (c,) + batch.chunk_block_table.shape),
-                         batch.chunk_start + r, r < batch.chunk_len, page_size)
+    seg, pos, valid = chunk_layout(batch)
+    chunk = slot_mapping(batch.chunk_block_tables[seg], pos, valid, page_size)
     dec = slot_mapping(batch.dec_block_tables, batch.dec_positions, batch.dec_mask, page_size)
     return jnp.concatenate([chunk, dec])
 

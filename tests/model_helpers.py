@@ -52,21 +52,24 @@ class PagedRunner:
     def table(self, s):
         return np.arange(s * self.pages_per_seq, (s + 1) * self.pages_per_seq, dtype=np.int32)
 
-    def step(self, chunk=None, decodes=(), chunk_bucket=None, batch_bucket=None):
-        """chunk: (seq, start, tokens); decodes: [(seq, position, token)]. Returns logits rows."""
+    def step(self, chunk=None, decodes=(), chunk_bucket=None, batch_bucket=None, chunks=None):
+        """chunk: (seq, start, tokens), or chunks: several packed; decodes: [(seq, position, token)].
+        Returns logits rows: one per chunk segment, then one per decode slot."""
         p = self.pages_per_seq
-        c = 0 if chunk is None else (chunk_bucket or len(chunk[2]))
+        chunks = chunks if chunks is not None else ([chunk] if chunk is not None else [])
+        n = max(1, len(chunks))
+        c = 0 if not chunks else (chunk_bucket or sum(len(t) for _, _, t in chunks))
         b = batch_bucket or len(decodes)
         ct = np.zeros(c, np.int32)
-        cs, cl, ctab = 0, 0, np.zeros(p, np.int32)
-        if chunk is not None:
-            seq, cs, toks = chunk
-            ct[: len(toks)] = toks
-            cl, ctab = len(toks), self.table(seq)
+        cs, cl, ctab = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, p), np.int32)
+        offset = 0
+        for i, (seq, start, toks) in enumerate(chunks):
+            ct[offset:offset + len(toks)] = toks
+            offset += len(toks)
+            cs[i], cl[i], ctab[i] = start, len(toks), self.table(seq)
         dt, dp, dtab, dm = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros((b, p), np.int32), np.zeros(b, bool)
         for i, (seq, pos, tok) in enumerate(decodes):
             dt[i], dp[i], dtab[i], dm[i] = tok, pos, self.table(seq), True
-        batch = StepBatch(jnp.asarray(ct), jnp.int32(cs), jnp.int32(cl), jnp.asarray(ctab), jnp.asarray(dt),
-                          jnp.asarray(dp), jnp.asarray(dtab), jnp.asarray(dm))
+        batch = StepBatch(*map(jnp.asarray, (ct, cs, cl, ctab, dt, dp, dtab, dm)))
         logits, self.kv = self.forward(self.params, self.kv, batch)
         return np.asarray(logits)

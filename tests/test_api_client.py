@@ -24,7 +24,7 @@ class FakeEngine:
     makes the next steps raise."""
 
     def __init__(self):
-        self.waiting, self.running, self.prefilling = deque(), [], None
+        self.waiting, self.running, self.prefilling = deque(), [], []
         self.allocator = SimpleNamespace(num_used=0, num_pages=100)
         self.num_preemptions = 0
         self.gate = threading.Event()

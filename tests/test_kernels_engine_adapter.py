@@ -1,5 +1,5 @@
-"""StepBatch (notes/interfaces.md) -> KV write + ragged kernel, checked row by row against the
-decode reference: chunk row r attends like a decode token at length chunk_start + r + 1."""
+"""StepBatch -> KV write + ragged kernel, checked row by row against the decode reference: row r
+of chunk segment i attends like a decode token at length chunk_starts[i] + r + 1 on its table."""
 from typing import NamedTuple
 
 import jax
@@ -15,31 +15,32 @@ PAGE, P, KVH, G, D = 8, 4, 2, 2, 64
 
 class StepBatch(NamedTuple):  # the fields of the interface, built here without the model
     chunk_tokens: jax.Array
-    chunk_start: jax.Array
-    chunk_len: jax.Array
-    chunk_block_table: jax.Array
+    chunk_starts: jax.Array
+    chunk_lens: jax.Array
+    chunk_block_tables: jax.Array
     dec_tokens: jax.Array
     dec_positions: jax.Array
     dec_block_tables: jax.Array
     dec_mask: jax.Array
 
 
-def _batch(c, chunk_start, chunk_len, dec_positions, dec_mask):
-    b = len(dec_positions)
-    pages = np.random.default_rng(1).permutation(64)[:(1 + b) * P].reshape(1 + b, P)
-    return StepBatch(jnp.zeros((c,), jnp.int32), jnp.int32(chunk_start), jnp.int32(chunk_len),
-                     jnp.asarray(pages[0], jnp.int32), jnp.zeros((b,), jnp.int32),
-                     jnp.asarray(dec_positions, jnp.int32), jnp.asarray(pages[1:], jnp.int32),
-                     jnp.asarray(dec_mask))
+def _batch(c, chunk_starts, chunk_lens, dec_positions, dec_mask):
+    n, b = len(chunk_lens), len(dec_positions)
+    pages = np.random.default_rng(1).permutation(64)[:(n + b) * P].reshape(n + b, P)
+    return StepBatch(jnp.zeros((c,), jnp.int32), jnp.asarray(chunk_starts, jnp.int32),
+                     jnp.asarray(chunk_lens, jnp.int32), jnp.asarray(pages[:n], jnp.int32),
+                     jnp.zeros((b,), jnp.int32), jnp.asarray(dec_positions, jnp.int32),
+                     jnp.asarray(pages[n:], jnp.int32), jnp.asarray(dec_mask))
 
 
-@pytest.mark.parametrize("c,chunk_start,chunk_len,dec_positions,dec_mask", [
-    (16, 5, 11, [7, 15, 0, 20], [True, True, False, True]),  # chunk + decodes + a padding row
-    (0, 0, 0, [3, 8, 31], [True, True, True]),                # decode-only step
+@pytest.mark.parametrize("c,chunk_starts,chunk_lens,dec_positions,dec_mask", [
+    (16, [5], [11], [7, 15, 0, 20], [True, True, False, True]),  # chunk + decodes + a padding row
+    (16, [5, 0, 0, 0], [4, 0, 7, 3], [7, 20], [True, True]),  # packed segments, one slot empty
+    (0, [0], [0], [3, 8, 31], [True, True, True]),                # decode-only step
 ])
-def test_step_attention_matches_per_row_reference(c, chunk_start, chunk_len, dec_positions,
+def test_step_attention_matches_per_row_reference(c, chunk_starts, chunk_lens, dec_positions,
                                                   dec_mask):
-    batch = _batch(c, chunk_start, chunk_len, dec_positions, dec_mask)
+    batch = _batch(c, chunk_starts, chunk_lens, dec_positions, dec_mask)
     rows = c + len(dec_positions)
     rng = np.random.default_rng(0)
     k_pool = jnp.asarray(rng.standard_normal((64, PAGE, KVH, D)), jnp.float32)
@@ -50,9 +51,11 @@ def test_step_attention_matches_per_row_reference(c, chunk_start, chunk_len, dec
     out, k2, v2 = jax.jit(step_attention)(q, new_k, new_v, k_pool, v_pool, batch)
 
     tables, lengths = [], []
-    for r in range(c):
-        tables.append(batch.chunk_block_table)
-        lengths.append(chunk_start + r + 1 if r < chunk_len else 0)
+    for i, (start, length) in enumerate(zip(chunk_starts, chunk_lens)):
+        tables += [batch.chunk_block_tables[i]] * length
+        lengths += [start + r + 1 for r in range(length)]
+    tables += [batch.chunk_block_tables[0]] * (c - sum(chunk_lens))  # padding rows: nothing
+    lengths += [0] * (c - sum(chunk_lens))
     for i, pos in enumerate(dec_positions):
         tables.append(batch.dec_block_tables[i])
         lengths.append(pos + 1 if dec_mask[i] else 0)
@@ -75,7 +78,7 @@ def test_step_attention_under_shard_map(impl, write_impl):
 
     mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
     heads, pool = Spec(None, "model", None), Spec(None, None, "model", None)
-    batch = _batch(8, 3, 6, [3, 8, 31], [True, False, True])
+    batch = _batch(8, [3, 0], [4, 2], [3, 8, 31], [True, False, True])
     rng = np.random.default_rng(0)
     k_pool = jnp.asarray(rng.standard_normal((64, PAGE, KVH, D)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((11, KVH * G, D)), jnp.float32)

@@ -130,6 +130,30 @@ def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     assert llm.engine.allocator.num_used == 0
 
 
+def test_prompts_pack_into_one_chunk_within_tokens_and_context_pages(tmp_path):
+    """Hand-computed packing: a 16-token chunk and 8 context pages (32 tokens of 4) per step."""
+    hf = save_tiny_hf(tmp_path, "llama", max_position_embeddings=128)
+    llm = LLM(str(tmp_path), max_model_len=32, page_size=4, max_num_seqs=4, max_chunk_tokens=16,
+              context_buckets=[16], compilation_cache_dir=None, progress=False, warmup=False)
+    eng = llm.engine
+    prompts = prompts_of([26, 3, 2, 5], seed=6)
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    a, b, c, d = (eng.add_request(p, sp) for p in prompts)
+    assert eng.plan_step() == ([(a, 0, 16)], [])  # the long prompt fills the chunk
+    eng.step()
+    # a's rest (7 pages) and b (1 page) fill the 8 pages; c would be a 9th: it waits at the head.
+    chunks, decodes = eng.plan_step()
+    assert (chunks, decodes) == ([(a, 16, 10), (b, 0, 3)], [])
+    assert list(eng.waiting) == [c, d] and c.block_table.pages == []
+    eng.step()
+    assert eng.plan_step() == ([(c, 0, 2), (d, 0, 5)], [a, b])  # a mixed step: two prompts, two decodes
+    while eng.has_work():
+        eng.step()
+    for p, seq in zip(prompts, (a, b, c, d)):
+        assert seq.output_ids == hf_greedy(hf, p, 4)
+    assert eng.allocator.num_used == 0
+
+
 def test_bad_input_is_refused_clearly(llama):
     _, llm = llama
     with pytest.raises(ValueError, match="prompt of 70 tokens does not fit max_model_len=64"):

@@ -125,6 +125,7 @@ class EngineConfig:
     num_pages: int | None = None  # None: room for max_num_seqs sequences of max_model_len tokens
     max_num_seqs: int = 32  # largest decode batch
     max_chunk_tokens: int = 256  # largest prefill chunk
+    max_prefill_seqs: int = 8  # prompts one chunk may pack (each gets a sampled row in chunk steps)
     chunk_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_chunk_tokens, 16)
     batch_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_num_seqs, 1)
     # Attention reads (and the reference backend gathers) only up to the step's context bucket.
@@ -135,7 +136,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla"  # None disables the persistent cache
 
     def __post_init__(self):
-        for name in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens"):
+        for name in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens", "max_prefill_seqs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -27,7 +27,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model=None, *, max_model_len: int = 1024, page_size: int = 16, num_pages: int | None = None,
                  dtype: str = "float32", attention_backend: str = "reference", max_num_seqs: int = 32,
-                 max_chunk_tokens: int = 256, chunk_buckets=None, batch_buckets=None, context_buckets=None,
+                 max_chunk_tokens: int = 256, max_prefill_seqs: int = 8, chunk_buckets=None, batch_buckets=None, context_buckets=None,
                  tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
                  progress: bool = True, cluster: str | None = None, policy: str | None = None, profile=None,
@@ -46,6 +46,7 @@ class LLM:
         self.engine_config = EngineConfig(
             max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, dtype=dtype,
             attention_backend=attention_backend, max_num_seqs=max_num_seqs, max_chunk_tokens=max_chunk_tokens,
+            max_prefill_seqs=max_prefill_seqs,
             chunk_buckets=tuple(chunk_buckets) if chunk_buckets else None,
             batch_buckets=tuple(batch_buckets) if batch_buckets else None,
             context_buckets=tuple(context_buckets) if context_buckets else None,

@@ -26,7 +26,7 @@ log = logging.getLogger("tropical_jax.serve")
 
 DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=None, profile=None, ttft_scale=5.0,
                 tpot_slo_ms=100.0, max_model_len=1024, api_key=None, max_queue=256, queue_timeout=None,
-                max_num_seqs=32, max_chunk_tokens=256, page_size=16, num_pages=None, dtype="float32",
+                max_num_seqs=32, max_chunk_tokens=256, max_prefill_seqs=8, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
                 max_body_bytes=4 << 20, served_model_name=None, backend="local", ray_address=None,
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=_positive(int), help="context length, prompt plus output (1024)")
     e.add_argument("--max-num-seqs", type=_positive(int), help="largest decode batch per worker (32)")
     e.add_argument("--max-chunk-tokens", type=_positive(int), help="largest prefill chunk (256)")
+    e.add_argument("--max-prefill-seqs", type=_positive(int), help="prompts one prefill chunk may pack (8)")
     e.add_argument("--page-size", type=_positive(int), help="tokens per KV page (16)")
     e.add_argument("--num-pages", type=_positive(int), help="KV pages per worker (default: max-num-seqs full contexts)")
     e.add_argument("--tensor-parallel", type=_positive(int), help="devices of the single worker (clusters say it "
@@ -207,7 +208,8 @@ class Server:
         a = self.args
         engine = dict(max_model_len=a.max_model_len, page_size=a.page_size, num_pages=a.num_pages, dtype=a.dtype,
                       attention_backend=a.attention_backend, max_num_seqs=a.max_num_seqs,
-                      max_chunk_tokens=a.max_chunk_tokens, batch_buckets=a.batch_buckets,
+                      max_chunk_tokens=a.max_chunk_tokens, max_prefill_seqs=a.max_prefill_seqs,
+                      batch_buckets=a.batch_buckets,
                       chunk_buckets=a.chunk_buckets, context_buckets=a.context_buckets,
                       compilation_cache_dir=a.compilation_cache_dir or None)
         self.warmup = "loading the model and compiling its steps"

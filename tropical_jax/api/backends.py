@@ -102,7 +102,7 @@ class LocalWorker:
 
     def recover(self, client, error) -> str | None:
         e = self.engine
-        for seq in list(e.running) + ([e.prefilling] if e.prefilling is not None else []):
+        for seq in list(e.running) + list(e.prefilling):
             self.abort(seq.request_id, client)
             client.end(seq.request_id, "error")
         self._failures += 1

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from ..config import EngineConfig
 from ..model.loader import load_tokenizer, model_path, read_config
 from ..model.sharding import check_tensor_parallel
-from ..runtime.executor import step_inputs
+from ..runtime.executor import split_tokens, step_inputs
 from ..runtime.sequence import Sequence, append_token
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel
@@ -201,11 +201,13 @@ class ClusterEngine:
             seq = self.seqs[r]
             seq.block_table = sched.block_table(name, r)
             decodes.append(seq)
-        tokens = self.workers[name].step(step_inputs(self.cfg, chunk, decodes))
+        chunks = [chunk] if chunk is not None else []
+        chunk_tokens, decode_tokens = split_tokens(
+            self.cfg, self.workers[name].step(step_inputs(self.cfg, chunks, decodes)), chunks)
         finished = []
-        rows = list(zip(plan.decodes, tokens[1:] if chunk is not None else tokens))
+        rows = list(zip(plan.decodes, decode_tokens))
         if plan.chunk is not None and plan.chunk.last and not plan.chunk.recompute:
-            rows.append((plan.chunk.request, tokens[0]))
+            rows.append((plan.chunk.request, chunk_tokens[0]))
         for r, tok in rows:
             seq = self.seqs[r]
             reason, text = append_token(seq, int(tok), self.tokenizer, self.eos, self.cfg.max_model_len)

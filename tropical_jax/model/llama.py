@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.engine_adapter import chunk_layout
+
 from ..config import ModelConfig
 from .attention import get_backend
 from .rope import apply_rope, inverse_frequencies
@@ -77,13 +79,13 @@ class LlamaModel(nnx.Module):
         return self.lm_head(h).astype(jnp.float32)
 
     def step(self, kv_cache, batch: StepBatch, attention_backend: str = "reference"):
-        """One paged step. Returns (logits f32[(1 if C else 0) + B, vocab], kv_cache)."""
+        """One paged step. Returns (logits f32[(N if C else 0) + B, vocab], kv_cache)."""
         cfg = self.config
         attend = get_backend(attention_backend)
         inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         c = batch.chunk_size
         tokens = jnp.concatenate([batch.chunk_tokens, batch.dec_tokens])
-        positions = jnp.concatenate([batch.chunk_start + jnp.arange(c, dtype=jnp.int32), batch.dec_positions])
+        positions = jnp.concatenate([chunk_layout(batch)[1], batch.dec_positions])
         n = tokens.shape[0]
         h = self.embed_tokens(tokens)
         new_cache = []
@@ -97,10 +99,10 @@ class LlamaModel(nnx.Module):
             h = h + a.o_proj(out.reshape(n, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new_cache.append((k_pool, v_pool))
-        # Logits only where a token is sampled: the chunk's last valid token and each decode row.
+        # Logits only where a token is sampled: each chunk segment's last token and each decode row.
         rows = jnp.arange(c, n)
         if c:
-            rows = jnp.concatenate([jnp.maximum(batch.chunk_len - 1, 0)[None], rows])
+            rows = jnp.concatenate([jnp.maximum(jnp.cumsum(batch.chunk_lens) - 1, 0), rows])
         return self.logits(h[rows]), new_cache
 
 

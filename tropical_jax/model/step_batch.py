@@ -1,4 +1,7 @@
-"""The fixed-shape metadata of one device step: at most one prefill chunk plus a decode batch."""
+"""The fixed-shape metadata of one device step: a prefill chunk plus a decode batch.
+
+The chunk packs up to N segments, each a run of one sequence's prompt tokens on top of what that
+sequence has cached, back to back: several short prompts prefill in one step."""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ import jax.numpy as jnp
 
 
 class StepBatch(NamedTuple):
-    chunk_tokens: jnp.ndarray  # int32[C]   prompt tokens of the chunk, padded after chunk_len
-    chunk_start: jnp.ndarray  # int32[]    tokens of that sequence already cached
-    chunk_len: jnp.ndarray  # int32[]    valid tokens in the chunk (0: no chunk)
-    chunk_block_table: jnp.ndarray  # int32[P]
+    chunk_tokens: jnp.ndarray  # int32[C]   the segments' prompt tokens back to back, padded after them
+    chunk_starts: jnp.ndarray  # int32[N]   tokens of each segment's sequence already cached
+    chunk_lens: jnp.ndarray  # int32[N]   tokens of each segment (0: unused slot; all 0: no chunk)
+    chunk_block_tables: jnp.ndarray  # int32[N, P]
     dec_tokens: jnp.ndarray  # int32[B]   last sampled token of each decoding sequence
     dec_positions: jnp.ndarray  # int32[B]   its position (= tokens already cached)
     dec_block_tables: jnp.ndarray  # int32[B, P]
@@ -20,6 +23,10 @@ class StepBatch(NamedTuple):
     @property
     def chunk_size(self) -> int:
         return self.chunk_tokens.shape[0]
+
+    @property
+    def num_segments(self) -> int:
+        return self.chunk_lens.shape[0]
 
     @property
     def batch_size(self) -> int:

@@ -1,7 +1,7 @@
 """A continuous-batching loop for one worker.
 
-Each step is chosen by `plan_step` (what to run: one prefill chunk and/or the decode batch) and
-run by the executor (how). Out of pages, a request waits; a decode that cannot grow preempts the
+Each step is chosen by `plan_step` (what to run: a prefill chunk packing the oldest waiting
+prompts, and/or the decode batch) and run by the executor (how). Out of pages, a request waits; a decode that cannot grow preempts the
 youngest running request, whose pages are freed and whose tokens are recomputed later — never a
 crash. The multi-worker cluster replaces `plan_step` with the shared scheduler.
 """
@@ -13,7 +13,7 @@ import threading
 
 from ..kv.allocator import PageAllocator
 from ..sampling_params import SamplingParams
-from .executor import ModelExecutor
+from .executor import ModelExecutor, chunk_pages
 from .sequence import Sequence, append_token
 
 
@@ -26,7 +26,8 @@ class Engine:
         self.allocator = PageAllocator(self.cfg.total_pages, self.cfg.page_size)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # decoding, in arrival order
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []  # taken from waiting, prompt not yet cached (at most
+        # one between steps: a chunk cuts only its last segment short)
         self._lock = threading.Lock()  # guards waiting/aborts against other threads adding requests
         self._aborted: set[str] = set()
         self.num_preemptions = 0
@@ -63,65 +64,76 @@ class Engine:
 
     @property
     def num_active(self) -> int:
-        return len(self.running) + (self.prefilling is not None)
+        return len(self.running) + len(self.prefilling)
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one device step (if there is work); returns the sequences that finished in it."""
         finished = self._apply_aborts()
-        chunk, decodes = self.plan_step()
-        if chunk is None and not decodes:
+        chunks, decodes = self.plan_step()
+        if not chunks and not decodes:
             return finished
-        tokens = self.executor.run(chunk, decodes)
-        if chunk is not None:
-            seq, start, length = chunk
+        chunk_tokens, decode_tokens = self.executor.run(chunks, decodes)
+        for (seq, start, length), tok in zip(chunks, chunk_tokens):
             seq.num_cached = start + length
             if seq.prefill_remaining == 0:
-                self.prefilling = None
-                self._append(seq, int(tokens[0]), finished)
+                self.prefilling.remove(seq)
+                self._append(seq, int(tok), finished)
                 if not seq.finished:
                     self.running.append(seq)
-            tokens = tokens[1:]
-        for seq, tok in zip(decodes, tokens):
+        for seq, tok in zip(decodes, decode_tokens):
             seq.num_cached += 1
             self._append(seq, int(tok), finished)
         self.running = [s for s in self.running if not s.finished]
         return finished
 
     def plan_step(self):
-        """Pick the decode batch (growing pages, preempting if needed) and at most one prefill chunk."""
+        """Pick the decode batch (growing pages, preempting if needed) and the prefill chunk."""
         decodes = []
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted while making room for an earlier one
-            while not seq.block_table.ensure(self.allocator, len(seq.all_ids)):
+            while not seq.block_table.ensure(self.allocator, seq.num_tokens):
                 if not self._preempt_youngest(protect=seq):
                     break
-            if seq in self.running and len(seq.block_table.pages) * self.cfg.page_size >= len(seq.all_ids):
+            if seq in self.running and len(seq.block_table.pages) * self.cfg.page_size >= seq.num_tokens:
                 decodes.append(seq)
         # A later sequence's growth may have preempted one already picked: drop those.
         decodes = [s for s in decodes if s in self.running][: self.cfg.max_num_seqs]
-        chunk = self._next_chunk(len(decodes))
-        return chunk, decodes
+        return self._next_chunks(len(decodes)), decodes
 
-    def _next_chunk(self, num_decodes):
-        if self.prefilling is None:
-            with self._lock:
-                if not self.waiting or num_decodes >= self.cfg.max_num_seqs:
-                    return None
-                self.prefilling = self.waiting.popleft()
-        seq = self.prefilling
-        length = min(seq.prefill_remaining, self.executor.chunk_sizes[-1])
-        if not seq.block_table.ensure(self.allocator, seq.num_cached + length):
-            return None  # waits for pages; decodes finishing or preemption will free them
-        if not self.cfg.mixed_steps and num_decodes:
-            return None
-        return seq, seq.num_cached, length
+    def _next_chunks(self, num_decodes) -> list[tuple[Sequence, int, int]]:
+        """The unfinished prompt first, then the oldest waiting ones, packed while the chunk has
+        tokens, segment slots and context pages left (first come, first served: a prompt that finds
+        no pages stops the packing and waits)."""
+        cfg = self.cfg
+        if not cfg.mixed_steps and num_decodes:
+            return []
+        chunks, budget = [], self.executor.chunk_sizes[-1]
+        while budget and len(chunks) < cfg.max_prefill_seqs:
+            if len(chunks) < len(self.prefilling):
+                seq = self.prefilling[len(chunks)]
+            else:
+                with self._lock:
+                    if not self.waiting or num_decodes + len(self.prefilling) >= cfg.max_num_seqs:
+                        break
+                    seq = self.waiting.popleft()
+                self.prefilling.append(seq)
+            chunk = (seq, seq.num_cached, min(seq.prefill_remaining, budget))
+            if (chunk_pages(cfg, chunks + [chunk]) > cfg.context_pages[-1]
+                    or not seq.block_table.ensure(self.allocator, seq.num_cached + chunk[2])):
+                if not seq.block_table.pages:  # back to the queue's head, as it came
+                    self.prefilling.remove(seq)
+                    with self._lock:
+                        self.waiting.appendleft(seq)
+                break  # waits for pages; decodes finishing or preemption will free them
+            chunks.append(chunk)
+            budget -= chunk[2]
+        return chunks
 
     def _preempt_youngest(self, protect: Sequence) -> bool:
         victims = [s for s in self.running if s is not protect]
-        if self.prefilling is not None and self.prefilling.block_table.pages:
-            victims.append(self.prefilling)
+        victims += [s for s in self.prefilling if s.block_table.pages]
         if not victims:
             return False
         victim = max(victims, key=lambda s: s.arrival)
@@ -129,10 +141,7 @@ class Engine:
         victim.num_cached = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        if victim is self.prefilling:
-            self.prefilling = None
-        else:
-            self.running.remove(victim)
+        (self.prefilling if victim in self.prefilling else self.running).remove(victim)
         with self._lock:
             self.waiting.appendleft(victim)
         return True
@@ -157,11 +166,9 @@ class Engine:
                 return []
             gone = [s for s in self.waiting if s.request_id in ids]
             self.waiting = collections.deque(s for s in self.waiting if s.request_id not in ids)
-        gone += [s for s in self.running if s.request_id in ids]
+        gone += [s for s in self.running + self.prefilling if s.request_id in ids]
         self.running = [s for s in self.running if s.request_id not in ids]
-        if self.prefilling is not None and self.prefilling.request_id in ids:
-            gone.append(self.prefilling)
-            self.prefilling = None
+        self.prefilling = [s for s in self.prefilling if s.request_id not in ids]
         finished = []
         for seq in gone:
             self._finish(seq, "abort", finished)

@@ -1,7 +1,7 @@
 """Run one step on the device: the closed set of bucketed, jitted executables over donated KV pools.
 
-A step is an optional prefill chunk of one sequence plus a decode batch (the shapes the model's
-StepBatch describes). Metadata is built on the host in numpy, padded to the step's buckets, and
+A step is an optional prefill chunk (up to max_prefill_seqs prompt segments, packed) plus a
+decode batch (the shapes the model's StepBatch describes). Metadata is built on the host in numpy, padded to the step's buckets, and
 sampling happens inside the same executable, so only the sampled token ids come back.
 """
 
@@ -91,16 +91,13 @@ class ModelExecutor:
     def warmup(self, progress: bool = True) -> None:
         shapes = self.step_shapes()
         for c, b, p in tqdm(shapes, desc="warmup: compiling steps", disable=not progress, unit="exe"):
-            self._run(c, b, p, None, [])
+            self.execute(pad_inputs(self.cfg, c, b, p, [], []))
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, chunk, decodes) -> np.ndarray:
-        """chunk: (sequence, start, length) or None; decodes: sequences. Returns sampled ids,
-        the chunk's first (meaningful when the chunk ends its prompt), then one per decode."""
-        return self.execute(step_inputs(self.cfg, chunk, decodes))
-
-    def _run(self, c, b, p, chunk, decodes) -> np.ndarray:
-        return self.execute(pad_inputs(c, b, p, chunk, decodes))
+    def run(self, chunks, decodes) -> tuple[np.ndarray, np.ndarray]:
+        """chunks: [(sequence, start, length)]; decodes: sequences. Returns the sampled ids of the
+        chunks (one each, meaningful where a chunk ends its prompt) and of the decodes."""
+        return split_tokens(self.cfg, self.execute(step_inputs(self.cfg, chunks, decodes)), chunks)
 
     def time_step(self, c, b, p, decode_tokens=None) -> np.ndarray:
         """Run a step of these buckets as full as they can be, or with decode rows of `decode_tokens`
@@ -123,40 +120,54 @@ class StepInputs(NamedTuple):
     steps: np.ndarray
 
 
-def step_inputs(cfg: EngineConfig, chunk, decodes) -> StepInputs:
+def chunk_pages(cfg: EngineConfig, chunks) -> int:
+    """Pages a chunk's segments read, together (they must fit one context bucket)."""
+    return sum(-(-(start + length) // cfg.page_size) for _, start, length in chunks)
+
+
+def split_tokens(cfg: EngineConfig, tokens: np.ndarray, chunks) -> tuple[np.ndarray, np.ndarray]:
+    """A step's sampled ids -> (one per chunk segment, one per decode row)."""
+    s = cfg.max_prefill_seqs if chunks else 0
+    return tokens[:len(chunks)], tokens[s:]
+
+
+def step_inputs(cfg: EngineConfig, chunks, decodes) -> StepInputs:
     """The step's buckets chosen from `cfg`, its metadata padded to them (no device involved)."""
-    c = _bucket(cfg.chunk_sizes, chunk[2]) if chunk is not None else 0
+    if len(chunks) > cfg.max_prefill_seqs:
+        raise ValueError(f"{len(chunks)} chunk segments exceed max_prefill_seqs={cfg.max_prefill_seqs}")
+    c = _bucket(cfg.chunk_sizes, sum(n for _, _, n in chunks)) if chunks else 0
     b = _bucket(cfg.batch_sizes, len(decodes)) if decodes else 0
-    tokens = max(([chunk[1] + chunk[2]] if chunk is not None else []) + [len(s.all_ids) for s in decodes])
-    p = _bucket(cfg.context_pages, -(-tokens // cfg.page_size))
-    return pad_inputs(c, b, p, chunk, decodes)
+    pages = max([chunk_pages(cfg, chunks)] + [-(-s.num_tokens // cfg.page_size) for s in decodes])
+    p = _bucket(cfg.context_pages, pages)
+    return pad_inputs(cfg, c, b, p, chunks, decodes)
 
 
-def pad_inputs(c, b, p, chunk, decodes) -> StepInputs:
+def pad_inputs(cfg: EngineConfig, c, b, p, chunks, decodes) -> StepInputs:
     """Metadata of a (chunk bucket c, batch bucket b, context pages p) step; c or b 0: part absent."""
-    ct, ctab = np.zeros(c, np.int32), np.zeros(p, np.int32)
-    cs = cl = 0
-    rows = []
-    if chunk is not None:
-        seq, cs, cl = chunk
-        ct[:cl] = seq.all_ids[cs:cs + cl]
-        ctab[:min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-        rows.append(seq)
+    n = cfg.max_prefill_seqs
+    ct, ctab = np.zeros(c, np.int32), np.zeros((n, p), np.int32)
+    cs, cl = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    offset = 0
+    for i, (seq, start, length) in enumerate(chunks):
+        ct[offset:offset + length] = seq.all_ids[start:start + length]
+        offset += length
+        cs[i], cl[i] = start, length
+        ctab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
+    rows = [seq for seq, _, _ in chunks]
     dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
     dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
     for i, seq in enumerate(decodes):
-        dt[i], dp[i], dm[i] = seq.all_ids[-1], len(seq.all_ids) - 1, True
+        dt[i], dp[i], dm[i] = seq.last_token, seq.num_tokens - 1, True
         dtab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-    rows += decodes
-    r = (1 if c else 0) + b
+    # Sampled rows: one per segment slot (in chunk steps), then one per decode slot.
+    r = (n if c else 0) + b
     temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
     top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
-    offset = 0 if chunk is not None or not c else 1  # a chunk row with no chunk stays padding
-    for i, seq in enumerate(rows, start=offset):
+    for i, seq in zip(list(range(len(chunks))) + list(range(r - b, r)), rows + list(decodes)):
         sp = seq.params
         temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
         seeds[i], steps[i] = seq.seed, len(seq.output_ids)
-    batch = StepBatch(ct, np.int32(cs), np.int32(cl), ctab, dt, dp, dtab, dm)
+    batch = StepBatch(ct, cs, cl, ctab, dt, dp, dtab, dm)
     return StepInputs(batch, temperature, top_k, top_p, seeds, steps)
 
 
@@ -165,11 +176,14 @@ def full_inputs(cfg: EngineConfig, c, b, p, decode_tokens=None) -> StepInputs:
     each decode row reads `decode_tokens` (default: the whole bucket) from its own pages. Decode
     attention stops at the longest live row, so padding rows would time a step that reads nothing.
     Greedy; the tokens are junk."""
-    inputs = pad_inputs(c, b, p, None, [])
+    inputs = pad_inputs(cfg, c, b, p, [], [])
     tokens = p * cfg.page_size
     pages = (np.arange((b + 1) * p, dtype=np.int32) % cfg.total_pages).reshape(b + 1, p)
+    n = cfg.max_prefill_seqs
     batch = inputs.batch._replace(
-        chunk_start=np.int32(max(0, tokens - c)), chunk_len=np.int32(min(c, tokens)), chunk_block_table=pages[0],
+        chunk_starts=np.full(n, max(0, tokens - c), np.int32) * (np.arange(n) == 0),
+        chunk_lens=np.full(n, min(c, tokens), np.int32) * (np.arange(n) == 0),
+        chunk_block_tables=np.concatenate([pages[:1], np.zeros((n - 1, p), np.int32)]),
         dec_positions=np.full(b, (decode_tokens or tokens) - 1, np.int32), dec_block_tables=pages[1:],
         dec_mask=np.ones(b, bool))
     return inputs._replace(batch=batch)

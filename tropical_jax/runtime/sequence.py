@@ -41,17 +41,25 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @property
     def in_prefill(self) -> bool:
         """True until every token but the last sampled one is cached (decode caches one per step)."""
-        return self.num_cached < len(self.all_ids) - (1 if self.output_ids else 0)
+        return self.num_cached < self.num_tokens - (1 if self.output_ids else 0)
 
     @property
     def prefill_remaining(self) -> int:
-        return len(self.all_ids) - self.num_cached
+        return self.num_tokens - self.num_cached
 
 
 def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_len: int) -> tuple[str | None, str]:
@@ -66,7 +74,7 @@ def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_
     reason = None
     if (token in eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
         reason = "stop"
-    elif len(seq.output_ids) >= sp.max_tokens or len(seq.all_ids) >= max_model_len:
+    elif len(seq.output_ids) >= sp.max_tokens or seq.num_tokens >= max_model_len:
         reason = "length"
     if tokenizer is None:
         return reason, ""

@@ -1,7 +1,7 @@
 """What the scheduler hands a worker to run: one device step (StepPlan), and KV handoffs (Transfer).
 
-A step has the shape of the engine's device step (notes/interfaces.md): at most ONE prefill chunk of
-one sequence plus a decode batch. Executors (the simulator's cost model, the real JAX runtime) run
+A step is a shape the engine's device step runs: at most ONE prefill chunk of one sequence (the
+device step can pack several; the cluster scheduler plans one) plus a decode batch. Executors (the simulator's cost model, the real JAX runtime) run
 it and report back with Scheduler.step_done.
 """
 
