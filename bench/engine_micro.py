@@ -130,6 +130,9 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
                 full = best_of(2, lambda: run(prompts, 1 + new_tokens))
                 times[who] = (best_of(2, lambda: run(prompts, new_tokens)), full - first)
             (ours_e2e, ours_dec), (hf_e2e, hf_dec) = times["ours"], times["transformers"]
+            llm.engine.max_prefill_seqs = 1  # the same engine prefilling one prompt per step
+            unpacked_e2e = best_of(2, lambda: ours_s(prompts, new_tokens))
+            llm.engine.max_prefill_seqs = llm.engine_config.max_prefill_seqs
             pre = [rng.integers(0, cfg["vocab_size"], 256).tolist() for _ in range(4)]
             prefill_s = best_of(2, lambda: ours_s(pre, 1))
             decode_tps = b * new_tokens / ours_dec
@@ -144,6 +147,8 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
                          "e2e_tok_s": round(b * new_tokens / ours_e2e, 1),
                          "transformers_e2e_tok_s": round(b * new_tokens / hf_e2e, 1),
                          "e2e_ratio_vs_transformers": round(hf_e2e / ours_e2e, 2),
+                         "e2e_one_prompt_per_chunk_tok_s": round(b * new_tokens / unpacked_e2e, 1),
+                         "e2e_packing_speedup": round(unpacked_e2e / ours_e2e, 2),
                          "prefill_tok_s": round(4 * 256 / prefill_s, 1),
                          "fraction_of_matmul_flops": round(decode_tps * 2 * matmul_params / flops, 4)})
             print(json.dumps({"config": name, **rows[-1]}), flush=True)
@@ -164,12 +169,15 @@ def plot(result: dict, path: str) -> None:
             ("decode_tok_s", "tropical_jax decode", "tab:blue", None),
             ("transformers_decode_tok_s", "transformers decode", "tab:orange", None),
             ("e2e_tok_s", "tropical_jax end to end", "tab:blue", "//"),
-            ("transformers_e2e_tok_s", "transformers end to end", "tab:orange", "//")]
+            ("transformers_e2e_tok_s", "transformers end to end", "tab:orange", "//"),
+            ("e2e_one_prompt_per_chunk_tok_s", "tropical_jax end to end, one prompt per chunk", "tab:gray", "//")]
     for ax, (name, c) in zip(axes[0], configs.items()):
         rows = c["throughput"]
         x = np.arange(len(rows))
         for i, (key, label, color, hatch) in enumerate(bars):
-            ax.bar(x + (i - 2) * 0.16, [r.get(key, 0) for r in rows], 0.16, label=label, color=color, hatch=hatch,
+            width = 0.8 / len(bars)
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [r.get(key, 0) for r in rows], width, label=label,
+                   color=color, hatch=hatch,
                    alpha=0.5 if hatch else 1.0)
         for xi, r in zip(x, rows):
             ratios = [r.get("steady_decode_ratio_vs_transformers"), r["decode_ratio_vs_transformers"]]
@@ -202,7 +210,8 @@ def main():
               "note": "greedy generate wall time, best of 2 runs; both engines same weights, same prompts, same "
                       "batch, one process, CPU. e2e: prompt_len-token prompts to new_tokens tokens, prefill "
                       "included; decode: generate(1 + new_tokens) - generate(1), i.e. new_tokens decode steps "
-                      "alone (for ours this includes the extra cost of decoding beside the one-prompt-per-step prefills); "
+                      "alone (for ours this includes decoding beside the packed prefill chunks); e2e_one_prompt_per_chunk: "
+                      "ours with packing off (max_prefill_seqs 1), e2e_packing_speedup its time / packed time; "
                       "steady_decode: ours once every request decodes (new_tokens engine steps, host included) vs "
                       "the same transformers decode time; step_ms: each bucket with every row live (executor.full_inputs)",
               "configs": {n: bench_config(n, c, batches, 32, 64, flops) for n, c in configs.items()}}

@@ -31,6 +31,7 @@ class Engine:
         self._lock = threading.Lock()  # guards waiting/aborts against other threads adding requests
         self._aborted: set[str] = set()
         self.num_preemptions = 0
+        self.max_prefill_seqs = self.cfg.max_prefill_seqs  # prompts a chunk packs: at most the compiled slots
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id=None,
@@ -110,7 +111,7 @@ class Engine:
         if not cfg.mixed_steps and num_decodes:
             return []
         chunks, budget = [], self.executor.chunk_sizes[-1]
-        while budget and len(chunks) < cfg.max_prefill_seqs:
+        while budget and len(chunks) < min(self.max_prefill_seqs, cfg.max_prefill_seqs):
             if len(chunks) < len(self.prefilling):
                 seq = self.prefilling[len(chunks)]
             else:
