@@ -1,8 +1,8 @@
 """What the scheduler hands a worker to run: one device step (StepPlan), and KV handoffs (Transfer).
 
-A step is a shape the engine's device step runs: at most ONE prefill chunk of one sequence (the
-device step can pack several; the cluster scheduler plans one) plus a decode batch. Executors (the simulator's cost model, the real JAX runtime) run
-it and report back with Scheduler.step_done.
+A step is a shape the engine's device step runs: at most ONE prefill chunk of one sequence
+(the device step can pack several; this scheduler plans one) plus a decode batch. Executors (the
+simulator's cost model, the real JAX runtime) run it and report back with Scheduler.step_done.
 """
 
 from __future__ import annotations
