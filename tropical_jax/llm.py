@@ -27,8 +27,8 @@ class RequestOutput:
 class LLM:
     def __init__(self, model=None, *, max_model_len: int = 1024, page_size: int = 16, num_pages: int | None = None,
                  dtype: str = "float32", attention_backend: str = "reference", max_num_seqs: int = 32,
-                 max_chunk_tokens: int = 256, max_prefill_seqs: int = 8, chunk_buckets=None, batch_buckets=None, context_buckets=None,
-                 tensor_parallel: int = 1,
+                 max_chunk_tokens: int = 256, max_prefill_seqs: int = 8, chunk_buckets=None, batch_buckets=None,
+                 context_buckets=None, tensor_parallel: int = 1,
                  compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla", warmup: bool = True,
                  progress: bool = True, cluster: str | None = None, policy: str | None = None, profile=None,
                  backend: str = "local", ray_address: str | None = None):

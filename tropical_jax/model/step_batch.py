@@ -25,9 +25,5 @@ class StepBatch(NamedTuple):
         return self.chunk_tokens.shape[0]
 
     @property
-    def num_segments(self) -> int:
-        return self.chunk_lens.shape[0]
-
-    @property
     def batch_size(self) -> int:
         return self.dec_tokens.shape[0]

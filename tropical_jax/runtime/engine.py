@@ -1,9 +1,9 @@
 """A continuous-batching loop for one worker.
 
 Each step is chosen by `plan_step` (what to run: a prefill chunk packing the oldest waiting
-prompts, and/or the decode batch) and run by the executor (how). Out of pages, a request waits; a decode that cannot grow preempts the
-youngest running request, whose pages are freed and whose tokens are recomputed later — never a
-crash. The multi-worker cluster replaces `plan_step` with the shared scheduler.
+prompts, and/or the decode batch) and run by the executor (how). Out of pages, a request waits; a
+decode that cannot grow preempts the youngest running request, whose pages are freed and whose
+tokens are recomputed later — never a crash. The multi-worker cluster replaces `plan_step` with the shared scheduler.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ class Engine:
         cfg = self.cfg
         if not cfg.mixed_steps and num_decodes:
             return []
-        chunks, budget = [], self.executor.chunk_sizes[-1]
-        while budget and len(chunks) < min(self.max_prefill_seqs, cfg.max_prefill_seqs):
+        chunks, budget, slots = [], self.executor.chunk_sizes[-1], min(self.max_prefill_seqs, cfg.max_prefill_seqs)
+        while budget and len(chunks) < slots:
             if len(chunks) < len(self.prefilling):
                 seq = self.prefilling[len(chunks)]
             else:

@@ -1,8 +1,9 @@
 """Run one step on the device: the closed set of bucketed, jitted executables over donated KV pools.
 
 A step is an optional prefill chunk (up to max_prefill_seqs prompt segments, packed) plus a
-decode batch (the shapes the model's StepBatch describes). Metadata is built on the host in numpy, padded to the step's buckets, and
-sampling happens inside the same executable, so only the sampled token ids come back.
+decode batch (the shapes the model's StepBatch describes). Metadata is built on the host in numpy,
+padded to the step's buckets, and sampling happens inside the same executable, so only the sampled
+token ids come back.
 """
 
 from __future__ import annotations
@@ -145,6 +146,16 @@ def step_inputs(cfg: EngineConfig, chunks, decodes) -> StepInputs:
 def pad_inputs(cfg: EngineConfig, c, b, p, chunks, decodes) -> StepInputs:
     """Metadata of a (chunk bucket c, batch bucket b, context pages p) step; c or b 0: part absent."""
     n = cfg.max_prefill_seqs
+    # Sampled rows: one per segment slot (in chunk steps), then one per decode slot.
+    r = (n if c else 0) + b
+    temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
+    top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
+
+    def sample_row(i, seq):
+        sp = seq.params
+        temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
+        seeds[i], steps[i] = seq.seed, len(seq.output_ids)
+
     ct, ctab = np.zeros(c, np.int32), np.zeros((n, p), np.int32)
     cs, cl = np.zeros(n, np.int32), np.zeros(n, np.int32)
     offset = 0
@@ -153,20 +164,13 @@ def pad_inputs(cfg: EngineConfig, c, b, p, chunks, decodes) -> StepInputs:
         offset += length
         cs[i], cl[i] = start, length
         ctab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-    rows = [seq for seq, _, _ in chunks]
+        sample_row(i, seq)
     dt, dp = np.zeros(b, np.int32), np.zeros(b, np.int32)
     dtab, dm = np.zeros((b, p), np.int32), np.zeros(b, bool)
     for i, seq in enumerate(decodes):
         dt[i], dp[i], dm[i] = seq.last_token, seq.num_tokens - 1, True
         dtab[i, :min(p, len(seq.block_table.pages))] = seq.block_table.pages[:p]
-    # Sampled rows: one per segment slot (in chunk steps), then one per decode slot.
-    r = (n if c else 0) + b
-    temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
-    top_k, seeds, steps = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros(r, np.int32)
-    for i, seq in zip(list(range(len(chunks))) + list(range(r - b, r)), rows + list(decodes)):
-        sp = seq.params
-        temperature[i], top_p[i], top_k[i] = sp.temperature, sp.top_p, sp.top_k
-        seeds[i], steps[i] = seq.seed, len(seq.output_ids)
+        sample_row(r - b + i, seq)
     batch = StepBatch(ct, cs, cl, ctab, dt, dp, dtab, dm)
     return StepInputs(batch, temperature, top_k, top_p, seeds, steps)
 
@@ -179,11 +183,10 @@ def full_inputs(cfg: EngineConfig, c, b, p, decode_tokens=None) -> StepInputs:
     inputs = pad_inputs(cfg, c, b, p, [], [])
     tokens = p * cfg.page_size
     pages = (np.arange((b + 1) * p, dtype=np.int32) % cfg.total_pages).reshape(b + 1, p)
-    n = cfg.max_prefill_seqs
-    batch = inputs.batch._replace(
-        chunk_starts=np.full(n, max(0, tokens - c), np.int32) * (np.arange(n) == 0),
-        chunk_lens=np.full(n, min(c, tokens), np.int32) * (np.arange(n) == 0),
-        chunk_block_tables=np.concatenate([pages[:1], np.zeros((n - 1, p), np.int32)]),
+    batch = inputs.batch  # its arrays are fresh: the first segment slot takes the chunk
+    batch.chunk_starts[0], batch.chunk_lens[0] = max(0, tokens - c), min(c, tokens)
+    batch.chunk_block_tables[0] = pages[0]
+    batch = batch._replace(
         dec_positions=np.full(b, (decode_tokens or tokens) - 1, np.int32), dec_block_tables=pages[1:],
         dec_mask=np.ones(b, bool))
     return inputs._replace(batch=batch)
