@@ -77,8 +77,11 @@ class InProcessWorker:
         self.write_pages([], self.read_pages([]))  # compiles the gather and the scatter
 
     def step(self, inputs: StepInputs) -> np.ndarray:
+        # The lock covers the launch, not the wait for the result: a KV handoff to or from this
+        # worker is queued behind the step in flight instead of waiting for it on the host.
         with self.lock:
-            return self.executor.execute(inputs)
+            tokens = self.executor.launch(inputs)
+        return np.asarray(tokens)
 
     def read_pages(self, pages) -> list[tuple[jax.Array, jax.Array]]:
         idx = self.copier.indices(pages, 0)

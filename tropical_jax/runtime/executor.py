@@ -107,8 +107,14 @@ class ModelExecutor:
 
     def execute(self, inputs: "StepInputs") -> np.ndarray:
         """Run prepared host metadata (step_inputs): the call a remote worker receives."""
+        return np.asarray(self.launch(inputs))
+
+    def launch(self, inputs: "StepInputs") -> jax.Array:
+        """Start the step and return its sampled ids, still on the device (JAX dispatches
+        asynchronously): the pools are replaced by the step's outputs at once, so a page copy launched
+        after this call runs after the step."""
         tokens, self.kv_cache = self._step(self._param_leaves, self.kv_cache, *inputs)
-        return np.asarray(tokens)
+        return tokens
 
 
 class StepInputs(NamedTuple):
