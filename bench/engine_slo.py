@@ -8,13 +8,9 @@
    (prefill and decode steps) give the median real/predicted time of each kind of step; the profile
    with each kind scaled by its factor, plus the mean host time a busy worker spends after that kind of
    step (a prefill's KV copy, token handling, planning), is what the engine schedules with and the
-   simulator simulates. The spread of the calibration steps around those medians becomes the
-   profile's jitter (quantiles): the simulator draws each step's factor from it (three draws per
-   replay, pooled), so its P90s see the tail of real steps, not only their median. The KV handoff is
-   timed on the 1P1D cluster's own workers (latency and bandwidth of its page copy) instead of the
-   profile's constant.
-   Each replay is also simulated without the jitter and on the uncalibrated profile; all three errors
-   are reported.
+   simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
+   bandwidth of its page copy) instead of the profile's constant.
+   Each replay is also simulated on the uncalibrated profile, and both errors are reported.
 2. Scales a real trace down to the model (lengths x --input-scale / --output-scale, capped to its
    context) and scales the SLOs to the calibrated profile: TTFT SLO = 5 x the request's isolated prefill
    (the scheduler's default), TPOT SLO = --tpot-scale x the decode step at the middle batch bucket.
@@ -54,8 +50,7 @@ from tropical_jax.sched.request import Request  # noqa: E402
 from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
-from step_calibration import (StepWatch, alone_factors, contention, jitter_quantiles, mean_gaps_ms,  # noqa: E402
-                              scaled_profile, step_ratio)
+from step_calibration import StepWatch, alone_factors, contention, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
 
 POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
             ("disaggregated", "1P1D")]
@@ -151,14 +146,12 @@ def run_real(eng, reqs, tpot_slo, bar) -> list[Request]:
     return submitted
 
 
-def replay(real: list[Request], cluster, policy, cost, page_size, seeds: int = 1) -> list[Request]:
-    """The same requests, at the times they really arrived, through the simulator (`seeds` times, pooled,
-    when the profile's jitter makes step times random)."""
+def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Request]:
+    """The same requests, at the times they really arrived, through the simulator."""
     t0 = min(r.arrival for r in real)
     reqs = [Request(i, r.arrival - t0, r.prompt_len, r.max_tokens, None, r.tpot_slo, r.n_out or r.max_tokens)
             for i, r in enumerate(real)]
-    return [r for seed in range(seeds if cost.jitter else 1)
-            for r in simulate(reqs, cluster, policy, cost, page_size=page_size, seed=seed).requests]
+    return simulate(reqs, cluster, policy, cost, page_size=page_size).requests
 
 
 def sim_goodput(args, cluster, policy, cost, tpot_slo, lo, hi):
@@ -261,10 +254,8 @@ def main(argv=None) -> int:
     factors = alone_factors(seen)
     shared_factor = contention(seen, factors)
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
-    profile = {**scaled_profile(raw, factors, gap_ms, shared_factor, jitter_quantiles(seen, factors, shared_factor)),
-               "transfer": transfer}
+    profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
     cost = CostModel.from_json(profile)
-    steady = CostModel.from_json({k: v for k, v in profile.items() if k != "jitter"})  # medians only
     tpot_slo, step = slo_for(cost)
 
     # The simulator's goodput on the measured profile picks the rates the real engine is run at.
@@ -315,24 +306,21 @@ def main(argv=None) -> int:
                 bar.set_description(f"real {name} on {cluster} at {rate} req/s")
                 n = max(8, round(rate * args.duration))
                 seen.clear()
-                real, sim, sim_steady, sim_raw = [], [], [], []
+                real, sim, sim_raw = [], [], []
                 for seed in range(args.seeds):  # pooled: one run of seeds x n requests, in seeds stretches
                     done = run_real(eng, scaled_requests(args, n, rate, 100 + i + 1000 * seed, tpot_slo), tpot_slo, bar)
                     assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
                     real += done
-                    sim += replay(done, cluster, policy, cost, cfg.page_size, seeds=3)
-                    sim_steady += replay(done, cluster, policy, steady, cfg.page_size)  # without the jitter
+                    sim += replay(done, cluster, policy, cost, cfg.page_size)
                     # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
                     sim_raw += replay(done, cluster, policy, raw, cfg.page_size)
-                rs, ss, sn, su = summarize(real), summarize(sim), summarize(sim_steady), summarize(sim_raw)
+                rs, ss, su = summarize(real), summarize(sim), summarize(sim_raw)
                 keys = ("ttft_p90", "tpot_p90", "attainment")
                 runs.append({"rate": rate, "requests": len(real),
                              "step_real_over_predicted": {k: step_ratio(seen, k) for k in ("prefill", "decode", "mixed")},
                              "host_gap_after_step_ms_mean": mean_gaps_ms(seen.gaps),
-                             "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_no_jitter": p90s(sn),
-                             "sim_replay_uncalibrated": p90s(su),
+                             "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),
                              "rel_error": {k: rel_err(ss[k], rs[k]) for k in keys},
-                             "rel_error_no_jitter": {k: rel_err(sn[k], rs[k]) for k in keys},
                              "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in keys}})
                 bar.update()
         finally:
@@ -351,12 +339,11 @@ def main(argv=None) -> int:
     best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
     best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
     errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
-
-    def median_error(which):
-        return {k: float(np.median([abs(r[which][k]) for p in pol.values() for r in p["runs"]
-                                    if r[which][k] is not None])) for k in ("ttft_p90", "tpot_p90", "attainment")}
-
-    med = median_error("rel_error")
+    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None]))
+           for k in ("ttft_p90", "tpot_p90", "attainment")}
+    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
+                                   if r["rel_error_uncalibrated"][k] is not None]))
+               for k in ("ttft_p90", "tpot_p90", "attainment")}
     out["summary"] = {
         "best_baseline_real": best_real, "best_baseline_sim": best_sim,
         "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
@@ -364,8 +351,7 @@ def main(argv=None) -> int:
                        for n in ("tropical", "planned") if n in pol},
         "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
                       for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
-        "median_abs_rel_error": med, "median_abs_rel_error_no_jitter": median_error("rel_error_no_jitter"),
-        "median_abs_rel_error_uncalibrated": median_error("rel_error_uncalibrated"),
+        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
         "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
         "runs": len(errs),
     }

@@ -4,9 +4,7 @@ The profiler times each step alone; in a cluster the workers share the machine's
 records every step's real and predicted time, whether another worker ran a step when it started, and
 the host time after it. `scaled_profile` scales each kind of step by its median real/predicted ratio
 among the steps that started alone and adds that host time; `contention` is how much longer the others
-ran (the profile's contention factor, which the simulator applies to steps that start beside another);
-`jitter_quantiles` is the spread of the real times around those medians (the profile's jitter, from
-which the simulator draws each step's factor: a mean and a tail, not only the median step).
+ran (the profile's contention factor, which the simulator applies to steps that start beside another).
 """
 
 from __future__ import annotations
@@ -78,23 +76,14 @@ def contention(seen, factors: dict) -> float:
     return float(np.median(r)) if r else 1.0
 
 
-def jitter_quantiles(seen, factors: dict, shared_factor: float, n: int = 51) -> list[float]:
-    """Quantiles (n, evenly spaced, lowest to highest) of real / (predicted x its kind's factor, x the
-    contention factor if it started beside another worker's step) over every step seen."""
-    r = [real / (pred * factors[k] * (shared_factor if sh else 1.0)) for k, real, pred, sh in seen if pred > 0]
-    return [float(q) for q in np.quantile(r, np.linspace(0.0, 1.0, n))]
-
-
 def mean_gaps_ms(gaps) -> dict:
     return {k: float(np.mean([g for kk, g in gaps if kk == k])) * 1e3 if any(kk == k for kk, _ in gaps) else 0.0
             for k in ("prefill", "decode", "mixed")}
 
 
-def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: float = 1.0,
-                   jitter: list[float] | None = None) -> dict:
+def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: float = 1.0) -> dict:
     """The measured profile with each kind of step's time x its factor, plus the host time between steps
-    (the steps as the cluster ran them), the contention factor of steps beside another's and the
-    jitter quantiles around them."""
+    (the steps as the cluster ran them), and the contention factor of steps beside another's."""
     d = cost.to_dict()
     for sec, kind in (("prefill", "prefill"), ("chunk", "prefill"), ("decode", "decode"), ("mixed", "mixed")):
         if sec in d:
@@ -110,8 +99,4 @@ def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: 
                    f"sharing its cores); a step that started beside another worker's took x {shared_factor:.2f} "
                    "(median), the contention factor")
     d["contention"] = {"factor": shared_factor}
-    if jitter is not None:
-        d["jitter"] = {"quantiles": jitter}
-        d["source"] += (f"; jitter: real / calibrated step time at {len(jitter)} evenly spaced quantiles of every "
-                        "calibration step (the simulator draws each step's factor from them)")
     return d

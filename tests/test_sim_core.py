@@ -3,7 +3,6 @@
 import math
 import random
 
-import numpy as np
 import pytest
 
 from tropical_jax.sched.cost_model import CostModel
@@ -166,32 +165,6 @@ def test_contention_slows_only_steps_that_start_beside_another():
     assert all(r.first_token_time - r.first_scheduled == pytest.approx(D) for r in plain.requests)
     with pytest.raises(ValueError, match="contention"):
         CostModel.from_json({**PROFILE, "contention": {"factor": 0}})
-
-
-def test_jitter_draws_step_factors_from_the_measured_quantiles():
-    """Prefill-only requests of constant time D, one at a time: with jitter quantiles [1, 1, 1, 3]
-    two thirds of the steps take exactly D and the rest spread evenly over [D, 3 D] (inverse CDF,
-    linear between quantiles); a seed reproduces its draws; the scheduler's predictions stay D."""
-    D = 0.01
-    prof = {**PROFILE, "prefill": {"c2": 0.0, "c1": 0.0, "c0": D * 1e3}, "jitter": {"quantiles": [1, 1, 1, 3]}}
-    cost = CostModel.from_json(prof)
-    assert CostModel.from_json(cost.to_dict()).jitter == (1.0, 1.0, 1.0, 3.0)
-    assert cost.t_prefill(10) == pytest.approx(D)
-    reqs = [Request(i, i * 1.0, 10, 1, 1e9, 0.1, 1) for i in range(3000)]
-
-    def took(seed):
-        res = simulate(reqs, "1C", "colocated", cost, kv_capacity_tokens=1_000_000, seed=seed)
-        return np.array([r.first_token_time - r.first_scheduled for r in res.requests]) / D
-
-    t = took(0)
-    assert t.min() == pytest.approx(1.0) and t.max() <= 3.0 and t.max() > 2.9
-    assert np.mean(np.isclose(t, 1.0)) == pytest.approx(2 / 3, abs=0.03)
-    slow = t[~np.isclose(t, 1.0)]
-    assert np.histogram(slow, bins=4, range=(1, 3))[0] / len(slow) == pytest.approx([0.25] * 4, abs=0.04)
-    assert np.array_equal(took(0), t) and not np.array_equal(took(1), t)
-    for bad in ([1.0], [1.2, 0.9], [0.0, 1.0], "fast"):
-        with pytest.raises(ValueError, match="jitter"):
-            CostModel.from_json({**PROFILE, "jitter": {"quantiles": bad}})
 
 
 def test_max_misses_stops_only_runs_below_target():

@@ -42,10 +42,6 @@ JSON profile schema (one object; unknown keys are kept in `extra` and ignored):
                  starts while another worker of the cluster runs one takes this x longer (workers that
                  share one host's cores, e.g. emulated CPU devices). Only the simulator's executor
                  applies it: the scheduler plans with the times alone.
-      "jitter": {"quantiles": [0.8, 0.95, 1.0, 1.1, 1.9]}          optional: the spread of real step times
-                 around the model's (and contention's), as ratios at evenly spaced quantiles (lowest to
-                 highest, >= 2 positive numbers). The simulator's executor draws each step's factor
-                 from it; the scheduler plans with the times alone. Measured by bench/engine_slo.py.
     }
 A missing file, a missing required section, a wrong unit or too few points raises `ProfileError`:
 a scheduler without a cost model must not silently stop multiplexing (a defect of the reference
@@ -134,7 +130,6 @@ class CostModel:
     source: str = ""
     chunk_derived: bool = False
     contention: float = 1.0              # step time x this when another worker runs a step meanwhile
-    jitter: tuple[float, ...] | None = None  # step-time ratios at evenly spaced quantiles (simulator only)
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -272,19 +267,13 @@ class CostModel:
             contention = float(d.get("contention", {}).get("factor", 1.0))
         except (AttributeError, TypeError, ValueError) as e:
             raise ProfileError(f"profile 'contention' is {{\"factor\": number}}: {e}") from e
-        jitter = None
-        if "jitter" in d:
-            try:
-                jitter = tuple(float(q) for q in d["jitter"]["quantiles"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise ProfileError(f"profile 'jitter' is {{\"quantiles\": [numbers]}}: {e}") from e
         known = {"name", "source", "units", "prefill", "chunk", "decode", "mixed", "kv_bytes_per_token",
-                 "model", "transfer", "kv_capacity_tokens", "contention", "jitter"}
+                 "model", "transfer", "kv_capacity_tokens", "contention"}
         cm = cls(prefill=prefill, chunk=chunk, decode=decode, mixed=mixed, kv_bytes_per_token=kvb,
                  bandwidth_Bps=bw, transfer_latency=lat,
                  kv_capacity_tokens=None if cap is None else int(cap),
                  name=str(d.get("name", "")), source=str(d.get("source", "")),
-                 chunk_derived="chunk" not in d, contention=contention, jitter=jitter,
+                 chunk_derived="chunk" not in d, contention=contention,
                  extra={k: v for k, v in d.items() if k not in known})
         cm._validate()
         return cm
@@ -298,9 +287,6 @@ class CostModel:
             raise ProfileError("kv_bytes_per_token and bandwidth must be positive, latency >= 0")
         if not (math.isfinite(self.contention) and self.contention > 0):
             raise ProfileError(f"contention factor must be positive, got {self.contention}")
-        if self.jitter is not None and (len(self.jitter) < 2 or list(self.jitter) != sorted(self.jitter)
-                                        or not all(math.isfinite(q) and q > 0 for q in self.jitter)):
-            raise ProfileError(f"jitter quantiles must be >= 2 positive numbers, lowest first, got {self.jitter}")
         # A model that predicts non-positive times would make every plan look free.
         for L in (1, 128, 4096):
             if self.t_prefill(L) <= 0 or self.t_chunk(L, 0) <= 0:
@@ -321,6 +307,4 @@ class CostModel:
             d["kv_capacity_tokens"] = self.kv_capacity_tokens
         if self.contention != 1.0:
             d["contention"] = {"factor": self.contention}
-        if self.jitter is not None:
-            d["jitter"] = {"quantiles": list(self.jitter)}
         return d

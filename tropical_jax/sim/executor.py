@@ -5,8 +5,7 @@ reading T KV tokens) times an optional multiplicative noise factor, lognormal wi
 exp(noise·z − noise²/2), z ~ N(0, 1). KV transfer = latency + tokens · kv_bytes_per_token / bandwidth
 (the profile's model shape gives the bytes per token); each transfer has its own link (no contention).
 A step that starts while another worker runs one takes the profile's contention factor x longer
-(workers sharing one host's cores; 1 on separate accelerators). A profile with a jitter section gives
-each step a factor drawn from those measured quantiles (linear between them), the same seeded stream.
+(workers sharing one host's cores; 1 on separate accelerators).
 A request stops when it has produced min(output_len, max_tokens) tokens; only this executor reads
 output_len — the scheduler never does.
 """
@@ -35,14 +34,6 @@ class CostModelExecutor:
             return 1.0
         return math.exp(self.noise * self.rng.gauss(0.0, 1.0) - self.noise * self.noise / 2)
 
-    def _jitter(self) -> float:
-        q = self.cost.jitter
-        if q is None:
-            return 1.0
-        x = self.rng.random() * (len(q) - 1)
-        i = min(int(x), len(q) - 2)
-        return q[i] + (x - i) * (q[i + 1] - q[i])
-
     def step_time(self, plan: StepPlan, shared: bool = False) -> float:
         """shared: another worker runs a step while this one starts."""
         c = plan.chunk
@@ -50,7 +41,7 @@ class CostModelExecutor:
             t = self.cost.t_decode(len(plan.decodes), plan.decode_tokens)
         else:
             t = self.cost.t_mixed(c.length, c.start, len(plan.decodes), plan.decode_tokens)
-        return t * self._factor() * self._jitter() * (self.cost.contention if shared else 1.0)
+        return t * self._factor() * (self.cost.contention if shared else 1.0)
 
     @staticmethod
     def stops(r: Request) -> bool:
