@@ -92,3 +92,45 @@ def test_profile_cli_writes_a_profile_the_simulator_accepts(tmp_path):
                           "--max-input-len", "48", "--json"], capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-2000:]
     assert json.loads(sim.stdout)["num_requests"] == 50
+
+
+def test_page_copies_do_not_wait_on_the_host_for_a_step_in_flight():
+    """A worker's lock covers launching a step, not waiting for its tokens: a KV handoff read from or
+    written to a worker whose step is still running is queued behind it (JAX orders them on the
+    device) instead of blocking the handoff thread until the step ends. The step here is a fake whose
+    tokens arrive only when released; the copies must complete meanwhile, with the right pages."""
+    import threading
+
+    import jax.numpy as jnp
+
+    from tropical_jax.cluster.workers import InProcessWorker, PageCopier
+
+    release = threading.Event()
+
+    class Pending:
+        def __array__(self, dtype=None, copy=None):
+            assert release.wait(timeout=30)
+            return np.array([7], np.int32)
+
+    class FakeExecutor:
+        kv_cache = [(jnp.arange(4 * 3.0).reshape(4, 3), jnp.zeros((4, 3)))]
+
+        def launch(self, inputs):
+            return Pending()
+
+    worker = object.__new__(InProcessWorker)
+    worker.executor, worker.copier, worker.lock = FakeExecutor(), PageCopier(2, 4), threading.Lock()
+    out = {}
+    stepping = threading.Thread(target=lambda: out.update(tokens=worker.step(None)))
+    stepping.start()
+    copying = threading.Thread(target=lambda: (out.update(read=worker.read_pages([2])),
+                                               worker.write_pages([1], out["read"])))
+    copying.start()
+    copying.join(timeout=10)
+    assert not copying.is_alive(), "the page copy waited for the step in flight"
+    assert stepping.is_alive() and "tokens" not in out
+    k, v = worker.executor.kv_cache[0]
+    assert np.array_equal(np.asarray(k[1]), [6.0, 7.0, 8.0]) and np.array_equal(np.asarray(k[2]), [6.0, 7.0, 8.0])
+    release.set()
+    stepping.join(timeout=10)
+    assert out["tokens"].tolist() == [7]
