@@ -73,6 +73,7 @@ class ClusterEngine:
         self.seqs: dict[Request, Sequence] = {}
         self.fail_transfers = False  # tests force the recompute path
         self._wake = threading.Condition()
+        self._events = 0  # state changes notified so far: a loop sleeps only if none came since it looked
         self._t0 = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._stop = False
@@ -125,7 +126,7 @@ class ClusterEngine:
         with self._wake:
             self.seqs[r] = seq
             self.scheduler.submit(r, self.now())
-            self._wake.notify_all()
+        self._notify()
         return r
 
     # -- worker loops -----------------------------------------------------------------------
@@ -140,9 +141,8 @@ class ClusterEngine:
             t.start()
 
     def stop(self):
-        with self._wake:
-            self._stop = True
-            self._wake.notify_all()
+        self._stop = True
+        self._notify()
         for t in self._threads:
             t.join(timeout=30)
 
@@ -157,36 +157,52 @@ class ClusterEngine:
                 self._wake.wait(timeout=0.05)
                 self.scheduler.tick(self.now())
 
+    def _notify(self):
+        with self._wake:
+            self._events += 1
+            self._wake.notify_all()
+
+    def _sleep_unless_notified(self, seen: int, timeout: float = 0.02):
+        """Wait for a notification, unless one came after the caller read `seen` (a loop that found
+        nothing to do must not sleep through the handoff or step end that arrived meanwhile: that lost
+        wakeup cost a handed-over request up to the whole timeout before its next token)."""
+        with self._wake:
+            if self._events == seen and not self._stop:
+                self._wake.wait(timeout=timeout)
+
     def _worker_loop(self, name: str):
         try:
             while not self._stop:
+                seen = self._events
                 plan = self.scheduler.next_step(name, self.now())
                 if plan is None:
-                    with self._wake:
-                        self._wake.wait(timeout=0.02)
+                    self._sleep_unless_notified(seen)
                     self.scheduler.tick(self.now())
                     continue
                 finished = self._run_plan(name, plan)
                 self.scheduler.step_done(name, plan, self.now(), finished)
-                with self._wake:
-                    self._wake.notify_all()
+                if self.backend == "local":
+                    # Queue the copies this step's finished prefills start before this worker's next
+                    # step: on the transfer thread they could land behind that step on the device.
+                    # In-process copies are asynchronous, so this costs the loop only their launch.
+                    self._do_transfers()
+                self._notify()
         except BaseException as e:  # surface to run_until_done instead of dying silently
             self._failed(f"worker {name}", e)
 
     def _transfer_loop(self):
         try:
             while not self._stop:
+                seen = self._events
                 if not self._do_transfers():
-                    with self._wake:
-                        self._wake.wait(timeout=0.02)
+                    self._sleep_unless_notified(seen)
         except BaseException as e:
             self._failed("kv-transfers", e)
 
     def _failed(self, name: str, e: BaseException):
         log.exception("%s failed", name)
         self._errors.append(e)
-        with self._wake:
-            self._wake.notify_all()
+        self._notify()
 
     def _run_plan(self, name: str, plan) -> list[Request]:
         sched = self.scheduler
@@ -233,8 +249,7 @@ class ClusterEngine:
                     log.exception("KV transfer of %s failed; recomputing on %s", t.request.id, t.dst)
                     ok = False
             self.scheduler.transfer_done(t, self.now(), ok)
-            with self._wake:
-                self._wake.notify_all()
+            self._notify()
         return len(transfers)
 
     def _copy_pages(self, src: str, dst: str, src_pages, dst_pages):

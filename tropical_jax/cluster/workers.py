@@ -39,12 +39,15 @@ def carve_devices(cluster, devices=None) -> dict[str, list]:
 
 
 class PageCopier:
-    """Fixed-shape page gather/scatter (padded to a full block table) so handoffs never recompile."""
+    """Fixed-shape page gather/scatter (padded to a full block table) so handoffs never recompile.
+    Each is one executable over every layer's pools (pytrees of (K, V) per layer): a handoff costs
+    the host three launches, not three per pool."""
 
     def __init__(self, pages_per_seq: int, num_pages: int):
         self.width, self.num_pages = pages_per_seq, num_pages
-        self.gather = jax.jit(lambda pool, idx: pool[idx])
-        self.scatter = jax.jit(lambda pool, idx, vals: pool.at[idx].set(vals, mode="drop"), donate_argnums=(0,))
+        self.gather = jax.jit(lambda pools, idx: jax.tree.map(lambda pool: pool[idx], pools))
+        self.scatter = jax.jit(lambda pools, idx, vals: jax.tree.map(lambda pool, v: pool.at[idx].set(v, mode="drop"),
+                                                                     pools, vals), donate_argnums=(0,))
 
     def indices(self, pages, fill: int) -> np.ndarray:
         idx = np.full(self.width, fill, np.int32)
@@ -86,7 +89,7 @@ class InProcessWorker:
     def read_pages(self, pages) -> list[tuple[jax.Array, jax.Array]]:
         idx = self.copier.indices(pages, 0)
         with self.lock:
-            return [(self.copier.gather(k, idx), self.copier.gather(v, idx)) for k, v in self.executor.kv_cache]
+            return self.copier.gather(self.executor.kv_cache, idx)
 
     def host_pages(self, pages) -> list[tuple[np.ndarray, np.ndarray]]:
         """read_pages as host arrays of just these pages: what crosses between processes."""
@@ -96,12 +99,10 @@ class InProcessWorker:
     def write_pages(self, pages, payload) -> None:
         idx = self.copier.indices(pages, self.copier.num_pages)  # padding indices are out of range: dropped
         with self.lock:
-            new = []
-            for (k, v), (mk, mv) in zip(self.executor.kv_cache, payload):
-                mk = jax.device_put(self.copier.pad(mk), k.sharding)
-                mv = jax.device_put(self.copier.pad(mv), v.sharding)
-                new.append((self.copier.scatter(k, idx, mk), self.copier.scatter(v, idx, mv)))
-            self.executor.kv_cache = new
+            pools = self.executor.kv_cache
+            vals = jax.device_put([tuple(self.copier.pad(x) for x in kv) for kv in payload],
+                                  [(k.sharding, v.sharding) for k, v in pools])
+            self.executor.kv_cache = [tuple(kv) for kv in self.copier.scatter(pools, idx, vals)]
 
     def profile(self, progress: bool = True) -> dict:
         from .profile import profile_executor
