@@ -66,8 +66,8 @@ def machine() -> dict:
                platform.processor())
     return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices_emulated": len(jax.devices()),
-            "shared": "other developers ran tests and benchmarks on this machine during the run; the two "
-                      "workers also share its cores, while the profile timed each step alone",
+            "shared": "the two workers share this machine's cores, while the profile timed each step alone; "
+                      "other processes are not excluded (see the load averages)",
             "load_average_start": os.getloadavg()}
 
 
