@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 
 import jax.numpy as jnp
@@ -74,6 +75,7 @@ class ClusterEngine:
         self.fail_transfers = False  # tests force the recompute path
         self._wake = threading.Condition()
         self._events = 0  # state changes notified so far: a loop sleeps only if none came since it looked
+        self._staged: deque = deque()  # (transfer, payload read on the source's thread) for the handoff thread
         self._t0 = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._stop = False
@@ -182,10 +184,9 @@ class ClusterEngine:
                 finished = self._run_plan(name, plan)
                 self.scheduler.step_done(name, plan, self.now(), finished)
                 if self.backend == "local":
-                    # Queue the copies this step's finished prefills start before this worker's next
-                    # step: on the transfer thread they could land behind that step on the device.
-                    # In-process copies are asynchronous, so this costs the loop only their launch.
-                    self._do_transfers()
+                    # The reads of the handoffs this step started go before this worker's next step:
+                    # launched by the handoff thread they could land behind that step on the device.
+                    self._stage_reads()
                 self._notify()
         except BaseException as e:  # surface to run_until_done instead of dying silently
             self._failed(f"worker {name}", e)
@@ -235,22 +236,44 @@ class ClusterEngine:
         return finished
 
     # -- KV handoff -------------------------------------------------------------------------
+    def _stage_reads(self) -> None:
+        """Launch the page reads of the handoffs the scheduler has started (one gather each) and leave
+        the rest to the handoff thread: called by a worker right after its step, so the reads run
+        on its device before its next step, while it pays only their launch."""
+        staged = [(t, self._read(t)) for t in self.scheduler.take_transfers()]
+        if staged:
+            self._staged.extend(staged)
+            self._notify()
+
+    def _read(self, t):
+        """The source pages of handoff t (a device payload), or None if the read failed."""
+        if self.fail_transfers:
+            return None
+        try:
+            return self.workers[t.src].read_pages(self.scheduler.block_table(t.src, t.request).pages)
+        except Exception:
+            log.exception("KV read of %s failed; recomputing on %s", t.request.id, t.dst)
+            return None
+
     def _do_transfers(self) -> int:
-        """Run the handoffs the scheduler has started; returns how many."""
-        transfers = self.scheduler.take_transfers()
-        for t in transfers:
-            ok = not self.fail_transfers
+        """Finish the handoffs staged by the workers and run any others the scheduler has started
+        (write to the destination, report); returns how many."""
+        staged = []
+        while self._staged:
+            staged.append(self._staged.popleft())
+        staged += [(t, self._read(t)) for t in self.scheduler.take_transfers()]
+        for t, payload in staged:
+            ok = payload is not None
             if ok:
                 try:
-                    src_pages = self.scheduler.block_table(t.src, t.request).pages
-                    dst_pages = self.scheduler.block_table(t.dst, t.request).pages
-                    self._copy_pages(t.src, t.dst, src_pages, dst_pages)
+                    src, dst = (self.scheduler.block_table(w, t.request).pages for w in (t.src, t.dst))
+                    self.workers[t.dst].write_pages(dst[:len(src)], payload)
                 except Exception:
                     log.exception("KV transfer of %s failed; recomputing on %s", t.request.id, t.dst)
                     ok = False
             self.scheduler.transfer_done(t, self.now(), ok)
             self._notify()
-        return len(transfers)
+        return len(staged)
 
     def _copy_pages(self, src: str, dst: str, src_pages, dst_pages):
         n = min(len(src_pages), len(dst_pages))
