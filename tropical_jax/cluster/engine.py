@@ -239,11 +239,9 @@ class ClusterEngine:
     def _stage_reads(self) -> None:
         """Launch the page reads of the handoffs the scheduler has started (one gather each) and leave
         the rest to the handoff thread: called by a worker right after its step, so the reads run
-        on its device before its next step, while it pays only their launch."""
-        staged = [(t, self._read(t)) for t in self.scheduler.take_transfers()]
-        if staged:
-            self._staged.extend(staged)
-            self._notify()
+        on its device before its next step, while it pays only their launch (its notification after
+        the step wakes the handoff thread)."""
+        self._staged.extend((t, self._read(t)) for t in self.scheduler.take_transfers())
 
     def _read(self, t):
         """The source pages of handoff t (a device payload), or None if the read failed."""
@@ -267,7 +265,7 @@ class ClusterEngine:
             if ok:
                 try:
                     src, dst = (self.scheduler.block_table(w, t.request).pages for w in (t.src, t.dst))
-                    self.workers[t.dst].write_pages(dst[:len(src)], payload)
+                    self._write_pages(t.dst, src, dst, payload)
                 except Exception:
                     log.exception("KV transfer of %s failed; recomputing on %s", t.request.id, t.dst)
                     ok = False
@@ -275,6 +273,9 @@ class ClusterEngine:
             self._notify()
         return len(staged)
 
+    def _write_pages(self, dst: str, src_pages, dst_pages, payload):
+        """Write a payload read from src_pages into dst_pages (as many as both have)."""
+        self.workers[dst].write_pages(dst_pages[:len(src_pages)], payload)
+
     def _copy_pages(self, src: str, dst: str, src_pages, dst_pages):
-        n = min(len(src_pages), len(dst_pages))
-        self.workers[dst].write_pages(dst_pages[:n], self.workers[src].read_pages(src_pages[:n]))
+        self._write_pages(dst, src_pages, dst_pages, self.workers[src].read_pages(src_pages))
