@@ -20,8 +20,8 @@ def step_kind(plan) -> str:
 
 class StepWatch(list):
     """(kind, real s, predicted s, shared) of every step the engine runs from now on, and the host time a busy worker
-    spends after each kind of step before the next (`gaps`: (kind, s); a prefill's KV copy to its decode
-    worker runs there, waiting for that worker's step to end; tokens are appended; the next step is planned).
+    spends after each kind of step before the next (`gaps`: (kind, s); a P worker launches the page reads of the
+    handoffs its prefills start there; tokens are appended; the next step is planned).
     Wraps the engine's scheduler's next_step and step_done."""
 
     def __init__(self, eng):
