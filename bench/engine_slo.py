@@ -57,6 +57,7 @@ POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("ch
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
 RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ("colocated", "chunked", "disaggregated")
 
 
 def machine() -> dict:
@@ -69,6 +70,17 @@ def machine() -> dict:
             "shared": "the two workers share this machine's cores, while the profile timed each step alone; "
                       "other processes are not excluded (see the load averages)",
             "load_average_start": os.getloadavg()}
+
+
+def slo_batch(cfg) -> int:
+    """The batch whose decode step the TPOT SLO is scaled from: the middle batch bucket."""
+    return cfg.batch_sizes[len(cfg.batch_sizes) // 2]
+
+
+def tpot_slo_for(cost, cfg, tpot_scale: float) -> tuple[float, float]:
+    """-> (TPOT SLO, the decode step it is scaled from) in seconds, on this profile."""
+    step = cost.t_decode(slo_batch(cfg), slo_batch(cfg) * cfg.max_model_len)
+    return tpot_scale * step, step
 
 
 def policy_text(name: str, args) -> str:
@@ -222,17 +234,12 @@ def main(argv=None) -> int:
     cfg = EngineConfig(**ENGINE)
     measured, profile_path, reused = cached_profile(None, cfg, progress=True, refresh=args.reprofile)
     raw = CostModel.from_json(measured)
-    mid_batch = cfg.batch_sizes[len(cfg.batch_sizes) // 2]
     chosen = [(p, c) for p, c in POLICIES if p in args.policies.split(",")]
-
-    def slo_for(cost):
-        step = cost.t_decode(mid_batch, mid_batch * cfg.max_model_len)
-        return args.tpot_scale * step, step
 
     # Calibration: the profile times one step alone; in the cluster two workers share the cores (and
     # this machine is shared). Run chunked 2C briefly and scale the profile by the median real/predicted
     # step time, so that SLOs, scheduling and simulation all start from the steps as they really run.
-    tpot_raw, _ = slo_for(raw)
+    tpot_raw, _ = tpot_slo_for(raw, cfg, args.tpot_scale)
     seen, gaps, cal = [], [], []
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D")):  # mixed steps; prefills, decodes
         text = policy_text(cal_policy, args)
@@ -258,7 +265,7 @@ def main(argv=None) -> int:
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
     profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
     cost = CostModel.from_json(profile)
-    tpot_slo, step = slo_for(cost)
+    tpot_slo, step = tpot_slo_for(cost, cfg, args.tpot_scale)
 
     # The simulator's goodput on the measured profile picks the rates the real engine is run at.
     sim_gp = {}
@@ -289,8 +296,9 @@ def main(argv=None) -> int:
                         "output_cap": args.max_output_len, "seconds_of_arrivals_per_run": args.duration,
                         "seeds_per_rate": args.seeds},
            "slo": {"ttft": "5 x the request's isolated prefill time (calibrated profile)",
-                   "tpot_s": tpot_slo, "tpot": f"{args.tpot_scale} x the calibrated decode step at batch {mid_batch} "
-                                             f"({step * 1e3:.1f} ms)"},
+                   "tpot_s": tpot_slo,
+                   "tpot": f"{args.tpot_scale} x the calibrated decode step at batch {slo_batch(cfg)} "
+                           f"({step * 1e3:.1f} ms)"},
            "shed": "every policy rejects hopeless requests at once (counted as misses)" if args.shed else "none",
            "target": args.target, "rates": rates, "policies": {}}
 
@@ -337,7 +345,7 @@ def main(argv=None) -> int:
     bar.close()
 
     pol = out["policies"]
-    base = [n for n in pol if n in ("colocated", "chunked", "disaggregated")]
+    base = [n for n in pol if n in BASELINES]
     best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
     best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
     errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]

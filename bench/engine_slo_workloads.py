@@ -22,13 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine_slo import ENGINE, POLICIES, RESULTS, engine_policy, policy_text, sim_goodput
+from engine_slo import (BASELINES, ENGINE, POLICIES, RESULTS, engine_policy, policy_text, sim_goodput,
+                        slo_batch, tpot_slo_for)
 
 from tropical_jax.config import EngineConfig
 from tropical_jax.sched.cost_model import CostModel
-
-BASELINES = ("colocated", "chunked", "disaggregated")
-
 
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
@@ -38,8 +36,7 @@ def predict(args, cost, cfg, cv: float, input_scale: float, tpot_scale: float) -
     """Every policy's simulated goodput on one scaled workload, and the ratios to the best baseline."""
     wl = argparse.Namespace(**{**vars(args), "arrival": "poisson" if cv == 1 else "gamma", "cv": cv,
                                "input_scale": input_scale})
-    mid_batch = cfg.batch_sizes[len(cfg.batch_sizes) // 2]
-    tpot_slo = tpot_scale * cost.t_decode(mid_batch, mid_batch * cfg.max_model_len)
+    tpot_slo, _ = tpot_slo_for(cost, cfg, tpot_scale)
     gp = {name: sim_goodput(wl, cluster, engine_policy(policy_text(name, wl), cfg), cost, tpot_slo, 0.5, 4.0)[0]
           for name, cluster in POLICIES}
     best = max(BASELINES, key=gp.get)
@@ -100,13 +97,14 @@ def main(argv=None) -> int:
            "workload": {"trace": args.workload, "output_scale": args.output_scale, "output_cap": args.max_output_len,
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
                         "requests_per_seed": args.sim_requests, "seeds": args.sim_seeds},
-           "slo": {"ttft": "5 x the request's isolated prefill time", "tpot": "tpot_scale x the decode step at batch 8"},
+           "slo": {"ttft": "5 x the request's isolated prefill time",
+                   "tpot": f"tpot_scale x the decode step at batch {slo_batch(cfg)}"},
            "predictions": preds, "wall_s": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.write_text(json.dumps(out, indent=1))
     plot(out, path.with_suffix(".png"))
     print(json.dumps([{k: p[k] for k in ("cv", "input_scale", "tpot_scale", "best_baseline")}
-                      | {"planned": round(p["ratio"]["planned"] or 0, 2), "tropical": round(p["ratio"]["tropical"] or 0, 2)}
+                      | {n: round(p["ratio"][n] or 0, 2) for n in ("planned", "tropical")}
                       for p in preds], indent=1))
     return 0
 
