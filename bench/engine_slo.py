@@ -4,19 +4,22 @@
 
 1. Profiles the embedded default model on this machine's devices (or reuses the cached profile), then
    calibrates it: the profiler times each step alone, but in a cluster two workers share this machine's
-   cores (and other processes may run). Short runs of chunked 2C (mixed steps) and disaggregated 1P1D
-   (prefill and decode steps) give the median real/predicted time of each kind of step; the profile
+   cores (and other processes may run). Runs of chunked 2C (mixed steps) and disaggregated 1P1D
+   (prefill and decode steps), Poisson at one rate whatever the workload, give the median real/predicted time of each kind of step; the profile
    with each kind scaled by its factor, plus the mean host time a busy worker spends after that kind of
    step (a prefill's KV copy, token handling, planning), is what the engine schedules with and the
    simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
    bandwidth of its page copy) instead of the profile's constant.
    Each replay is also simulated on the uncalibrated profile, and both errors are reported.
 2. Scales a real trace down to the model (lengths x --input-scale / --output-scale, capped to its
-   context) and scales the SLOs to the calibrated profile: TTFT SLO = 5 x the request's isolated prefill
-   (the scheduler's default), TPOT SLO = --tpot-scale x the decode step at the middle batch bucket.
+   context) and scales the SLOs to the measured profile (cached per machine, so every run of a command
+   on a machine asks the same): TTFT SLO = --ttft-scale x the request's isolated prefill, TPOT SLO =
+   --tpot-scale x the decode step at the middle batch bucket.
 3. Runs every policy on a cluster of two workers (`1P1M` tropical and planned, `2C` colocated and
    chunked, `1P1D` disaggregated) on the real clock: an open-loop driver submits requests at their
-   Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput where the curve crosses the target.
+   Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput where the
+   curve crosses the target. With --seeds N each seed runs every policy at every rate before the next,
+   so a drift of the machine's speed during the run falls on all policies alike.
 4. Replays each real run in the simulator (same requests, their actual arrival times, the same policy
    and calibrated profile) and reports the relative error of its P90 TTFT, P90 TPOT and attainment;
    also the simulator's own goodput search on that profile and the workload (which picks the rates).
@@ -103,14 +106,16 @@ def engine_policy(text: str, cfg) -> PolicyConfig:
                    else min(p.token_budget, top), max_batch=cfg.batch_sizes[-1])
 
 
-def scaled_requests(args, n: int, rate: float, seed: int, tpot_slo: float) -> list[Request]:
-    """The trace's lengths scaled down to the model; Poisson (or Gamma, --arrival) arrivals at `rate`."""
+def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float) -> list[Request]:
+    """The trace's lengths scaled down to the model; Poisson (or Gamma, --arrival) arrivals at `rate`; each
+    request's TTFT SLO --ttft-scale x its isolated prefill on `slo_cost` (the profile the SLOs are scaled from)."""
     reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo, arrival=args.arrival, cv=args.cv)
     out_cap = args.max_output_len
     in_cap = ENGINE["max_model_len"] - out_cap - 1
     for r in reqs:
         r.prompt_len = int(np.clip(round(r.prompt_len * args.input_scale), 1, in_cap))
         r.output_len = r.max_tokens = int(np.clip(round(r.output_len * args.output_scale), 1, out_cap))
+        r.ttft_slo = args.ttft_scale * slo_cost.t_prefill(r.prompt_len)
     return reqs
 
 
@@ -137,7 +142,7 @@ def crossing(curve, target: float):
     return best
 
 
-def run_real(eng, reqs, tpot_slo, bar) -> list[Request]:
+def run_real(eng, reqs, bar) -> list[Request]:
     """Submit each request at its arrival time (open loop, real clock); wait for all to finish."""
     from tropical_jax import SamplingParams
     from tropical_jax.runtime.sequence import Sequence
@@ -152,7 +157,7 @@ def run_real(eng, reqs, tpot_slo, bar) -> list[Request]:
         wait = start + r.arrival - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        submitted.append(eng.submit(seq, None, tpot_slo))
+        submitted.append(eng.submit(seq, r.ttft_slo, r.tpot_slo))
         bar.set_postfix_str(f"submitted {len(submitted)}/{len(reqs)}")
     eng.run_until_done(submitted, timeout=600)
     return submitted
@@ -161,15 +166,16 @@ def run_real(eng, reqs, tpot_slo, bar) -> list[Request]:
 def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Request]:
     """The same requests, at the times they really arrived, through the simulator."""
     t0 = min(r.arrival for r in real)
-    reqs = [Request(i, r.arrival - t0, r.prompt_len, r.max_tokens, None, r.tpot_slo, r.n_out or r.max_tokens)
+    reqs = [Request(i, r.arrival - t0, r.prompt_len, r.max_tokens, r.ttft_slo, r.tpot_slo, r.n_out or r.max_tokens)
             for i, r in enumerate(real)]
     return simulate(reqs, cluster, policy, cost, page_size=page_size).requests
 
 
-def sim_goodput(args, cluster, policy, cost, tpot_slo, lo, hi):
+def sim_goodput(args, cluster, policy, cost, slo_cost, tpot_slo, lo, hi):
+    """The simulator's goodput search on `cost`, SLOs scaled from `slo_cost`."""
     def att(rate):
-        vals = [summarize(simulate(scaled_requests(args, args.sim_requests, rate, seed, tpot_slo), cluster, policy,
-                                   cost, page_size=ENGINE["page_size"]).requests)["attainment"]
+        vals = [summarize(simulate(scaled_requests(args, args.sim_requests, rate, seed, slo_cost, tpot_slo), cluster,
+                                   policy, cost, page_size=ENGINE["page_size"]).requests)["attainment"]
                 for seed in range(args.sim_seeds)]
         return float(np.mean(vals))
 
@@ -206,9 +212,15 @@ def main(argv=None) -> int:
     ap.add_argument("--input-scale", type=float, default=1 / 64)
     ap.add_argument("--output-scale", type=float, default=1 / 16)
     ap.add_argument("--max-output-len", type=int, default=48)
-    ap.add_argument("--tpot-scale", type=float, default=3.0)
+    ap.add_argument("--ttft-scale", type=float, default=10.0,
+                    help="TTFT SLO: this x the request's isolated prefill on the measured profile")
+    ap.add_argument("--tpot-scale", type=float, default=6.0,
+                    help="TPOT SLO: this x the measured decode step at the middle batch bucket")
     ap.add_argument("--duration", type=float, default=16.0, help="seconds of arrivals per real run")
-    ap.add_argument("--calibrate", type=float, default=10.0, help="seconds of arrivals of the calibration run")
+    ap.add_argument("--calibrate", type=float, default=20.0, help="seconds of arrivals of each calibration run")
+    ap.add_argument("--calibrate-rate", type=float, default=None,
+                    help="req/s (Poisson) of the calibration runs; default: the median of --rates, or with --rates auto "
+                         "0.12 x the simulated Poisson goodput on the measured profile (which ignores the contention)")
     ap.add_argument("--rates", default="auto", help="comma-separated req/s, or auto (around the simulated goodputs)")
     ap.add_argument("--num-rates", type=int, default=5)
     ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES))
@@ -236,41 +248,47 @@ def main(argv=None) -> int:
     raw = CostModel.from_json(measured)
     chosen = [(p, c) for p, c in POLICIES if p in args.policies.split(",")]
 
+    # The SLOs are fixed by the profile as measured (cached per machine), so every run of one command on one
+    # machine serves the same workload; the calibration below changes what is predicted, not what is asked.
+    tpot_slo, step = tpot_slo_for(raw, cfg, args.tpot_scale)
+
     # Calibration: the profile times one step alone; in the cluster two workers share the cores (and
-    # this machine is shared). Run chunked 2C briefly and scale the profile by the median real/predicted
-    # step time, so that SLOs, scheduling and simulation all start from the steps as they really run.
-    tpot_raw, _ = tpot_slo_for(raw, cfg, args.tpot_scale)
+    # this machine is shared). Run chunked 2C and disaggregated 1P1D and scale the profile by the median
+    # real/predicted step time, so that scheduling and simulation start from the steps as they really run.
+    # Always Poisson at one rate for every policy and arrival process (see --calibrate-rate): a bursty
+    # workload's calibration must not measure a busier machine than a smooth one's.
+    poisson = argparse.Namespace(**{**vars(args), "arrival": "poisson"})
+    given = None if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
     seen, gaps, cal = [], [], []
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D")):  # mixed steps; prefills, decodes
         text = policy_text(cal_policy, args)
-        g_raw, _ = sim_goodput(args, cal_cluster, engine_policy(text, cfg), raw, tpot_raw, 0.5, 4.0)
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
             transfer = llm.cluster.measure_handoff(raw.kv_bytes_per_token)
         part = StepWatch(llm.cluster)
         llm.cluster.start()
         try:
-            rate = round(0.5 * g_raw, 2)
-            reqs = scaled_requests(args, max(16, round(rate * args.calibrate)), rate, 99, tpot_raw)
-            run_real(llm.cluster, reqs, tpot_raw, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
+            rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
+                poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
+            reqs = scaled_requests(poisson, max(16, round(rate * args.calibrate)), rate, 99, raw, tpot_slo)
+            run_real(llm.cluster, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
             llm.cluster.stop()
         seen += part
         gaps += part.gaps
-        cal.append({"policy": cal_policy, "cluster": cal_cluster, "rate": rate, "requests": len(reqs),
-                    "steps": {k: sum(x[0] == k for x in part) for k in ("prefill", "decode", "mixed")},
+        cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
+                    "requests": len(reqs), "steps": {k: sum(x[0] == k for x in part) for k in ("prefill", "decode", "mixed")},
                     "steps_beside_another": sum(x[3] for x in part)})
     factors = alone_factors(seen)
     shared_factor = contention(seen, factors)
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
     profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
     cost = CostModel.from_json(profile)
-    tpot_slo, step = tpot_slo_for(cost, cfg, args.tpot_scale)
 
     # The simulator's goodput on the measured profile picks the rates the real engine is run at.
     sim_gp = {}
     for name, cluster in tqdm(chosen, desc="simulator goodput", unit="policy"):
-        sim_gp[name] = sim_goodput(args, cluster, engine_policy(policy_text(name, args), cfg), cost, tpot_slo,
+        sim_gp[name] = sim_goodput(args, cluster, engine_policy(policy_text(name, args), cfg), cost, raw, tpot_slo,
                                    0.5, 4.0)
     if args.rates == "auto":
         # Centred below the simulated goodputs: the real engine fell short of them at high load in past runs
@@ -279,11 +297,11 @@ def main(argv=None) -> int:
         hi = 0.9 * max(g for g, _ in sim_gp.values())
         rates = [round(float(x), 2) for x in np.geomspace(lo, hi, args.num_rates)]
     else:
-        rates = [float(x) for x in args.rates.split(",")]
+        rates = given
 
     out = {"benchmark": "bench/engine_slo.py", "machine": machine(), "command": " ".join(sys.argv),
            "model": "embedded default (checkpoints/default)", "engine": ENGINE,
-           "profile": {"measured": str(profile_path), "reused_from_cache": reused,
+           "profile": {"measured": str(profile_path), "reused_from_cache": reused, "measured_profile": measured,
                        "measured_coefficients_ms": {"prefill": raw.prefill, "decode": raw.decode, "mixed": raw.mixed},
                        "measured_points": {k: measured[k] for k in ("prefill", "decode", "mixed") if k in measured},
                        "calibration": {"runs": cal, "real_over_predicted_median": factors,
@@ -295,46 +313,58 @@ def main(argv=None) -> int:
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
                         "output_cap": args.max_output_len, "seconds_of_arrivals_per_run": args.duration,
                         "seeds_per_rate": args.seeds},
-           "slo": {"ttft": "5 x the request's isolated prefill time (calibrated profile)",
+           "slo": {"ttft": f"{args.ttft_scale} x the request's isolated prefill time (measured profile)",
                    "tpot_s": tpot_slo,
-                   "tpot": f"{args.tpot_scale} x the calibrated decode step at batch {slo_batch(cfg)} "
-                           f"({step * 1e3:.1f} ms)"},
+                   "tpot": f"{args.tpot_scale} x the measured decode step at batch {slo_batch(cfg)} "
+                           f"({step * 1e3:.2f} ms)"},
            "shed": "every policy rejects hopeless requests at once (counted as misses)" if args.shed else "none",
            "target": args.target, "rates": rates, "policies": {}}
 
-    bar = tqdm(total=len(chosen) * len(rates), desc="real engine runs", unit="run")
+    # Interleaved: each seed runs every policy at every rate before the next seed starts, so a drift in this
+    # machine's speed over the run (tens of percent over an hour on these VMs) falls on every policy alike.
+    engines, results = {}, {}
     for name, cluster in chosen:
         llm = LLM(None, cluster=cluster, policy=policy_text(name, args), profile=profile, progress=False, **ENGINE)
-        eng = llm.cluster
         policy = engine_policy(policy_text(name, args), cfg)
-        assert eng.policy == policy, (eng.policy, policy)
-        seen = StepWatch(eng)
-        eng.start()
-        runs = []
-        try:
-            for i, rate in enumerate(rates):
-                bar.set_description(f"real {name} on {cluster} at {rate} req/s")
-                n = max(8, round(rate * args.duration))
-                seen.clear()
-                real, sim, sim_raw = [], [], []
-                for seed in range(args.seeds):  # pooled: one run of seeds x n requests, in seeds stretches
-                    done = run_real(eng, scaled_requests(args, n, rate, 100 + i + 1000 * seed, tpot_slo), tpot_slo, bar)
+        assert llm.cluster.policy == policy, (llm.cluster.policy, policy)
+        engines[name] = (llm.cluster, StepWatch(llm.cluster), policy)
+        results[name] = [{"real": [], "sim": [], "sim_raw": [], "steps": [], "gaps": []} for _ in rates]
+    bar = tqdm(total=args.seeds * len(chosen) * len(rates), desc="real engine runs", unit="run")
+    for seed in range(args.seeds):
+        for name, cluster in chosen:
+            eng, seen, policy = engines[name]
+            eng.start()
+            try:
+                for i, rate in enumerate(rates):
+                    bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s")
+                    n = max(8, round(rate * args.duration))
+                    seen.clear()
+                    reqs = scaled_requests(args, n, rate, 100 + i + 1000 * seed, raw, tpot_slo)
+                    done = run_real(eng, reqs, bar)
                     assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
-                    real += done
-                    sim += replay(done, cluster, policy, cost, cfg.page_size)
+                    acc = results[name][i]
+                    acc["real"] += done
+                    acc["sim"] += replay(done, cluster, policy, cost, cfg.page_size)
                     # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
-                    sim_raw += replay(done, cluster, policy, raw, cfg.page_size)
-                rs, ss, su = summarize(real), summarize(sim), summarize(sim_raw)
-                keys = ("ttft_p90", "tpot_p90", "attainment")
-                runs.append({"rate": rate, "requests": len(real),
-                             "step_real_over_predicted": {k: step_ratio(seen, k) for k in ("prefill", "decode", "mixed")},
-                             "host_gap_after_step_ms_mean": mean_gaps_ms(seen.gaps),
-                             "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),
-                             "rel_error": {k: rel_err(ss[k], rs[k]) for k in keys},
-                             "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in keys}})
-                bar.update()
-        finally:
-            eng.stop()
+                    acc["sim_raw"] += replay(done, cluster, policy, raw, cfg.page_size)
+                    acc["steps"] += seen
+                    acc["gaps"] += seen.gaps
+                    bar.update()
+            finally:
+                eng.stop()
+    bar.close()
+
+    keys = ("ttft_p90", "tpot_p90", "attainment")
+    for name, cluster in chosen:
+        runs = []
+        for rate, acc in zip(rates, results[name]):  # pooled over the seeds
+            rs, ss, su = summarize(acc["real"]), summarize(acc["sim"]), summarize(acc["sim_raw"])
+            runs.append({"rate": rate, "requests": len(acc["real"]),
+                         "step_real_over_predicted": {k: step_ratio(acc["steps"], k) for k in ("prefill", "decode", "mixed")},
+                         "host_gap_after_step_ms_mean": mean_gaps_ms(acc["gaps"]),
+                         "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),
+                         "rel_error": {k: rel_err(ss[k], rs[k]) for k in keys},
+                         "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in keys}})
         curve = [(r["rate"], r["real"]["attainment"]) for r in runs]
         g = crossing(curve, args.target)
         label = f"{g:.2f}" if g is not None else f"<{rates[0]}"
@@ -342,7 +372,6 @@ def main(argv=None) -> int:
             label = f">={rates[-1]}"
         out["policies"][name] = {"cluster": cluster, "runs": runs, "goodput_real": g, "goodput_real_label": label,
                                  "goodput_sim": sim_gp[name][0], "sim_curve": sim_gp[name][1]}
-    bar.close()
 
     pol = out["policies"]
     base = [n for n in pol if n in BASELINES]

@@ -1,11 +1,11 @@
 """Where does the simulator predict a win on this machine? A sweep of scaled workloads (DESIGN §5).
 
     python bench/engine_slo_workloads.py [--profile-from bench/results/engine_slo_gamma25.json]
-        [--cvs 1,1.5,2,2.5,3] [--input-scales 0.015625,0.03125] [--tpot-scales 3]
+        [--cvs 1,1.5,2,2.5,3] [--input-scales 0.015625,0.03125] [--tpot-scales 6] [--ttft-scale 10]
 
 The real engine is slow to benchmark (bench/engine_slo.py: ~30 min a run on two CPU cores), the
 simulator is not: this runs the simulator's goodput search for every policy on the calibrated profile a
-real run measured (its `profile.used`), for each arrival burstiness (Gamma CV; CV 1 is Poisson), input
+real run measured (its `profile.used`; SLOs scaled from the profile as measured, as that run did), for each arrival burstiness (Gamma CV; CV 1 is Poisson), input
 scale and TPOT-SLO scale, with the same scaled workload and policy knobs as bench/engine_slo.py. It
 prints JSON and plots planned's and tropical's goodput over the best baseline's, so the workload a real
 run is made on is chosen in the open, with the ones where no win is predicted beside it.
@@ -32,12 +32,13 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def predict(args, cost, cfg, cv: float, input_scale: float, tpot_scale: float) -> dict:
+def predict(args, cost, slo_cost, cfg, cv: float, input_scale: float, tpot_scale: float) -> dict:
     """Every policy's simulated goodput on one scaled workload, and the ratios to the best baseline."""
     wl = argparse.Namespace(**{**vars(args), "arrival": "poisson" if cv == 1 else "gamma", "cv": cv,
                                "input_scale": input_scale})
-    tpot_slo, _ = tpot_slo_for(cost, cfg, tpot_scale)
-    gp = {name: sim_goodput(wl, cluster, engine_policy(policy_text(name, wl), cfg), cost, tpot_slo, 0.5, 4.0)[0]
+    tpot_slo, _ = tpot_slo_for(slo_cost, cfg, tpot_scale)
+    gp = {name: sim_goodput(wl, cluster, engine_policy(policy_text(name, wl), cfg), cost, slo_cost, tpot_slo,
+                            0.5, 4.0)[0]
           for name, cluster in POLICIES}
     best = max(BASELINES, key=gp.get)
     return {"cv": cv, "input_scale": input_scale, "tpot_scale": tpot_scale, "tpot_slo_s": tpot_slo,
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default="mooncake-conversation")
     ap.add_argument("--cvs", default="1,1.5,2,2.5,3")
     ap.add_argument("--input-scales", default=f"{1 / 64},{1 / 32}")
-    ap.add_argument("--tpot-scales", default="3")
+    ap.add_argument("--tpot-scales", default="6")
+    ap.add_argument("--ttft-scale", type=float, default=10.0)
     ap.add_argument("--output-scale", type=float, default=1 / 16)
     ap.add_argument("--max-output-len", type=int, default=48)
     ap.add_argument("--target", type=float, default=0.9)
@@ -89,16 +91,17 @@ def main(argv=None) -> int:
 
     source = json.loads(Path(args.profile_from).read_text())
     cost = CostModel.from_json(source["profile"]["used"])
+    slo_cost = CostModel.from_json(source["profile"]["measured_profile"])
     cfg = EngineConfig(**ENGINE)
     grid = list(itertools.product(floats(args.cvs), floats(args.input_scales), floats(args.tpot_scales)))
-    preds = [predict(args, cost, cfg, *g) for g in tqdm(grid, desc="simulated workloads", unit="workload")]
+    preds = [predict(args, cost, slo_cost, cfg, *g) for g in tqdm(grid, desc="simulated workloads", unit="workload")]
     out = {"benchmark": "bench/engine_slo_workloads.py", "command": " ".join(sys.argv),
            "profile_from": args.profile_from, "profile_machine": source["machine"],
            "workload": {"trace": args.workload, "output_scale": args.output_scale, "output_cap": args.max_output_len,
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
                         "requests_per_seed": args.sim_requests, "seeds": args.sim_seeds},
-           "slo": {"ttft": "5 x the request's isolated prefill time",
-                   "tpot": f"tpot_scale x the decode step at batch {slo_batch(cfg)}"},
+           "slo": {"ttft": f"{args.ttft_scale} x the request's isolated prefill time (measured profile)",
+                   "tpot": f"tpot_scale x the measured decode step at batch {slo_batch(cfg)}"},
            "predictions": preds, "wall_s": round(time.time() - t0, 1)}
     path = Path(args.out)
     path.write_text(json.dumps(out, indent=1))
