@@ -5,10 +5,10 @@
 1. Profiles the embedded default model on this machine's devices (or reuses the cached profile), then
    calibrates it: the profiler times each step alone, but in a cluster two workers share this machine's
    cores (and other processes may run). Runs of chunked 2C (mixed steps) and disaggregated 1P1D
-   (prefill and decode steps), Poisson at one rate whatever the workload, give the median real/predicted time of each kind of step; the profile
-   with each kind scaled by its factor, plus the mean host time a busy worker spends after that kind of
-   step (a prefill's KV copy, token handling, planning), is what the engine schedules with and the
-   simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
+   (prefill and decode steps), Poisson at one rate whatever the workload, give the median
+   real/predicted time of each kind of step; the profile with each kind scaled by its factor, plus the
+   mean host time a busy worker spends after that kind of step (a prefill's KV copy, token handling,
+   planning), is what the engine schedules with and the simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
    bandwidth of its page copy) instead of the profile's constant.
    Each replay is also simulated on the uncalibrated profile, and both errors are reported.
 2. Scales a real trace down to the model (lengths x --input-scale / --output-scale, capped to its
