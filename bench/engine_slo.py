@@ -4,12 +4,12 @@
 
 1. Profiles the embedded default model on this machine's devices (or reuses the cached profile), then
    calibrates it: the profiler times each step alone, but in a cluster two workers share this machine's
-   cores (and other processes may run). Runs of chunked 2C (mixed steps) and disaggregated 1P1D
-   (prefill and decode steps), Poisson at one rate whatever the workload, give the median
+   cores (and other processes may run). Runs of chunked 2C, disaggregated 1P1D and planned 1P1M (its
+   inlines are the mixed steps), Poisson at one rate whatever the workload, give the median
    real/predicted time of each kind of step; the profile with each kind scaled by its factor, plus the
    mean host time a busy worker spends after that kind of step (a prefill's KV copy, token handling,
-   planning), is what the engine schedules with and the simulator simulates. The KV handoff is timed on the 1P1D cluster's own workers (latency and
-   bandwidth of its page copy) instead of the profile's constant.
+   planning), is what the engine schedules with and the simulator simulates. The KV handoff is timed on
+   the 1P1D cluster's own workers (latency and bandwidth of its page copy) instead of the profile's constant.
    Each replay is also simulated on the uncalibrated profile, and both errors are reported.
 2. Scales a real trace down to the model (lengths x --input-scale / --output-scale, capped to its
    context) and scales the SLOs to the measured profile (cached per machine, so every run of a command
@@ -53,7 +53,7 @@ from tropical_jax.sched.request import Request  # noqa: E402
 from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
-from step_calibration import StepWatch, alone_factors, contention, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
+from step_calibration import KINDS, StepWatch, calibrate, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
 
 POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
             ("disaggregated", "1P1D")]
@@ -253,14 +253,17 @@ def main(argv=None) -> int:
     tpot_slo, step = tpot_slo_for(raw, cfg, args.tpot_scale)
 
     # Calibration: the profile times one step alone; in the cluster two workers share the cores (and
-    # this machine is shared). Run chunked 2C and disaggregated 1P1D and scale the profile by the median
+    # this machine is shared). Run chunked 2C, disaggregated 1P1D and planned 1P1M and scale the profile by the median
     # real/predicted step time, so that scheduling and simulation start from the steps as they really run.
     # Always Poisson at one rate for every policy and arrival process (see --calibrate-rate): a bursty
     # workload's calibration must not measure a busier machine than a smooth one's.
     poisson = argparse.Namespace(**{**vars(args), "arrival": "poisson"})
     given = None if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
     seen, gaps, cal = [], [], []
-    for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D")):  # mixed steps; prefills, decodes
+    # chunked 2C and disaggregated 1P1D give prefill and decode steps by the thousand, but at a calibration rate a
+    # chunked worker is mostly empty of decodes when a prompt arrives (42-55 mixed steps in 20 s, too few: the mixed
+    # factor fell back to all steps', i.e. decode's, 3-28% slower than the mixed steps then ran); planned 1P1M inlines.
+    for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D"), ("planned", "1P1M")):
         text = policy_text(cal_policy, args)
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
@@ -277,10 +280,9 @@ def main(argv=None) -> int:
         seen += part
         gaps += part.gaps
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
-                    "requests": len(reqs), "steps": {k: sum(x[0] == k for x in part) for k in ("prefill", "decode", "mixed")},
-                    "steps_beside_another": sum(x[3] for x in part)})
-    factors = alone_factors(seen)
-    shared_factor = contention(seen, factors)
+                    "requests": len(reqs), "steps": {k: sum(x[0] == k for x in part) for k in KINDS},
+                    "steps_beside_another": {k: sum(x[0] == k and x[3] for x in part) for k in KINDS}})
+    factors, shared_factor = calibrate(seen)
     gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
     profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
     cost = CostModel.from_json(profile)

@@ -2,9 +2,10 @@
 
 The profiler times each step alone; in a cluster the workers share the machine's cores. `StepWatch`
 records every step's real and predicted time, whether another worker ran a step when it started, and
-the host time after it. `scaled_profile` scales each kind of step by its median real/predicted ratio
-among the steps that started alone and adds that host time; `contention` is how much longer the others
-ran (the profile's contention factor, which the simulator applies to steps that start beside another).
+the host time after it. `calibrate` gives each kind of step its median real/predicted ratio among the
+steps that started alone, and the contention: how much longer the others ran (the profile's contention
+factor, which the simulator applies to steps that start beside another); `scaled_profile` applies them
+and adds that host time.
 """
 
 from __future__ import annotations
@@ -63,22 +64,36 @@ def step_ratio(seen, kind: str | None = None, shared: bool | None = None, min_st
     return float(np.median(r)) if len(r) >= min_steps else None
 
 
-def alone_factors(seen, min_steps: int = 20) -> dict:
-    """Per kind of step, the median real/predicted of steps that started alone (all alone steps where a
-    kind has too few, all steps where there are too few alone)."""
+KINDS = ("prefill", "decode", "mixed")
+
+
+def calibrate(seen, min_steps: int = 20) -> tuple[dict, float]:
+    """(factors, contention). factors: per kind of step, the median real/predicted of the steps that started
+    alone; contention: the median, over steps that started beside another worker's, of real / (predicted x its
+    kind's factor). A kind with fewer than min_steps alone steps takes the median real/predicted of the ones that
+    started beside another divided by the contention (an inline runs mostly while the P worker is busy: that is
+    when it is chosen), or with too few of those as well, all alone steps' median."""
+    factors = {k: step_ratio(seen, k, False, min_steps) for k in KINDS}
+    known = {k: f for k, f in factors.items() if f is not None}
+    shared = contention(seen, known) if known else 1.0
     overall = step_ratio(seen, shared=False, min_steps=min_steps) or step_ratio(seen)
-    return {k: step_ratio(seen, k, False, min_steps) or overall for k in ("prefill", "decode", "mixed")}
+    for k in KINDS:
+        if factors[k] is None:
+            beside = step_ratio(seen, k, True, min_steps)
+            factors[k] = beside / shared if beside is not None else overall
+    return factors, shared
 
 
 def contention(seen, factors: dict) -> float:
-    """Median over steps that started beside another worker's of real / (predicted x its kind's factor)."""
-    r = [real / (pred * factors[k]) for k, real, pred, sh in seen if sh and pred > 0]
+    """Median over steps of the kinds in `factors` that started beside another worker's of real / (predicted x
+    its kind's factor)."""
+    r = [real / (pred * factors[k]) for k, real, pred, sh in seen if sh and pred > 0 and k in factors]
     return float(np.median(r)) if r else 1.0
 
 
 def mean_gaps_ms(gaps) -> dict:
     return {k: float(np.mean([g for kk, g in gaps if kk == k])) * 1e3 if any(kk == k for kk, _ in gaps) else 0.0
-            for k in ("prefill", "decode", "mixed")}
+            for k in KINDS}
 
 
 def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: float = 1.0) -> dict:
