@@ -1,6 +1,7 @@
 """The real engine against its SLOs on this machine, then the simulator on the same workload (DESIGN §5).
 
     python bench/engine_slo.py [--duration 16] [--rates auto] [--out bench/results/engine_slo.json]
+    python bench/engine_slo.py --resummarize bench/results/engine_slo.json   # goodputs and summary again
 
 1. Profiles the embedded default model on this machine's devices (or reuses the cached profile), then
    calibrates it: the profiler times each step alone, but in a cluster two workers share this machine's
@@ -17,8 +18,9 @@
    --tpot-scale x the decode step at the middle batch bucket.
 3. Runs every policy on a cluster of two workers (`1P1M` tropical and planned, `2C` colocated and
    chunked, `1P1D` disaggregated) on the real clock: an open-loop driver submits requests at their
-   Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput where the
-   curve crosses the target. With --seeds N each seed runs every policy at every rate before the next,
+   Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput the highest
+   rate meeting the target (interpolated toward the next; lower rates that missed it are listed as dips:
+   each rate draws its own bursts, so a real curve is not monotone). With --seeds N each seed runs every policy at every rate before the next,
    so a drift of the machine's speed during the run falls on all policies alike.
 4. Replays each real run in the simulator (same requests, their actual arrival times, the same policy
    and calibrated profile) and reports the relative error of its P90 TTFT, P90 TPOT and attainment;
@@ -128,18 +130,23 @@ def rel_err(sim, real):
     return None if sim is None or real in (None, 0) else (sim - real) / real
 
 
+ERROR_KEYS = ("ttft_p90", "tpot_p90", "attainment")  # what the simulator's replay is compared on
+
+
 def crossing(curve, target: float):
-    """Goodput from a measured curve: the highest rate meeting the target, linearly interpolated to the
-    first rate that misses it. None when even the lowest rate misses (then goodput < that rate)."""
-    best = None
-    for (r0, a0), (r1, a1) in zip(curve, curve[1:] + [(None, None)]):
-        if a0 < target:
-            break
-        best = r0
-        if r1 is not None and a1 < target:
-            best = r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
-            break
-    return best
+    """Goodput from a measured curve, as DESIGN §5 defines it: the highest rate whose attainment meets the
+    target, linearly interpolated toward the next rate (which misses it). None when no rate meets it. A real
+    curve is not monotone (each rate draws its own bursts): a miss at a lower rate does not cap the goodput,
+    it is reported beside it (`dips`)."""
+    meets = [i for i, (_, a) in enumerate(curve) if a >= target]
+    if not meets:
+        return None
+    i = meets[-1]
+    (r0, a0), after = curve[i], curve[i + 1:]
+    if not after:
+        return r0
+    r1, a1 = after[0]
+    return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
 
 
 def run_real(eng, reqs, bar) -> list[Request]:
@@ -189,11 +196,12 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {name: f"C{i}" for i, (name, _) in enumerate(POLICIES)}  # one colour a policy in every run's plot
     for name, p in out["policies"].items():
         xs = [r["rate"] for r in p["runs"]]
-        (line,) = ax.plot(xs, [r["real"]["attainment"] for r in p["runs"]], "o-",
-                          label=f"{name} ({p['cluster']}) real: goodput {p['goodput_real_label']}")
-        ax.plot(xs, [r["sim_replay"]["attainment"] for r in p["runs"]], "x--", c=line.get_color(), alpha=0.7)
+        ax.plot(xs, [r["real"]["attainment"] for r in p["runs"]], "o-", c=colors[name],
+                label=f"{name} ({p['cluster']}) real: goodput {p['goodput_real_label']}")
+        ax.plot(xs, [r["sim_replay"]["attainment"] for r in p["runs"]], "x--", c=colors[name], alpha=0.7)
     ax.axhline(out["target"], ls=":", c="gray", lw=1)
     ax.set_xlabel("arrival rate (req/s)")
     ax.set_ylabel("SLO attainment (solid: real engine, dashed: simulator replay)")
@@ -204,6 +212,45 @@ def plot(out: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def summarize_result(out: dict) -> None:
+    """Each policy's real goodput (with its label and the rates below it that missed the target) and the
+    summary: ratios to the best baseline, real and simulated, and the simulator's errors. From the stored runs
+    alone, so --resummarize can redo it on a result file."""
+    rates, target, pol = out["rates"], out["target"], out["policies"]
+    for p in pol.values():
+        curve = [(r["rate"], r["real"]["attainment"]) for r in p["runs"]]
+        g = crossing(curve, target)
+        p["goodput_real"] = g
+        p["goodput_real_label"] = (f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}")
+        p["dips"] = [r for r, a in curve if a < target and g is not None and r < g]
+    base = [n for n in pol if n in BASELINES]
+    best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
+    best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
+    errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
+    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
+    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
+                                   if r["rel_error_uncalibrated"][k] is not None]))
+               for k in ERROR_KEYS}
+    out["summary"] = {
+        "goodput_definition": "the highest rate meeting the target, interpolated toward the next (DESIGN §5)",
+        "best_baseline_real": best_real, "best_baseline_sim": best_sim,
+        "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
+                           if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)
+                       for n in ("tropical", "planned") if n in pol},
+        "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
+                      for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
+        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
+        "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
+        "runs": len(errs),
+    }
+
+
+def headline(out: dict) -> dict:
+    return {"machine": out["machine"], "slo": out["slo"], "rates": out["rates"], "summary": out["summary"],
+            "goodput": {n: {"real": p["goodput_real_label"], "dips": p["dips"], "sim": round(p["goodput_sim"], 3)}
+                        for n, p in out["policies"].items()}, "wall_s": out.get("wall_s")}
 
 
 def main(argv=None) -> int:
@@ -236,7 +283,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sim-requests", type=int, default=400)
     ap.add_argument("--sim-seeds", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "engine_slo.json"))
+    ap.add_argument("--resummarize", metavar="FILE",
+                    help="only redo the goodputs, summary and plot of a result file from its stored runs")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        path = Path(args.resummarize)
+        out = json.loads(path.read_text())
+        summarize_result(out)
+        path.write_text(json.dumps(out, indent=1))
+        plot(out, path.with_suffix(".png"))
+        print(json.dumps(headline(out), indent=1))
+        return 0
     t_start = time.time()
 
     from tropical_jax import LLM
@@ -356,55 +413,26 @@ def main(argv=None) -> int:
                 eng.stop()
     bar.close()
 
-    keys = ("ttft_p90", "tpot_p90", "attainment")
     for name, cluster in chosen:
         runs = []
         for rate, acc in zip(rates, results[name]):  # pooled over the seeds
             rs, ss, su = summarize(acc["real"]), summarize(acc["sim"]), summarize(acc["sim_raw"])
             runs.append({"rate": rate, "requests": len(acc["real"]),
-                         "step_real_over_predicted": {k: step_ratio(acc["steps"], k) for k in ("prefill", "decode", "mixed")},
+                         "step_real_over_predicted": {k: step_ratio(acc["steps"], k) for k in KINDS},
                          "host_gap_after_step_ms_mean": mean_gaps_ms(acc["gaps"]),
                          "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),
-                         "rel_error": {k: rel_err(ss[k], rs[k]) for k in keys},
-                         "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in keys}})
-        curve = [(r["rate"], r["real"]["attainment"]) for r in runs]
-        g = crossing(curve, args.target)
-        label = f"{g:.2f}" if g is not None else f"<{rates[0]}"
-        if g is not None and g == rates[-1]:
-            label = f">={rates[-1]}"
-        out["policies"][name] = {"cluster": cluster, "runs": runs, "goodput_real": g, "goodput_real_label": label,
-                                 "goodput_sim": sim_gp[name][0], "sim_curve": sim_gp[name][1]}
-
-    pol = out["policies"]
-    base = [n for n in pol if n in BASELINES]
-    best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
-    best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
-    errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
-    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None]))
-           for k in ("ttft_p90", "tpot_p90", "attainment")}
-    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
-                                   if r["rel_error_uncalibrated"][k] is not None]))
-               for k in ("ttft_p90", "tpot_p90", "attainment")}
-    out["summary"] = {
-        "best_baseline_real": best_real, "best_baseline_sim": best_sim,
-        "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
-                           if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)
-                       for n in ("tropical", "planned") if n in pol},
-        "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
-                      for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
-        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
-        "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
-        "runs": len(errs),
-    }
+                         "rel_error": {k: rel_err(ss[k], rs[k]) for k in ERROR_KEYS},
+                         "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in ERROR_KEYS}})
+        out["policies"][name] = {"cluster": cluster, "runs": runs, "goodput_sim": sim_gp[name][0],
+                                 "sim_curve": sim_gp[name][1]}
+    summarize_result(out)
     out["machine"]["load_average_end"] = os.getloadavg()
     out["wall_s"] = round(time.time() - t_start, 1)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     plot(out, path.with_suffix(".png"))
-    print(json.dumps({"machine": out["machine"], "slo": out["slo"], "rates": rates, "summary": out["summary"],
-                      "goodput": {n: {"real": p["goodput_real_label"], "sim": round(p["goodput_sim"], 3)}
-                                  for n, p in pol.items()}, "wall_s": out["wall_s"]}, indent=1))
+    print(json.dumps(headline(out), indent=1))
     return 0
 
 
