@@ -19,9 +19,8 @@
 3. Runs every policy on a cluster of two workers (`1P1M` tropical and planned, `2C` colocated and
    chunked, `1P1D` disaggregated) on the real clock: an open-loop driver submits requests at their
    Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput the highest
-   rate meeting the target (interpolated toward the next; lower rates that missed it are listed as dips:
-   each rate draws its own bursts, so a real curve is not monotone). With --seeds N each seed runs every policy at every rate before the next,
-   so a drift of the machine's speed during the run falls on all policies alike.
+   rate meeting the target (engine_slo_report.crossing). With --seeds N each seed runs every policy at
+   every rate before the next, so a drift of the machine's speed during the run falls on all policies alike.
 4. Replays each real run in the simulator (same requests, their actual arrival times, the same policy
    and calibrated profile) and reports the relative error of its P90 TTFT, P90 TPOT and attainment;
    also the simulator's own goodput search on that profile and the workload (which picks the rates).
@@ -55,16 +54,12 @@ from tropical_jax.sched.request import Request  # noqa: E402
 from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
+from engine_slo_report import ERROR_KEYS, POLICIES, p90s, rel_err, save, summarize_result  # noqa: E402
 from step_calibration import KINDS, StepWatch, calibrate, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
 
-POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
-            ("disaggregated", "1P1D")]
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ("colocated", "chunked", "disaggregated")
-
-
 def machine() -> dict:
     import jax
 
@@ -121,34 +116,6 @@ def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: fl
     return reqs
 
 
-def p90s(s: dict) -> dict:
-    return {k: s[k] for k in ("attainment", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "rejected",
-                              "inline_fraction")}
-
-
-def rel_err(sim, real):
-    return None if sim is None or real in (None, 0) else (sim - real) / real
-
-
-ERROR_KEYS = ("ttft_p90", "tpot_p90", "attainment")  # what the simulator's replay is compared on
-
-
-def crossing(curve, target: float):
-    """Goodput from a measured curve, as DESIGN §5 defines it: the highest rate whose attainment meets the
-    target, linearly interpolated toward the next rate (which misses it). None when no rate meets it. A real
-    curve is not monotone (each rate draws its own bursts): a miss at a lower rate does not cap the goodput,
-    it is reported beside it (`dips`)."""
-    meets = [i for i, (_, a) in enumerate(curve) if a >= target]
-    if not meets:
-        return None
-    i = meets[-1]
-    (r0, a0), after = curve[i], curve[i + 1:]
-    if not after:
-        return r0
-    r1, a1 = after[0]
-    return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
-
-
 def run_real(eng, reqs, bar) -> list[Request]:
     """Submit each request at its arrival time (open loop, real clock); wait for all to finish."""
     from tropical_jax import SamplingParams
@@ -189,70 +156,6 @@ def sim_goodput(args, cluster, policy, cost, slo_cost, tpot_slo, lo, hi):
     return goodput(att, lo=lo, hi=hi, target=args.target)
 
 
-def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = {name: f"C{i}" for i, (name, _) in enumerate(POLICIES)}  # one colour a policy in every run's plot
-    for name, p in out["policies"].items():
-        xs = [r["rate"] for r in p["runs"]]
-        ax.plot(xs, [r["real"]["attainment"] for r in p["runs"]], "o-", c=colors[name],
-                label=f"{name} ({p['cluster']}) real: goodput {p['goodput_real_label']}")
-        ax.plot(xs, [r["sim_replay"]["attainment"] for r in p["runs"]], "x--", c=colors[name], alpha=0.7)
-    ax.axhline(out["target"], ls=":", c="gray", lw=1)
-    ax.set_xlabel("arrival rate (req/s)")
-    ax.set_ylabel("SLO attainment (solid: real engine, dashed: simulator replay)")
-    ax.set_title(f"real CPU engine vs simulator: {out['workload']['trace']} scaled, default model", fontsize=10)
-    lowest = min(min(r["real"]["attainment"], r["sim_replay"]["attainment"]) for p in out["policies"].values()
-                 for r in p["runs"])
-    ax.set_ylim(max(0.0, lowest - 0.05), 1.02)  # flat curves near the target stay readable
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def summarize_result(out: dict) -> None:
-    """Each policy's real goodput (with its label and the rates below it that missed the target) and the
-    summary: ratios to the best baseline, real and simulated, and the simulator's errors. From the stored runs
-    alone, so --resummarize can redo it on a result file."""
-    rates, target, pol = out["rates"], out["target"], out["policies"]
-    for p in pol.values():
-        curve = [(r["rate"], r["real"]["attainment"]) for r in p["runs"]]
-        g = crossing(curve, target)
-        p["goodput_real"] = g
-        p["goodput_real_label"] = (f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}")
-        p["dips"] = [r for r, a in curve if a < target and g is not None and r < g]
-    base = [n for n in pol if n in BASELINES]
-    best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
-    best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
-    errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
-    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
-    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
-                                   if r["rel_error_uncalibrated"][k] is not None]))
-               for k in ERROR_KEYS}
-    out["summary"] = {
-        "goodput_definition": "the highest rate meeting the target, interpolated toward the next (DESIGN §5)",
-        "best_baseline_real": best_real, "best_baseline_sim": best_sim,
-        "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
-                           if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)
-                       for n in ("tropical", "planned") if n in pol},
-        "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
-                      for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
-        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
-        "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
-        "runs": len(errs),
-    }
-
-
-def headline(out: dict) -> dict:
-    return {"machine": out["machine"], "slo": out["slo"], "rates": out["rates"], "summary": out["summary"],
-            "goodput": {n: {"real": p["goodput_real_label"], "dips": p["dips"], "sim": round(p["goodput_sim"], 3)}
-                        for n, p in out["policies"].items()}, "wall_s": out.get("wall_s")}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", default="mooncake-conversation")
@@ -287,12 +190,9 @@ def main(argv=None) -> int:
                     help="only redo the goodputs, summary and plot of a result file from its stored runs")
     args = ap.parse_args(argv)
     if args.resummarize:
-        path = Path(args.resummarize)
-        out = json.loads(path.read_text())
+        out = json.loads(Path(args.resummarize).read_text())
         summarize_result(out)
-        path.write_text(json.dumps(out, indent=1))
-        plot(out, path.with_suffix(".png"))
-        print(json.dumps(headline(out), indent=1))
+        save(out, Path(args.resummarize))
         return 0
     t_start = time.time()
 
@@ -310,16 +210,15 @@ def main(argv=None) -> int:
     tpot_slo, step = tpot_slo_for(raw, cfg, args.tpot_scale)
 
     # Calibration: the profile times one step alone; in the cluster two workers share the cores (and
-    # this machine is shared). Run chunked 2C, disaggregated 1P1D and planned 1P1M and scale the profile by the median
-    # real/predicted step time, so that scheduling and simulation start from the steps as they really run.
+    # this machine is shared). Run chunked 2C, disaggregated 1P1D and planned 1P1M and scale the profile by
+    # the median real/predicted step time, so that scheduling and simulation start from the steps as they really run.
     # Always Poisson at one rate for every policy and arrival process (see --calibrate-rate): a bursty
     # workload's calibration must not measure a busier machine than a smooth one's.
     poisson = argparse.Namespace(**{**vars(args), "arrival": "poisson"})
     given = None if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
     seen, gaps, cal = [], [], []
-    # chunked 2C and disaggregated 1P1D give prefill and decode steps by the thousand, but at a calibration rate a
-    # chunked worker is mostly empty of decodes when a prompt arrives (42-55 mixed steps in 20 s, too few: the mixed
-    # factor fell back to all steps', i.e. decode's, 3-28% slower than the mixed steps then ran); planned 1P1M inlines.
+    # Prefill and decode steps come by the thousand from chunked and disaggregated; mixed steps mostly from planned's
+    # inlines (at a calibration rate a chunked worker rarely holds decodes when a prompt arrives).
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D"), ("planned", "1P1M")):
         text = policy_text(cal_policy, args)
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
@@ -428,11 +327,7 @@ def main(argv=None) -> int:
     summarize_result(out)
     out["machine"]["load_average_end"] = os.getloadavg()
     out["wall_s"] = round(time.time() - t_start, 1)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    plot(out, path.with_suffix(".png"))
-    print(json.dumps(headline(out), indent=1))
+    save(out, Path(args.out))
     return 0
 
 

@@ -14,6 +14,8 @@ import numpy as np
 
 from tropical_jax.sched.cost_model import CostModel
 
+KINDS = ("prefill", "decode", "mixed")
+
 
 def step_kind(plan) -> str:
     return "mixed" if plan.chunk is not None and plan.decodes else ("prefill" if plan.chunk is not None else "decode")
@@ -62,9 +64,6 @@ def step_ratio(seen, kind: str | None = None, shared: bool | None = None, min_st
     another worker's, alone, or either); None with fewer than min_steps such steps."""
     r = [real / pred for k, real, pred, sh in seen if pred > 0 and kind in (None, k) and shared in (None, sh)]
     return float(np.median(r)) if len(r) >= min_steps else None
-
-
-KINDS = ("prefill", "decode", "mixed")
 
 
 def calibrate(seen, min_steps: int = 20) -> tuple[dict, float]:

@@ -1,0 +1,114 @@
+"""How bench/engine_slo.py reports a run: its policy lineup, each policy's goodput from the real curve,
+the summary against the best baseline and the simulator's errors, the plot. Works from a result's stored
+runs alone (`python bench/engine_slo.py --resummarize FILE`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
+            ("disaggregated", "1P1D")]
+BASELINES = ("colocated", "chunked", "disaggregated")
+
+
+def p90s(s: dict) -> dict:
+    return {k: s[k] for k in ("attainment", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90", "rejected",
+                              "inline_fraction")}
+
+
+def rel_err(sim, real):
+    return None if sim is None or real in (None, 0) else (sim - real) / real
+
+
+ERROR_KEYS = ("ttft_p90", "tpot_p90", "attainment")  # what the simulator's replay is compared on
+
+
+def crossing(curve, target: float):
+    """Goodput from a measured curve, as DESIGN §5 defines it: the highest rate whose attainment meets the
+    target, linearly interpolated toward the next rate (which misses it). None when no rate meets it. A real
+    curve is not monotone (each rate draws its own bursts): a miss at a lower rate does not cap the goodput,
+    it is reported beside it (`dips`)."""
+    meets = [i for i, (_, a) in enumerate(curve) if a >= target]
+    if not meets:
+        return None
+    i = meets[-1]
+    (r0, a0), after = curve[i], curve[i + 1:]
+    if not after:
+        return r0
+    r1, a1 = after[0]
+    return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {name: f"C{i}" for i, (name, _) in enumerate(POLICIES)}  # one colour a policy in every run's plot
+    for name, p in out["policies"].items():
+        xs = [r["rate"] for r in p["runs"]]
+        ax.plot(xs, [r["real"]["attainment"] for r in p["runs"]], "o-", c=colors[name],
+                label=f"{name} ({p['cluster']}) real: goodput {p['goodput_real_label']}")
+        ax.plot(xs, [r["sim_replay"]["attainment"] for r in p["runs"]], "x--", c=colors[name], alpha=0.7)
+    ax.axhline(out["target"], ls=":", c="gray", lw=1)
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("SLO attainment (solid: real engine, dashed: simulator replay)")
+    ax.set_title(f"real CPU engine vs simulator: {out['workload']['trace']} scaled, default model", fontsize=10)
+    lowest = min(min(r["real"]["attainment"], r["sim_replay"]["attainment"]) for p in out["policies"].values()
+                 for r in p["runs"])
+    ax.set_ylim(max(0.0, lowest - 0.05), 1.02)  # flat curves near the target stay readable
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def summarize_result(out: dict) -> None:
+    """Each policy's real goodput (with its label and the rates below it that missed the target) and the
+    summary: ratios to the best baseline, real and simulated, and the simulator's errors. From the stored runs
+    alone, so --resummarize can redo it on a result file."""
+    rates, target, pol = out["rates"], out["target"], out["policies"]
+    for p in pol.values():
+        curve = [(r["rate"], r["real"]["attainment"]) for r in p["runs"]]
+        g = crossing(curve, target)
+        p["goodput_real"] = g
+        p["goodput_real_label"] = (f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}")
+        p["dips"] = [] if g is None else [r for r, a in curve if a < target and r < g]
+    base = [n for n in pol if n in BASELINES]
+    best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
+    best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
+    errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
+    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
+    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
+                                   if r["rel_error_uncalibrated"][k] is not None]))
+               for k in ERROR_KEYS}
+    out["summary"] = {
+        "goodput_definition": "the highest rate meeting the target, interpolated toward the next (DESIGN §5)",
+        "best_baseline_real": best_real, "best_baseline_sim": best_sim,
+        "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
+                           if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)
+                       for n in ("tropical", "planned") if n in pol},
+        "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
+                      for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
+        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
+        "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
+        "runs": len(errs),
+    }
+
+
+def headline(out: dict) -> dict:
+    return {"machine": out["machine"], "slo": out["slo"], "rates": out["rates"], "summary": out["summary"],
+            "goodput": {n: {"real": p["goodput_real_label"], "dips": p["dips"], "sim": round(p["goodput_sim"], 3)}
+                        for n, p in out["policies"].items()}, "wall_s": out.get("wall_s")}
+
+
+def save(out: dict, path: Path) -> None:
+    """The result as JSON, its plot beside it (PNG), and its headline on stdout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    plot(out, path.with_suffix(".png"))
+    print(json.dumps(headline(out), indent=1))
