@@ -18,7 +18,7 @@ KINDS = ("prefill", "decode", "mixed")
 
 
 def step_kind(plan) -> str:
-    return "mixed" if plan.chunk is not None and plan.decodes else ("prefill" if plan.chunk is not None else "decode")
+    return "mixed" if plan.chunks and plan.decodes else ("prefill" if plan.chunks else "decode")
 
 
 class StepWatch(list):

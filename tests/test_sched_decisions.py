@@ -62,7 +62,7 @@ def queued(s, worker, r):
 
 
 def busy_until(s, worker, end):
-    s.workers[worker].busy = StepPlan(worker, None, [], 0, end - NOW, NOW)
+    s.workers[worker].busy = StepPlan(worker, [], [], 0, end - NOW, NOW)
 
 
 def placed(s, r):
@@ -330,7 +330,7 @@ def test_m_step_chunk_is_largest_bucket_within_slack(slack, chunk):
     queued(s, "M0", req(2048))
     plan = s.next_step("M0", NOW)
     assert plan.decodes == [d]
-    assert (plan.chunk.length if plan.chunk else None) == chunk
+    assert (plan.chunks[0].length if plan.chunks else None) == chunk
 
 
 @pytest.mark.parametrize("guard,pending,chunk", [(False, True, 1024), (True, False, 1024), (True, True, 128)])
@@ -345,7 +345,7 @@ def test_handoff_guard_keeps_m_steps_short_while_a_prefill_is_pending(guard, pen
         queued(s, "P0", req(1000, tpot=0.1))
     m = s.workers["M0"]
     assert s.mon.handoff_cap(m) == (pytest.approx(0.078) if guard and pending else math.inf)
-    assert s.next_step("M0", NOW).chunk.length == chunk
+    assert s.next_step("M0", NOW).chunks[0].length == chunk
 
 
 def test_p_worker_srpt_at_chunk_boundary():
@@ -353,13 +353,13 @@ def test_p_worker_srpt_at_chunk_boundary():
     a = req(3000)
     s.submit(a, NOW)
     plan = s.next_step("P0", NOW)
-    assert plan.chunk.request is a and plan.chunk.length == 1024 and not plan.decodes
+    assert plan.chunks[0].request is a and plan.chunks[0].length == 1024 and not plan.decodes
     b = req(500)
     s.submit(b, NOW + 0.1)                              # shorter than a's remaining 1976 tokens
     assert b.path == "prefill"
     s.step_done("P0", plan, NOW + 0.266)
     plan = s.next_step("P0", NOW + 0.266)
-    assert plan.chunk.request is b and plan.chunk.length == 500 and plan.chunk.last
+    assert plan.chunks[0].request is b and plan.chunks[0].length == 500 and plan.chunks[0].last
 
 
 def test_handoff_to_least_loaded_m_with_room_and_failed_transfer_recomputes():
@@ -370,7 +370,7 @@ def test_handoff_to_least_loaded_m_with_room_and_failed_transfer_recomputes():
     r = req(3000)
     s.submit(r, NOW)
     plan = s.next_step("P0", NOW)
-    while not plan.chunk.last:
+    while not plan.chunks[0].last:
         s.step_done("P0", plan, NOW)
         plan = s.next_step("P0", NOW)
     s.step_done("P0", plan, NOW + 1)
@@ -381,7 +381,7 @@ def test_handoff_to_least_loaded_m_with_room_and_failed_transfer_recomputes():
     assert r.recomputed and r.transfer_time == pytest.approx(0.5)
     assert s.workers["P0"].alloc.num_used == 0 and s.workers["M0"].queue == [r]
     plan = s.next_step("M0", NOW + 1.5)
-    assert plan.chunk.request is r and plan.chunk.recompute
+    assert plan.chunks[0].request is r and plan.chunks[0].recompute
 
 
 def test_colocated_prefill_runs_alone_and_chunked_fills_budget():
@@ -390,16 +390,16 @@ def test_colocated_prefill_runs_alone_and_chunked_fills_budget():
     r = req(3000)
     s.submit(r, NOW)
     plan = s.next_step("C0", NOW)
-    assert plan.chunk.request is r and plan.chunk.length == 3000 and plan.decodes == []
+    assert plan.chunks[0].request is r and plan.chunks[0].length == 3000 and plan.decodes == []
     s = make("1C", policy="colocated", token_budget=2048)
     decoding(s, "C0")
     s.submit(req(3000), NOW)
-    assert s.next_step("C0", NOW).chunk.length == 2048
+    assert s.next_step("C0", NOW).chunks[0].length == 2048
     s = make("1C", policy="chunked", token_budget=512)
     ds = [decoding(s, "C0") for _ in range(3)]
     s.submit(req(3000), NOW)
     plan = s.next_step("C0", NOW)
-    assert plan.chunk.length == 509 and plan.decodes == ds
+    assert plan.chunks[0].length == 509 and plan.decodes == ds
     assert d is not None
 
 
@@ -411,7 +411,7 @@ def test_disaggregated_prefill_queue_order(order, first):
     for r in rs:
         s.submit(r, r.arrival)
     s.workers["P0"].busy = None
-    assert s.next_step("P0", NOW + 1).chunk.request is rs[first]
+    assert s.next_step("P0", NOW + 1).chunks[0].request is rs[first]
 
 
 def test_decode_out_of_pages_preempts_youngest():
@@ -488,3 +488,90 @@ def test_requests_no_worker_could_ever_serve_are_rejected_at_once():
     r = req(9000)                                      # no P worker, too long to inline
     s.submit(r, NOW)
     assert r.rejected and "max_multiplex_tokens" in s.decisions[-1].reason
+
+
+# ---------------- packed prefills (max_prefill_seqs > 1) ----------------
+def chunk_shapes(plan):
+    return [(c.request.prompt_len, c.start, c.length, c.last) for c in plan.chunks]
+
+
+def test_p_worker_packs_prompts_that_finish_in_the_step_in_local_order():
+    # SJF order 100, 200, 300, 400, 900: the first four fill 1000 of the 1024-token bucket, 900 does not fit
+    # the 24 left and is skipped (P packs only prompts that finish here). Packed: 0.25·1000 + 10 = 260 ms,
+    # against 35 + 60 + 85 + 110 = 290 ms one after another.
+    s = make("1P1M", max_prefill_seqs=4)
+    rs = [req(L) for L in (900, 300, 100, 200, 400)]
+    for r in rs:
+        queued(s, "P0", r)
+    plan = s.next_step("P0", NOW)
+    assert chunk_shapes(plan) == [(100, 0, 100, True), (200, 0, 200, True), (300, 0, 300, True), (400, 0, 400, True)]
+    assert plan.predicted == pytest.approx(0.260)
+    s.step_done("P0", plan, NOW + 0.26)
+    assert [(r.n_out, r.first_token_time) for r in rs[1:]] == [(1, NOW + 0.26)] * 4
+    assert sorted(t.request.prompt_len for t in s.take_transfers()) == [100, 200, 300, 400]
+    assert s.workers["P0"].queue == [rs[0]]
+    s = make("1P1M", max_prefill_seqs=2)                 # slots cap the packing
+    for L in (300, 100, 200):
+        queued(s, "P0", req(L))
+    assert chunk_shapes(s.next_step("P0", NOW)) == [(100, 0, 100, True), (200, 0, 200, True)]
+
+
+def test_p_worker_does_not_pack_when_it_would_make_an_on_time_request_late():
+    # a alone ends at 35 ms, on time for its 50 ms deadline; packed with b (85 ms) it would be late.
+    s = make("1P1M", max_prefill_seqs=4)
+    queued(s, "P0", req(100, ttft_slo=0.05))
+    queued(s, "P0", req(200))
+    assert chunk_shapes(s.next_step("P0", NOW)) == [(100, 0, 100, True)]
+    # Already late either way: packing cannot hurt it, and b gains.
+    s = make("1P1M", max_prefill_seqs=4)
+    queued(s, "P0", req(100, ttft_slo=0.01))
+    queued(s, "P0", req(200))
+    assert chunk_shapes(s.next_step("P0", NOW)) == [(100, 0, 100, True), (200, 0, 200, True)]
+
+
+@pytest.mark.parametrize("L,packs", [(100, True), (500, False)])
+def test_p_worker_packs_only_when_the_packed_step_costs_no_more(L, packs):
+    # With c2 = 1e-4 ms/token², packing a and b costs 2·a·b·c2 more attention and saves one c0 = 10 ms:
+    # two 100-token prompts gain (2 ms more, 10 saved), two 500-token prompts lose (50 ms more).
+    cost = CostModel.from_json({**PROFILE, "prefill": {"c2": 1e-4, "c1": 0.25, "c0": 10.0}})
+    s = make("1P1M", cost=cost, max_prefill_seqs=4)
+    queued(s, "P0", req(L))
+    queued(s, "P0", req(L))
+    assert len(s.next_step("P0", NOW).chunks) == (2 if packs else 1)
+
+
+def test_packed_segments_respect_the_context_page_cap():
+    # 16-token pages, 20 pages a step: 100 (7 pages) + 150 (10) fit, + 200 (13) would not; 40 (3) still does.
+    s = make("1P1M", max_prefill_seqs=8, max_pack_pages=20)
+    for L in (200, 150, 100, 40):
+        queued(s, "P0", req(L))
+    assert chunk_shapes(s.next_step("P0", NOW)) == [(40, 0, 40, True), (100, 0, 100, True), (150, 0, 150, True)]
+
+
+def test_chunked_and_colocated_pack_prompts_up_to_the_token_budget():
+    # Chunked, budget 512, two decodes: 510 prefill tokens = 100 + 300 whole + the first 110 of 400, which
+    # goes on first in the next step.
+    s = make("1C", policy="chunked", token_budget=512, max_prefill_seqs=4)
+    ds = [decoding(s, "C0") for _ in range(2)]
+    for L in (400, 100, 300):
+        s.submit(req(L), NOW)
+    plan = s.next_step("C0", NOW)
+    assert plan.decodes == ds
+    assert chunk_shapes(plan) == [(100, 0, 100, True), (300, 0, 300, True), (400, 0, 110, False)]
+    s.step_done("C0", plan, NOW + 0.2)
+    s.submit(req(50), NOW + 0.2)
+    assert chunk_shapes(s.next_step("C0", NOW + 0.2))[:2] == [(400, 110, 290, True), (50, 0, 50, True)]
+    # Colocated, budget 2048: prefills alone (decodes pause), packed up to the budget.
+    s = make("1C", policy="colocated", token_budget=2048, max_prefill_seqs=4)
+    decoding(s, "C0")
+    for L in (3000, 500, 700):
+        s.submit(req(L), NOW)
+    plan = s.next_step("C0", NOW)
+    assert plan.decodes == [] and chunk_shapes(plan) == [(500, 0, 500, True), (700, 0, 700, True), (3000, 0, 848, False)]
+    assert plan.predicted == pytest.approx(0.25 * 2048 / 1000 + 0.010)
+
+
+def test_packing_knobs_are_checked():
+    with pytest.raises(ValueError, match="max_prefill_seqs"):
+        PolicyConfig(max_prefill_seqs=0)
+    assert PolicyConfig.parse("chunked:max_prefill_seqs=4,max_pack_pages=64").max_pack_pages == 64

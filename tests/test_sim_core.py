@@ -21,6 +21,9 @@ POLICIES = [
     ("planned", "1P1M"), ("planned:shed=false", "2P2M"), ("chunked:shed=true", "2C"),
     ("colocated", "2C"), ("colocated:token_budget=2048,queue_order=fcfs", "1C"),
     ("chunked:token_budget=512", "2C"), ("disaggregated", "1P1D"), ("disaggregated:queue_order=fcfs", "2P1D"),
+    # Packed prefills (several prompts a step):
+    ("planned:max_prefill_seqs=4", "2P2M"), ("chunked:token_budget=2048,max_prefill_seqs=4", "2C"),
+    ("colocated:token_budget=4096,max_prefill_seqs=4", "1C"), ("disaggregated:max_prefill_seqs=4,max_pack_pages=300", "1P1D"),
 ]
 
 
@@ -53,18 +56,17 @@ class Checker:
             (self.sched,) = payload
         elif event == "step_start":
             worker, plan = payload
-            rs = list(plan.decodes) + ([plan.chunk.request] if plan.chunk else [])
+            rs = list(plan.decodes) + [c.request for c in plan.chunks]
             for r in rs:
                 assert id(r) not in self.active, f"request {r.id} on {worker} and {self.active[id(r)]}"
                 self.active[id(r)] = worker
             for r in plan.decodes:
                 assert r.decode_worker == worker and r.first_token_time is not None
-            c = plan.chunk
-            if c is not None:
+            for c in plan.chunks:
                 assert worker == (c.request.decode_worker if c.recompute else c.request.prefill_worker)
         elif event == "step_end":
             worker, plan = payload
-            for r in list(plan.decodes) + ([plan.chunk.request] if plan.chunk else []):
+            for r in list(plan.decodes) + [c.request for c in plan.chunks]:
                 assert self.active.pop(id(r)) == worker
             self.steps += 1
             if self.steps % 97 == 0:

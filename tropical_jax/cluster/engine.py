@@ -48,12 +48,14 @@ class ClusterEngine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = parse_cluster(cluster)
-        # The scheduler may only plan chunks the engine has executables for.
+        # The scheduler may only plan chunks the engine has executables (and segment slots) for.
         top = engine_cfg.chunk_sizes[-1]
         policy = PolicyConfig.parse(policy)
         budget = top if policy.token_budget is None else min(policy.token_budget, top)
         self.policy = replace(policy, chunk_buckets=engine_cfg.chunk_sizes, token_budget=budget,
-                              max_batch=engine_cfg.batch_sizes[-1])
+                              max_batch=engine_cfg.batch_sizes[-1],
+                              max_prefill_seqs=min(policy.max_prefill_seqs, engine_cfg.max_prefill_seqs),
+                              max_pack_pages=engine_cfg.context_pages[-1])
         self.policy.check_cluster(self.spec)
         self.cfg = engine_cfg
         self.backend = backend
@@ -207,24 +209,21 @@ class ClusterEngine:
 
     def _run_plan(self, name: str, plan) -> list[Request]:
         sched = self.scheduler
-        chunk = None
-        if plan.chunk is not None:
-            c = plan.chunk
+        chunks = []
+        for c in plan.chunks:
             seq = self.seqs[c.request]
             seq.block_table = sched.block_table(name, c.request)
-            chunk = (seq, c.start, c.length)
+            chunks.append((seq, c.start, c.length))
         decodes = []
         for r in plan.decodes:
             seq = self.seqs[r]
             seq.block_table = sched.block_table(name, r)
             decodes.append(seq)
-        chunks = [chunk] if chunk is not None else []
         chunk_tokens, decode_tokens = split_tokens(
             self.cfg, self.workers[name].step(step_inputs(self.cfg, chunks, decodes)), chunks)
         finished = []
         rows = list(zip(plan.decodes, decode_tokens))
-        if plan.chunk is not None and plan.chunk.last and not plan.chunk.recompute:
-            rows.append((plan.chunk.request, chunk_tokens[0]))
+        rows += [(c.request, tok) for c, tok in zip(plan.chunks, chunk_tokens) if c.last and not c.recompute]
         for r, tok in rows:
             seq = self.seqs[r]
             reason, text = append_token(seq, int(tok), self.tokenizer, self.eos, self.cfg.max_model_len)

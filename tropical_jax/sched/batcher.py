@@ -1,21 +1,26 @@
 """Per-worker batching: which prefill chunk and which decodes make up a worker's next step.
 
-- P (prefill): one prefill at a time, chunks of the largest bucket, the local queue order at every
-  chunk boundary (SJF = SRPT: a shorter job overtakes at a boundary).
+- P (prefill): chunks of the largest bucket, the local queue order at every chunk boundary (SJF =
+  SRPT: a shorter job overtakes at a boundary). With max_prefill_seqs > 1, prompts that finish in
+  this step join the first one's chunk (back to back, as the engine packs them) while the chunk has
+  tokens, slots and context pages left, if the packed step costs no more than its segments one after
+  another (so nobody queued behind waits longer than the dispatcher planned) and makes no packed
+  request that was on time late.
 - M (multiplexing) and D (decode): the decode batch plus, when a prefill is queued here (an inline,
   or a recompute of lost KV), one chunk: the largest bucket whose mixed step keeps every decode on
   time (multiplex.pick_chunk); none fits -> a decode-only step that banks slack. D workers only get
   recomputes.
-- C under `colocated` (vLLM default): a waiting prefill runs alone (decodes pause), the whole prompt
-  or chunks of at most token_budget.
-- C under `chunked` (Sarathi-Serve): decodes plus one prefill chunk filling the token budget. One
-  chunk per step, not several prompts: the engine's device step holds at most one chunk.
+- C under `colocated` (vLLM default): waiting prefills run alone (decodes pause), whole prompts or
+  chunks, up to token_budget tokens (and max_prefill_seqs prompts) a step.
+- C under `chunked` (Sarathi-Serve): decodes plus prefill chunks filling the token budget, up to
+  max_prefill_seqs prompts (the last one may be cut short and go on in the next step).
 Memory: a prefill starts only if its pages keep usage under the memory watermark; a decode that
 cannot grow preempts the latest-arrived decode on its worker (recomputed later, as vLLM does).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, decode_ctx, local_key, slack
@@ -31,7 +36,7 @@ class Batcher:
 
     def next_step(self, w: WorkerState, now: float) -> StepPlan | None:
         if w.role == "P":
-            return self._prefill_only(w, now, self._p_pick(w))
+            return self._prefill_only(w, now, self._local_order(w))
         if w.role in ("M", "D"):
             return self._multiplex(w, now)
         if self.mon.cfg.policy == "chunked":
@@ -39,20 +44,14 @@ class Batcher:
         return self._colocated(w, now)
 
     # ---------------- helpers ----------------
-    def _p_pick(self, w: WorkerState) -> Request | None:
-        if not w.queue:
-            return None
-        return min(w.queue, key=lambda r: local_key(self.mon, r, w.rem[r]))
+    def _local_order(self, w: WorkerState) -> list[Request]:
+        return sorted(w.queue, key=lambda r: local_key(self.mon, r, w.rem[r]))
 
-    def _c_pick(self, w: WorkerState) -> Request | None:
-        """Colocated worker: a recompute first, then a prefill in progress, then the local order."""
-        for r in w.queue:
-            if r.recompute_len:
-                return r
-        for r in w.queue:
-            if r.prefilled:
-                return r
-        return self._p_pick(w)
+    def _c_order(self, w: WorkerState) -> list[Request]:
+        """Colocated worker: recomputes first, then prefills in progress, then the local order."""
+        recomputes = [r for r in w.queue if r.recompute_len]
+        going = [r for r in w.queue if r.prefilled and not r.recompute_len]
+        return recomputes + going + [r for r in self._local_order(w) if not r.recompute_len and not r.prefilled]
 
     def _admit(self, w: WorkerState, r: Request) -> bool:
         """Pages for r's prefill on w (allocated once, at its first chunk). Off P workers, the pages must
@@ -88,29 +87,62 @@ class Batcher:
             self.on_preempt(w, victim, now)
         return w.decoding[:self.mon.cfg.max_batch]
 
-    def _plan(self, w: WorkerState, now: float, chunk: Chunk | None, decodes: list[Request]) -> StepPlan | None:
-        if chunk is None and not decodes:
+    def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: list[Request]) -> StepPlan | None:
+        if not chunks and not decodes:
             return None
         T = sum(decode_ctx(r) for r in decodes)
-        c = self.mon.cost
-        t = c.t_mixed(chunk.length, chunk.start, len(decodes), T) if chunk else c.t_decode(len(decodes), T)
-        return StepPlan(w.name, chunk, decodes, T, t, now)
+        C, ctx = sum(c.length for c in chunks), sum(c.start for c in chunks)
+        return StepPlan(w.name, chunks, decodes, T, self.mon.cost.t_mixed(C, ctx, len(decodes), T), now)
 
     @staticmethod
     def _chunk(r: Request, length: int) -> Chunk:
         return Chunk(r, r.prefilled, length, r.prefilled + length >= r.prefill_target, bool(r.recompute_len))
 
+    def _pack(self, w: WorkerState, now: float, order: list[Request], budget: int) -> list[Chunk]:
+        """This step's prefill segments: the first request of `order` that gets its pages, cut to
+        `budget` tokens, then the next ones while tokens, segment slots and context pages last."""
+        cfg = self.mon.cfg
+        chunks: list[Chunk] = []
+        pages = 0
+        for r in order:
+            if budget <= 0 or len(chunks) == cfg.max_prefill_seqs:
+                break
+            rest = r.prefill_target - r.prefilled
+            if chunks and w.role == "P" and rest > budget:
+                continue  # P workers pack only prompts that finish here: each keeps its SRPT place
+            c = self._chunk(r, min(rest, budget))
+            need = pages + w.alloc.pages_for(c.start + c.length)
+            if chunks and ((cfg.max_pack_pages is not None and need > cfg.max_pack_pages)
+                           or (w.role == "P" and not self._packs_on_time(now, chunks + [c]))):
+                continue
+            if not self._admit(w, r):
+                break  # first come, first served for pages: it waits, and so do those behind it
+            chunks.append(c)
+            pages, budget = need, budget - c.length
+        return chunks
+
+    def _packs_on_time(self, now: float, segs: list[Chunk]) -> bool:
+        """May these segments run packed on a P worker? The packed step must cost no more than the
+        segments one after another, and no request on time that way may be late packed."""
+        cost, sf, limit = self.mon.cost, self.mon.cfg.safety_factor, self.mon.big_chunk
+        packed = cost.t_chunk(sum(c.length for c in segs), sum(c.start for c in segs))
+        alone = 0.0
+        for c in segs:
+            alone += cost.t_chunk(c.length, c.start)
+            after = 0.0 if c.last else cost.t_prefill_chunked(c.request.prefill_target, limit, c.start + c.length)
+            deadline = c.request.deadline
+            if now + (packed + after) * sf > deadline >= now + (alone + after) * sf:
+                return False
+        return packed <= alone
+
     # ---------------- roles ----------------
-    def _prefill_only(self, w: WorkerState, now: float, r: Request | None) -> StepPlan | None:
-        if r is None or not self._admit(w, r):
-            return None
+    def _prefill_only(self, w: WorkerState, now: float, order: list[Request]) -> StepPlan | None:
         limit = self.mon.chunk_limit(w)
-        rest = r.prefill_target - r.prefilled
-        return self._plan(w, now, self._chunk(r, rest if limit is None else min(limit, rest)), [])
+        return self._plan(w, now, self._pack(w, now, order, sys.maxsize if limit is None else limit), [])
 
     def _multiplex(self, w: WorkerState, now: float) -> StepPlan | None:
         decodes = self._decodes(w, now)
-        chunk = None
+        chunks = []
         if w.queue:
             r = w.queue[0]
             if self._admit(w, r):
@@ -122,20 +154,15 @@ class Batcher:
                 st.B, st.T = len(decodes), sum(decode_ctx(d) for d in decodes)
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
                 if c:
-                    chunk = self._chunk(r, c)
-        return self._plan(w, now, chunk, decodes)
+                    chunks = [self._chunk(r, c)]
+        return self._plan(w, now, chunks, decodes)
 
     def _colocated(self, w: WorkerState, now: float) -> StepPlan | None:
-        r = self._c_pick(w)
-        if r is not None and self._admit(w, r):
-            return self._prefill_only(w, now, r)  # prefill priority: decodes pause
-        return self._plan(w, now, None, self._decodes(w, now))
+        plan = self._prefill_only(w, now, self._c_order(w))  # prefill priority: decodes pause
+        return plan if plan is not None else self._plan(w, now, [], self._decodes(w, now))
 
     def _chunked(self, w: WorkerState, now: float) -> StepPlan | None:
         decodes = self._decodes(w, now)
         room = self.mon.cfg.chunked_budget - len(decodes)
-        chunk = None
-        r = self._c_pick(w)
-        if r is not None and room > 0 and self._admit(w, r):
-            chunk = self._chunk(r, min(room, r.prefill_target - r.prefilled))
-        return self._plan(w, now, chunk, decodes)
+        chunks = self._pack(w, now, self._c_order(w), room) if room > 0 else []
+        return self._plan(w, now, chunks, decodes)

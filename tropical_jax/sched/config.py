@@ -131,6 +131,13 @@ class PolicyConfig:
     ttft_scale: float = 5.0
     # Largest decode batch one step may carry (the real engine's largest batch bucket); None: no cap.
     max_batch: int | None = None
+    # Prefill segments one step may pack, back to back (P workers, and C workers of the colocated and
+    # chunked baselines, as vLLM and Sarathi-Serve batch prefills); M workers inline one at a time.
+    # 1: one prefill at a time (DESIGN §3). The real engine caps it at its compiled segment slots.
+    max_prefill_seqs: int = 1
+    # Pages the packed segments of one step may read together (the real engine's largest context
+    # bucket); None: no cap.
+    max_pack_pages: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -159,6 +166,8 @@ class PolicyConfig:
             raise ValueError("token_budget must be positive")
         if self.queue_timeout is not None and self.queue_timeout < 0:
             raise ValueError("queue_timeout must be >= 0")
+        if self.max_prefill_seqs < 1 or (self.max_pack_pages is not None and self.max_pack_pages < 1):
+            raise ValueError("max_prefill_seqs and max_pack_pages must be >= 1")
 
     @property
     def multiplexing(self) -> bool:
@@ -203,6 +212,7 @@ def _parse_value(key: str, v: str):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
-    if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch"):
+    if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch",
+               "max_prefill_seqs", "max_pack_pages"):
         return int(v)
     return float(v)

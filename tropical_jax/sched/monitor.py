@@ -67,9 +67,7 @@ class WorkerState:
     def inflight_tokens(self, r: Request) -> int:
         """Prefill tokens of r in the chunk now running here (0 if none)."""
         b = self.busy
-        if b is not None and b.chunk is not None and b.chunk.request is r:
-            return b.chunk.length
-        return 0
+        return sum(c.length for c in b.chunks if c.request is r) if b is not None else 0
 
     def outstanding_prefill(self, now: float) -> float:
         """Predicted prefill time still to do here: the step in flight plus the queue (s, no safety factor)."""

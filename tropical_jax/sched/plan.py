@@ -1,8 +1,9 @@
 """What the scheduler hands a worker to run: one device step (StepPlan), and KV handoffs (Transfer).
 
-A step is a shape the engine's device step runs: at most ONE prefill chunk of one sequence
-(the device step can pack several; this scheduler plans one) plus a decode batch. Executors (the
-simulator's cost model, the real JAX runtime) run it and report back with Scheduler.step_done.
+A step is a shape the engine's device step runs: prefill chunks of one or more sequences, packed
+back to back into one chunk of the engine (it costs what one chunk of their total length on their
+total cached context costs), plus a decode batch. Executors (the simulator's cost model, the real JAX
+runtime) run it and report back with Scheduler.step_done.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ class Chunk:
 @dataclass
 class StepPlan:
     worker: str
-    chunk: Chunk | None
+    chunks: list[Chunk]    # packed prefill segments, the first one the worker's choice; [] if none
     decodes: list[Request]
     decode_tokens: int     # T: KV tokens the decode batch reads (sum over decodes of their context)
     predicted: float       # predicted duration, s (cost model, without the safety factor)
     start: float
+
+    @property
+    def chunk_tokens(self) -> int:
+        """C: new tokens of the packed chunk."""
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def chunk_ctx(self) -> int:
+        """ctx: cached tokens the packed chunk's segments read besides their own."""
+        return sum(c.start for c in self.chunks)
 
     @property
     def end(self) -> float:
@@ -37,11 +48,7 @@ class StepPlan:
 
     def emitting(self) -> list[Request]:
         """Requests that receive a token when this step completes."""
-        out = list(self.decodes)
-        c = self.chunk
-        if c is not None and c.last and not c.recompute:
-            out.append(c.request)
-        return out
+        return list(self.decodes) + [c.request for c in self.chunks if c.last and not c.recompute]
 
 
 @dataclass

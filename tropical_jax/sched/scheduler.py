@@ -13,7 +13,7 @@ The simulator (sim/simulator.py) is an event loop over these calls with a virtua
 engine calls the very same methods from its worker threads with a wall clock.
 
 Every dispatch decision is counted (`counters`: prefill / inline / colocated / waited / rejected /
-late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions), logged at DEBUG on the
+late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions, packed_steps), logged at DEBUG on the
 "tropical_jax.sched" logger with its reason, and recorded in `decisions` when asked.
 """
 
@@ -104,8 +104,9 @@ class Scheduler:
             if plan is None:
                 return None
             w.busy = plan
-            c = plan.chunk
-            if c is not None:
+            if len(plan.chunks) > 1:
+                self.counters["packed_steps"] += 1
+            for c in plan.chunks:
                 if c.request.first_scheduled is None:
                     c.request.first_scheduled = now
                 w.rem[c.request] = self.mon.remaining_time(w, c.request)
@@ -122,8 +123,7 @@ class Scheduler:
             stop = {id(r) for r in finished}
             for r in plan.decodes:
                 self._token(w, r, now, id(r) in stop)
-            c = plan.chunk
-            if c is not None:
+            for c in plan.chunks:
                 r = c.request
                 r.prefilled += c.length
                 if not c.last:

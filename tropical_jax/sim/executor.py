@@ -1,6 +1,6 @@
 """Cost-model executor: how long the simulator says a step or a KV transfer takes, and when requests stop.
 
-Step time = the cost model's prediction for the step's shape (chunk C on ctx cached tokens, B decodes
+Step time = the cost model's prediction for the step's shape (packed chunk C on ctx cached tokens, B decodes
 reading T KV tokens) times an optional multiplicative noise factor, lognormal with mean 1:
 exp(noise·z − noise²/2), z ~ N(0, 1). KV transfer = latency + tokens · kv_bytes_per_token / bandwidth
 (the profile's model shape gives the bytes per token); each transfer has its own link (no contention).
@@ -36,11 +36,7 @@ class CostModelExecutor:
 
     def step_time(self, plan: StepPlan, shared: bool = False) -> float:
         """shared: another worker runs a step while this one starts."""
-        c = plan.chunk
-        if c is None:
-            t = self.cost.t_decode(len(plan.decodes), plan.decode_tokens)
-        else:
-            t = self.cost.t_mixed(c.length, c.start, len(plan.decodes), plan.decode_tokens)
+        t = self.cost.t_mixed(plan.chunk_tokens, plan.chunk_ctx, len(plan.decodes), plan.decode_tokens)
         return t * self._factor() * (self.cost.contention if shared else 1.0)
 
     @staticmethod
