@@ -38,7 +38,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 # Two workers need two devices: emulate them on a CPU host (before JAX starts); other platforms ignore this.
@@ -47,6 +46,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tropical_jax.cluster.engine import engine_policy  # noqa: E402
 from tropical_jax.sched.config import PolicyConfig  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import goodput, summarize  # noqa: E402
@@ -86,21 +86,13 @@ def tpot_slo_for(cost, cfg, tpot_scale: float) -> tuple[float, float]:
 def policy_text(name: str, args) -> str:
     """The policy with its token-length knobs scaled like the prompts (x --input-scale): unscaled, a
     512-token short-prompt exemption would exempt every prompt here from the slack check."""
-    knobs = [f"shed={'true' if args.shed else 'false'}"]
+    knobs = [f"shed={'true' if args.shed else 'false'}", f"max_prefill_seqs={args.prefill_seqs}"]
     if name in ("tropical", "planned"):
         p = PolicyConfig(policy=name)
         knobs += [f"{k}={max(1, round(getattr(p, k) * args.input_scale))}"
                   for k in ("short_prompt_tokens", "max_multiplex_tokens", "jump_tokens") if getattr(p, k) is not None]
         knobs.append(f"handoff_guard={'true' if args.handoff_guard else 'false'}")
     return f"{name}:{','.join(knobs)}"
-
-
-def engine_policy(text: str, cfg) -> PolicyConfig:
-    """The policy as ClusterEngine runs it: chunks limited to the engine's buckets (checked against it below)."""
-    p = PolicyConfig.parse(text)
-    top = cfg.chunk_sizes[-1]
-    return replace(p, chunk_buckets=cfg.chunk_sizes, token_budget=top if p.token_budget is None
-                   else min(p.token_budget, top), max_batch=cfg.batch_sizes[-1])
 
 
 def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float) -> list[Request]:
@@ -181,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of Gamma inter-arrival times")
     ap.add_argument("--seeds", type=int, default=1, help="runs (request seeds) per rate, pooled")
     ap.add_argument("--reprofile", action="store_true", help="measure the profile again instead of reusing the cached one")
+    ap.add_argument("--prefill-seqs", type=int, default=1,
+                    help="prompts one step may pack (P workers, colocated and chunked; max_prefill_seqs)")
     ap.add_argument("--handoff-guard", action="store_true",
                     help="cap M steps so a request handed over mid-step keeps its TPOT (PolicyConfig.handoff_guard)")
     ap.add_argument("--sim-requests", type=int, default=400)
@@ -275,6 +269,8 @@ def main(argv=None) -> int:
                    "tpot_s": tpot_slo,
                    "tpot": f"{args.tpot_scale} x the measured decode step at batch {slo_batch(cfg)} "
                            f"({step * 1e3:.2f} ms)"},
+           "prefill_packing": f"up to {args.prefill_seqs} prompts a step on P workers and under colocated/chunked "
+                              f"(max_prefill_seqs)",
            "shed": "every policy rejects hopeless requests at once (counted as misses)" if args.shed else "none",
            "target": args.target, "rates": rates, "policies": {}}
 

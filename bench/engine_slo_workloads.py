@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sim-seeds", type=int, default=6)
     ap.add_argument("--out", default=str(RESULTS / "engine_slo_workloads.json"))
     args = ap.parse_args(argv)
-    args.shed, args.handoff_guard = True, False  # as bench/engine_slo.py runs them by default
+    args.shed, args.handoff_guard, args.prefill_seqs = True, False, 1  # as bench/engine_slo.py runs them by default
     t0 = time.time()
 
     source = json.loads(Path(args.profile_from).read_text())

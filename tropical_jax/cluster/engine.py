@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 BACKENDS = ("local", "ray")
 
 
+def engine_policy(policy: str | PolicyConfig, engine_cfg: EngineConfig) -> PolicyConfig:
+    """The policy as this engine runs it: the scheduler may only plan steps the engine has executables
+    for (chunk and batch buckets, segment slots, context pages)."""
+    policy = PolicyConfig.parse(policy)
+    top = engine_cfg.chunk_sizes[-1]
+    budget = top if policy.token_budget is None else min(policy.token_budget, top)
+    return replace(policy, chunk_buckets=engine_cfg.chunk_sizes, token_budget=budget,
+                   max_batch=engine_cfg.batch_sizes[-1],
+                   max_prefill_seqs=min(policy.max_prefill_seqs, engine_cfg.max_prefill_seqs),
+                   max_pack_pages=engine_cfg.context_pages[-1])
+
+
 class ClusterEngine:
     def __init__(self, model, cluster: str, policy: str | PolicyConfig, cost_model, engine_cfg: EngineConfig,
                  dtype=jnp.float32, progress: bool = True, backend: str = "local", ray_address: str | None = None,
@@ -48,14 +60,7 @@ class ClusterEngine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = parse_cluster(cluster)
-        # The scheduler may only plan chunks the engine has executables (and segment slots) for.
-        top = engine_cfg.chunk_sizes[-1]
-        policy = PolicyConfig.parse(policy)
-        budget = top if policy.token_budget is None else min(policy.token_budget, top)
-        self.policy = replace(policy, chunk_buckets=engine_cfg.chunk_sizes, token_budget=budget,
-                              max_batch=engine_cfg.batch_sizes[-1],
-                              max_prefill_seqs=min(policy.max_prefill_seqs, engine_cfg.max_prefill_seqs),
-                              max_pack_pages=engine_cfg.context_pages[-1])
+        self.policy = engine_policy(policy, engine_cfg)
         self.policy.check_cluster(self.spec)
         self.cfg = engine_cfg
         self.backend = backend
