@@ -22,9 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine_slo import ENGINE, RESULTS, engine_policy, policy_text, sim_goodput, slo_batch, tpot_slo_for
+from engine_slo import ENGINE, RESULTS, policy_text, sim_goodput, slo_batch, tpot_slo_for
 from engine_slo_report import BASELINES, POLICIES
 
+from tropical_jax.cluster.engine import engine_policy
 from tropical_jax.config import EngineConfig
 from tropical_jax.sched.cost_model import CostModel
 
