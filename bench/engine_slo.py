@@ -60,6 +60,8 @@ from step_calibration import KINDS, StepWatch, calibrate, mean_gaps_ms, scaled_p
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def machine() -> dict:
     import jax
 

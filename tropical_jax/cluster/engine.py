@@ -213,17 +213,13 @@ class ClusterEngine:
         self._notify()
 
     def _run_plan(self, name: str, plan) -> list[Request]:
-        sched = self.scheduler
-        chunks = []
-        for c in plan.chunks:
-            seq = self.seqs[c.request]
-            seq.block_table = sched.block_table(name, c.request)
-            chunks.append((seq, c.start, c.length))
-        decodes = []
-        for r in plan.decodes:
+        def bound(r: Request) -> Sequence:  # r's sequence, with its block table on this worker
             seq = self.seqs[r]
-            seq.block_table = sched.block_table(name, r)
-            decodes.append(seq)
+            seq.block_table = self.scheduler.block_table(name, r)
+            return seq
+
+        chunks = [(bound(c.request), c.start, c.length) for c in plan.chunks]
+        decodes = [bound(r) for r in plan.decodes]
         chunk_tokens, decode_tokens = split_tokens(
             self.cfg, self.workers[name].step(step_inputs(self.cfg, chunks, decodes)), chunks)
         finished = []

@@ -25,7 +25,7 @@ from typing import Callable
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, decode_ctx, local_key, slack
 from tropical_jax.sched.multiplex import PlanState, is_short, pick_chunk
-from tropical_jax.sched.plan import Chunk, StepPlan
+from tropical_jax.sched.plan import Chunk, StepPlan, packed_shape
 from tropical_jax.sched.request import Request
 
 
@@ -91,8 +91,7 @@ class Batcher:
         if not chunks and not decodes:
             return None
         T = sum(decode_ctx(r) for r in decodes)
-        C, ctx = sum(c.length for c in chunks), sum(c.start for c in chunks)
-        return StepPlan(w.name, chunks, decodes, T, self.mon.cost.t_mixed(C, ctx, len(decodes), T), now)
+        return StepPlan(w.name, chunks, decodes, T, self.mon.cost.t_mixed(*packed_shape(chunks), len(decodes), T), now)
 
     @staticmethod
     def _chunk(r: Request, length: int) -> Chunk:
@@ -125,7 +124,7 @@ class Batcher:
         """May these segments run packed on a P worker? The packed step must cost no more than the
         segments one after another, and no request on time that way may be late packed."""
         cost, sf, limit = self.mon.cost, self.mon.cfg.safety_factor, self.mon.big_chunk
-        packed = cost.t_chunk(sum(c.length for c in segs), sum(c.start for c in segs))
+        packed = cost.t_chunk(*packed_shape(segs))
         alone = 0.0
         for c in segs:
             alone += cost.t_chunk(c.length, c.start)

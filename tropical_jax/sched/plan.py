@@ -22,6 +22,12 @@ class Chunk:
     recompute: bool   # re-prefill of lost KV (failed transfer / preemption): its last chunk emits no token
 
 
+def packed_shape(chunks: list[Chunk]) -> tuple[int, int]:
+    """(C, ctx) of segments packed into one chunk: their new tokens, and the cached tokens they read
+    besides their own (the cost model's chunk shape)."""
+    return sum(c.length for c in chunks), sum(c.start for c in chunks)
+
+
 @dataclass
 class StepPlan:
     worker: str
@@ -30,16 +36,6 @@ class StepPlan:
     decode_tokens: int     # T: KV tokens the decode batch reads (sum over decodes of their context)
     predicted: float       # predicted duration, s (cost model, without the safety factor)
     start: float
-
-    @property
-    def chunk_tokens(self) -> int:
-        """C: new tokens of the packed chunk."""
-        return sum(c.length for c in self.chunks)
-
-    @property
-    def chunk_ctx(self) -> int:
-        """ctx: cached tokens the packed chunk's segments read besides their own."""
-        return sum(c.start for c in self.chunks)
 
     @property
     def end(self) -> float:

@@ -13,8 +13,9 @@ The simulator (sim/simulator.py) is an event loop over these calls with a virtua
 engine calls the very same methods from its worker threads with a wall clock.
 
 Every dispatch decision is counted (`counters`: prefill / inline / colocated / waited / rejected /
-late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions, packed_steps), logged at DEBUG on the
-"tropical_jax.sched" logger with its reason, and recorded in `decisions` when asked.
+late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions,
+packed_steps), logged at DEBUG on the "tropical_jax.sched" logger with its reason, and recorded in
+`decisions` when asked.
 """
 
 from __future__ import annotations
