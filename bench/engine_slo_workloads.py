@@ -85,9 +85,11 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--sim-requests", type=int, default=1000)
     ap.add_argument("--sim-seeds", type=int, default=6)
+    ap.add_argument("--prefill-seqs", type=int, default=1,
+                    help="max_prefill_seqs of every policy (prompts packed into one prefill step), as engine_slo.py")
     ap.add_argument("--out", default=str(RESULTS / "engine_slo_workloads.json"))
     args = ap.parse_args(argv)
-    args.shed, args.handoff_guard, args.prefill_seqs = True, False, 1  # as bench/engine_slo.py runs them by default
+    args.shed, args.handoff_guard = True, False  # as bench/engine_slo.py runs them by default
     t0 = time.time()
 
     source = json.loads(Path(args.profile_from).read_text())
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
            "workload": {"trace": args.workload, "output_scale": args.output_scale, "output_cap": args.max_output_len,
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
                         "requests_per_seed": args.sim_requests, "seeds": args.sim_seeds},
+           "prefill_packing": args.prefill_seqs,
            "slo": {"ttft": f"{args.ttft_scale} x the request's isolated prefill time (measured profile)",
                    "tpot": f"tpot_scale x the measured decode step at batch {slo_batch(cfg)}"},
            "predictions": preds, "wall_s": round(time.time() - t0, 1)}

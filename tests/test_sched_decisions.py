@@ -540,6 +540,29 @@ def test_p_worker_packs_only_when_the_packed_step_costs_no_more(L, packs):
     assert len(s.next_step("P0", NOW).chunks) == (2 if packs else 1)
 
 
+@pytest.mark.parametrize("slack,packed", [(0.3, [100, 200, 300]), (0.1, [100, 200])])
+def test_m_worker_packs_inlines_that_finish_while_decodes_stay_on_time(slack, packed):
+    # Mixed step 0.25·C + 20 ms (shared 10 ms overhead). Queue order a=100, b=200, c=300, e=900: e never
+    # finishes in the 1024-token bucket beside them and is skipped. With 300 ms of decode slack
+    # a+b+c fit (170 ms, against 45 + 70 + 95 one after another); with 100 ms, C <= 320: a+b (95 ms).
+    s = make("1M", max_prefill_seqs=4)
+    decoding(s, "M0", slack=slack)
+    for L in (100, 200, 300, 900):
+        queued(s, "M0", req(L))
+    plan = s.next_step("M0", NOW)
+    assert chunk_shapes(plan) == [(L, 0, L, True) for L in packed]
+    assert plan.predicted == pytest.approx((0.25 * sum(packed) + 20) / 1000)
+
+
+def test_m_worker_packs_nothing_behind_a_prompt_that_goes_on():
+    # 100 ms of slack: the 900-token head gets the 256 bucket and goes on, so nobody joins it.
+    s = make("1M", max_prefill_seqs=4)
+    decoding(s, "M0", slack=0.1)
+    for L in (900, 100):
+        queued(s, "M0", req(L))
+    assert chunk_shapes(s.next_step("M0", NOW)) == [(900, 0, 256, False)]
+
+
 def test_packed_segments_respect_the_context_page_cap():
     # 16-token pages, 20 pages a step: 100 (7 pages) + 150 (10) fit, + 200 (13) would not; 40 (3) still does.
     s = make("1P1M", max_prefill_seqs=8, max_pack_pages=20)

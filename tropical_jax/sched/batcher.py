@@ -8,8 +8,10 @@
   request that was on time late.
 - M (multiplexing) and D (decode): the decode batch plus, when a prefill is queued here (an inline,
   or a recompute of lost KV), one chunk: the largest bucket whose mixed step keeps every decode on
-  time (multiplex.pick_chunk); none fits -> a decode-only step that banks slack. D workers only get
-  recomputes.
+  time (multiplex.pick_chunk); none fits -> a decode-only step that banks slack. With
+  max_prefill_seqs > 1, when that chunk finishes its prompt, queued prompts that finish in the step
+  join it as on P workers, if the packed mixed step still keeps every decode on time. D workers only
+  get recomputes.
 - C under `colocated` (vLLM default): waiting prefills run alone (decodes pause), whole prompts or
   chunks, up to token_budget tokens (and max_prefill_seqs prompts) a step.
 - C under `chunked` (Sarathi-Serve): decodes plus prefill chunks filling the token budget, up to
@@ -20,6 +22,7 @@ cannot grow preempts the latest-arrived decode on its worker (recomputed later, 
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable
 
@@ -97,22 +100,26 @@ class Batcher:
     def _chunk(r: Request, length: int) -> Chunk:
         return Chunk(r, r.prefilled, length, r.prefilled + length >= r.prefill_target, bool(r.recompute_len))
 
-    def _pack(self, w: WorkerState, now: float, order: list[Request], budget: int) -> list[Chunk]:
-        """This step's prefill segments: the first request of `order` that gets its pages, cut to
-        `budget` tokens, then the next ones while tokens, segment slots and context pages last."""
+    def _pack(self, w: WorkerState, now: float, order: list[Request], budget: int, first: tuple[Chunk, ...] = (),
+              step_time: Callable[[int, int], float] | None = None, limit: float = math.inf) -> list[Chunk]:
+        """This step's prefill segments: `first` (already chosen), or else the first request of `order`
+        that gets its pages, cut to `budget` tokens; then the next ones while tokens, segment slots and
+        context pages last. Workers that keep their queue order (P, M, D: `step_time(C, ctx)` given)
+        pack behind the first segment only prompts that finish in this step, each keeping its place,
+        and only as _packs_on_time allows."""
         cfg = self.mon.cfg
-        chunks: list[Chunk] = []
-        pages = 0
+        chunks = list(first)
+        pages = sum(w.alloc.pages_for(c.start + c.length) for c in chunks)
         for r in order:
             if budget <= 0 or len(chunks) == cfg.max_prefill_seqs:
                 break
             rest = r.prefill_target - r.prefilled
-            if chunks and w.role == "P" and rest > budget:
-                continue  # P workers pack only prompts that finish here: each keeps its SRPT place
+            if chunks and step_time and rest > budget:
+                continue
             c = self._chunk(r, min(rest, budget))
             need = pages + w.alloc.pages_for(c.start + c.length)
             if chunks and ((cfg.max_pack_pages is not None and need > cfg.max_pack_pages)
-                           or (w.role == "P" and not self._packs_on_time(now, chunks + [c]))):
+                           or (step_time and not self._packs_on_time(now, chunks + [c], step_time, limit))):
                 continue
             if not self._admit(w, r):
                 break  # first come, first served for pages: it waits, and so do those behind it
@@ -120,24 +127,30 @@ class Batcher:
             pages, budget = need, budget - c.length
         return chunks
 
-    def _packs_on_time(self, now: float, segs: list[Chunk]) -> bool:
-        """May these segments run packed on a P worker? The packed step must cost no more than the
-        segments one after another, and no request on time that way may be late packed."""
-        cost, sf, limit = self.mon.cost, self.mon.cfg.safety_factor, self.mon.big_chunk
-        packed = cost.t_chunk(*packed_shape(segs))
+    def _packs_on_time(self, now: float, segs: list[Chunk], step_time: Callable[[int, int], float],
+                       limit: float) -> bool:
+        """May these segments run packed? The packed step must cost no more than the segments one
+        after another (so nobody queued behind waits longer than the dispatcher planned) and at most
+        `limit` (s, safety factor included: what keeps the worker's decodes on time), and no request
+        on time that way may be late packed."""
+        sf, limit_chunk = self.mon.cfg.safety_factor, self.mon.big_chunk
+        packed = step_time(*packed_shape(segs))
         alone = 0.0
         for c in segs:
-            alone += cost.t_chunk(c.length, c.start)
-            after = 0.0 if c.last else cost.t_prefill_chunked(c.request.prefill_target, limit, c.start + c.length)
+            alone += step_time(c.length, c.start)
+            after = 0.0 if c.last else self.mon.cost.t_prefill_chunked(c.request.prefill_target, limit_chunk,
+                                                                        c.start + c.length)
             deadline = c.request.deadline
             if now + (packed + after) * sf > deadline >= now + (alone + after) * sf:
                 return False
-        return packed <= alone
+        return packed <= alone and packed * sf <= limit
 
     # ---------------- roles ----------------
     def _prefill_only(self, w: WorkerState, now: float, order: list[Request]) -> StepPlan | None:
         limit = self.mon.chunk_limit(w)
-        return self._plan(w, now, self._pack(w, now, order, sys.maxsize if limit is None else limit), [])
+        step_time = self.mon.cost.t_chunk if w.role == "P" else None
+        return self._plan(w, now, self._pack(w, now, order, sys.maxsize if limit is None else limit,
+                                             step_time=step_time), [])
 
     def _multiplex(self, w: WorkerState, now: float) -> StepPlan | None:
         decodes = self._decodes(w, now)
@@ -154,6 +167,10 @@ class Batcher:
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
                 if c:
                     chunks = [self._chunk(r, c)]
+                if c and chunks[0].last:  # other inlines that finish here may join it, decodes kept on time
+                    chunks = self._pack(w, now, w.queue[1:], self.mon.big_chunk - c, tuple(chunks),
+                                        lambda C, ctx: self.mon.cost.t_mixed(C, ctx, st.B, st.T),
+                                        st.budget(self.mon.cfg.slack_margin))
         return self._plan(w, now, chunks, decodes)
 
     def _colocated(self, w: WorkerState, now: float) -> StepPlan | None:
