@@ -1,7 +1,5 @@
 """Policy `planned` (DESIGN §3b): defaults, earliest-first-token routing, shedding; the work bound."""
 
-import math
-
 import pytest
 
 from test_sched_decisions import queued  # puts a request in a worker's queue, as if dispatched there
