@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     ap.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of Gamma inter-arrival times")
     ap.add_argument("--seeds", type=int, default=1, help="runs (request seeds) per rate, pooled")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds first-seed .. first-seed + seeds - 1 (another value repeats a run on fresh requests)")
     ap.add_argument("--reprofile", action="store_true", help="measure the profile again instead of reusing the cached one")
     ap.add_argument("--prefill-seqs", type=int, default=1,
                     help="prompts one step may pack (P workers, colocated and chunked; max_prefill_seqs)")
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
                         "input_scale": args.input_scale, "output_scale": args.output_scale,
                         "input_cap": ENGINE["max_model_len"] - args.max_output_len - 1,
                         "output_cap": args.max_output_len, "seconds_of_arrivals_per_run": args.duration,
-                        "seeds_per_rate": args.seeds},
+                        "seeds_per_rate": args.seeds, "first_seed": args.first_seed},
            "slo": {"ttft": f"{args.ttft_scale} x the request's isolated prefill time (measured profile)",
                    "tpot_s": tpot_slo,
                    "tpot": f"{args.tpot_scale} x the measured decode step at batch {slo_batch(cfg)} "
@@ -286,7 +288,7 @@ def main(argv=None) -> int:
         engines[name] = (llm.cluster, StepWatch(llm.cluster), policy)
         results[name] = [{"real": [], "sim": [], "sim_raw": [], "steps": [], "gaps": []} for _ in rates]
     bar = tqdm(total=args.seeds * len(chosen) * len(rates), desc="real engine runs", unit="run")
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, cluster in chosen:
             eng, seen, policy = engines[name]
             eng.start()
