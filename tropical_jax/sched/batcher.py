@@ -133,12 +133,10 @@ class Batcher:
         after another (so nobody queued behind waits longer than the dispatcher planned) and at most
         `limit` (s, safety factor included: what keeps the worker's decodes on time), and no request
         on time that way may be late packed."""
-        sf, limit_chunk = self.mon.cfg.safety_factor, self.mon.big_chunk
-        packed = step_time(*packed_shape(segs))
-        alone = 0.0
+        sf, packed, alone = self.mon.cfg.safety_factor, step_time(*packed_shape(segs)), 0.0
         for c in segs:
             alone += step_time(c.length, c.start)
-            after = 0.0 if c.last else self.mon.cost.t_prefill_chunked(c.request.prefill_target, limit_chunk,
+            after = 0.0 if c.last else self.mon.cost.t_prefill_chunked(c.request.prefill_target, self.mon.big_chunk,
                                                                         c.start + c.length)
             deadline = c.request.deadline
             if now + (packed + after) * sf > deadline >= now + (alone + after) * sf:
@@ -165,12 +163,13 @@ class Batcher:
                     st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
                 st.B, st.T = len(decodes), sum(decode_ctx(d) for d in decodes)
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
-                if c:
-                    chunks = [self._chunk(r, c)]
-                if c and chunks[0].last:  # other inlines that finish here may join it, decodes kept on time
-                    chunks = self._pack(w, now, w.queue[1:], self.mon.big_chunk - c, tuple(chunks),
+                head = self._chunk(r, c) if c else None
+                if head and head.last:  # other inlines that finish here may join it, decodes kept on time
+                    chunks = self._pack(w, now, w.queue[1:], self.mon.big_chunk - c, (head,),
                                         lambda C, ctx: self.mon.cost.t_mixed(C, ctx, st.B, st.T),
                                         st.budget(self.mon.cfg.slack_margin))
+                elif head:
+                    chunks = [head]
         return self._plan(w, now, chunks, decodes)
 
     def _colocated(self, w: WorkerState, now: float) -> StepPlan | None:
