@@ -54,7 +54,7 @@ from tropical_jax.sched.request import Request  # noqa: E402
 from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
-from engine_slo_report import ERROR_KEYS, POLICIES, p90s, rel_err, save, summarize_result  # noqa: E402
+from engine_slo_report import ERROR_KEYS, POLICIES, VARIANTS, p90s, rel_err, save, summarize_result  # noqa: E402
 from step_calibration import KINDS, StepWatch, calibrate, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
 
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
@@ -86,15 +86,19 @@ def tpot_slo_for(cost, cfg, tpot_scale: float) -> tuple[float, float]:
 
 
 def policy_text(name: str, args) -> str:
-    """The policy with its token-length knobs scaled like the prompts (x --input-scale): unscaled, a
-    512-token short-prompt exemption would exempt every prompt here from the slack check."""
+    """The policy (or variant, engine_slo_report.VARIANTS) with its token-length knobs scaled like the prompts
+    (x --input-scale): unscaled, a 512-token short-prompt exemption would exempt every prompt here from the
+    slack check."""
+    name, variant = VARIANTS.get(name, (name, None))
     knobs = [f"shed={'true' if args.shed else 'false'}", f"max_prefill_seqs={args.prefill_seqs}"]
+    if getattr(args, "recalibrate_steps", None) is not None:
+        knobs.append(f"recalibrate_steps={args.recalibrate_steps}")
     if name in ("tropical", "planned"):
         p = PolicyConfig(policy=name)
         knobs += [f"{k}={max(1, round(getattr(p, k) * args.input_scale))}"
                   for k in ("short_prompt_tokens", "max_multiplex_tokens", "jump_tokens") if getattr(p, k) is not None]
         knobs.append(f"handoff_guard={'true' if args.handoff_guard else 'false'}")
-    return f"{name}:{','.join(knobs)}"
+    return f"{name}:{','.join(knobs + ([variant] if variant else []))}"
 
 
 def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float) -> list[Request]:
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
                          "0.12 x the simulated Poisson goodput on the measured profile (which ignores the contention)")
     ap.add_argument("--rates", default="auto", help="comma-separated req/s, or auto (around the simulated goodputs)")
     ap.add_argument("--num-rates", type=int, default=5)
-    ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES))
+    ap.add_argument("--policies", default=",".join(p for p, _ in POLICIES if p not in VARIANTS))
     ap.add_argument("--target", type=float, default=0.9)
     ap.add_argument("--no-shed", dest="shed", action="store_false",
                     help="do not reject hopeless requests at once (default: every policy sheds them)")
@@ -179,6 +183,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reprofile", action="store_true", help="measure the profile again instead of reusing the cached one")
     ap.add_argument("--prefill-seqs", type=int, default=1,
                     help="prompts one step may pack (P workers, colocated and chunked; max_prefill_seqs)")
+    ap.add_argument("--recalibrate-steps", type=int, default=None,
+                    help="PolicyConfig.recalibrate_steps of every policy (0: off); default each policy's own "
+                         "(64 for planned, 0 for the rest). Calibration runs always plan with the profile as given")
     ap.add_argument("--handoff-guard", action="store_true",
                     help="cap M steps so a request handed over mid-step keeps its TPOT (PolicyConfig.handoff_guard)")
     ap.add_argument("--sim-requests", type=int, default=400)
@@ -218,7 +225,8 @@ def main(argv=None) -> int:
     # Prefill and decode steps come by the thousand from chunked and disaggregated; mixed steps mostly from planned's
     # inlines (at a calibration rate a chunked worker rarely holds decodes when a prompt arrives).
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D"), ("planned", "1P1M")):
-        text = policy_text(cal_policy, args)
+        # Predicted with the profile as given (no running recalibration): the ratios measured are to it.
+        text = policy_text(cal_policy, argparse.Namespace(**{**vars(args), "recalibrate_steps": 0}))
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
             transfer = llm.cluster.measure_handoff(raw.kv_bytes_per_token)

@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 
 POLICIES = [("tropical", "1P1M"), ("planned", "1P1M"), ("colocated", "2C"), ("chunked", "2C"),
-            ("disaggregated", "1P1D")]
+            ("disaggregated", "1P1D"), ("planned-static", "1P1M")]
+# Variants: a name -> (the policy it runs, the knobs it adds). planned-static plans with the profile as given.
+VARIANTS = {"planned-static": ("planned", "recalibrate_steps=0")}
+OURS = ("tropical", "planned", "planned-static")
 BASELINES = ("colocated", "chunked", "disaggregated")
 
 
@@ -91,9 +94,9 @@ def summarize_result(out: dict) -> None:
         "best_baseline_real": best_real, "best_baseline_sim": best_sim,
         "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
                            if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)
-                       for n in ("tropical", "planned") if n in pol},
+                       for n in OURS if n in pol},
         "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
-                      for n in ("tropical", "planned") if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
+                      for n in OURS if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
         "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
         "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
         "runs": len(errs),

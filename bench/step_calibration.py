@@ -14,11 +14,7 @@ import numpy as np
 
 from tropical_jax.sched.cost_model import CostModel
 
-KINDS = ("prefill", "decode", "mixed")
-
-
-def step_kind(plan) -> str:
-    return "mixed" if plan.chunks and plan.decodes else ("prefill" if plan.chunks else "decode")
+from tropical_jax.sched.plan import STEP_KINDS as KINDS
 
 
 class StepWatch(list):
@@ -47,9 +43,9 @@ class StepWatch(list):
             return plan
 
         def step_done(worker, plan, now, finished=()):
-            self.append((step_kind(plan), now - plan.start, plan.predicted, shared.pop(worker, False)))
+            self.append((plan.kind, now - plan.start, plan.predicted, shared.pop(worker, False)))
             out = done(worker, plan, now, finished)
-            last_end[worker] = (step_kind(plan), now)
+            last_end[worker] = (plan.kind, now)
             return out
 
         sched.next_step, sched.step_done = next_step, step_done
@@ -98,10 +94,7 @@ def mean_gaps_ms(gaps) -> dict:
 def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: float = 1.0) -> dict:
     """The measured profile with each kind of step's time x its factor, plus the host time between steps
     (the steps as the cluster ran them), and the contention factor of steps beside another's."""
-    d = cost.to_dict()
-    for sec, kind in (("prefill", "prefill"), ("chunk", "prefill"), ("decode", "decode"), ("mixed", "mixed")):
-        if sec in d:
-            d[sec] = {k: v * factors[kind] for k, v in d[sec].items()}
+    d = cost.scaled(factors).to_dict()
     for sec, const, kind in (("prefill", "c0", "prefill"), ("chunk", "k0", "prefill"), ("decode", "d0", "decode"),
                              ("mixed", "m0", "mixed")):
         if sec in d:

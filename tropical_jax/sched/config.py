@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields, replace
 
+from tropical_jax.sched.recalibrate import MIN_STEPS
+
 ROLES = ("P", "M", "D", "C")
 POLICIES = ("tropical", "planned", "colocated", "chunked", "disaggregated")
 MULTIPLEXING = ("tropical", "planned")  # policies with P + M workers and the rule 1-3 dispatcher
@@ -135,6 +137,10 @@ class PolicyConfig:
     # chunked baselines, as vLLM and Sarathi-Serve batch prefills); M workers inline one at a time.
     # 1: one prefill at a time (DESIGN §3). The real engine caps it at its compiled segment slots.
     max_prefill_seqs: int = 1
+    # Running recalibration (sched/recalibrate.py): plan with each kind of step's time scaled by the median
+    # real/predicted time of the last this-many steps of its kind. 0: plan with the profile as it is.
+    # Default: 64 for planned (its plans spend slack by the millisecond), 0 for the other policies.
+    recalibrate_steps: int = _UNSET
     # Pages the packed segments of one step may read together (the real engine's largest context
     # bucket); None: no cap.
     max_pack_pages: int | None = None
@@ -151,6 +157,8 @@ class PolicyConfig:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
         if self.shed is None:
             object.__setattr__(self, "shed", planned)
+        if self.recalibrate_steps == _UNSET:
+            object.__setattr__(self, "recalibrate_steps", 64 if planned else 0)
         if self.prefer not in ("prefill", "multiplex", "finish"):
             raise ValueError(f"prefer must be 'prefill', 'multiplex' or 'finish', got {self.prefer!r}")
         if self.queue_order not in ("sjf", "edf", "fcfs"):
@@ -166,6 +174,8 @@ class PolicyConfig:
             raise ValueError("token_budget must be positive")
         if self.queue_timeout is not None and self.queue_timeout < 0:
             raise ValueError("queue_timeout must be >= 0")
+        if self.recalibrate_steps != 0 and self.recalibrate_steps < MIN_STEPS:
+            raise ValueError(f"recalibrate_steps must be 0 (off) or >= {MIN_STEPS}, got {self.recalibrate_steps}")
         if self.max_prefill_seqs < 1 or (self.max_pack_pages is not None and self.max_pack_pages < 1):
             raise ValueError("max_prefill_seqs and max_pack_pages must be >= 1")
 
@@ -213,6 +223,6 @@ def _parse_value(key: str, v: str):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
     if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch",
-               "max_prefill_seqs", "max_pack_pages"):
+               "max_prefill_seqs", "max_pack_pages", "recalibrate_steps"):
         return int(v)
     return float(v)

@@ -53,7 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -199,6 +199,15 @@ class CostModel:
             else:
                 hi = mid - 1
         return lo
+
+    def scaled(self, factors: dict[str, float]) -> "CostModel":
+        """This model with each kind of step's time x its factor (plan.STEP_KINDS; the prefill factor
+        scales prefills and chunks); transfers and capacity unchanged."""
+        def times(sec, kind):
+            return None if sec is None else {k: v * factors.get(kind, 1.0) for k, v in sec.items()}
+
+        return replace(self, prefill=times(self.prefill, "prefill"), chunk=times(self.chunk, "prefill"),
+                       decode=times(self.decode, "decode"), mixed=times(self.mixed, "mixed"))
 
     def t_transfer(self, tokens: int) -> float:
         return self.transfer_latency + tokens * self.kv_bytes_per_token / self.bandwidth_Bps

@@ -149,6 +149,16 @@ class Monitor:
             return self.cost.t_chunk(target - start, start)
         return self.cost.t_prefill_chunked(target, limit, start)
 
+    def set_cost(self, cost: CostModel) -> None:
+        """Plan with `cost` from now on (running recalibration): every cached prediction is redone."""
+        self.cost = cost
+        for r in self.iso:
+            self.iso[r] = cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+        for w in self.workers.values():
+            for r in w.rem:
+                w.rem[r] = self.remaining_time(w, r)
+            w.touch()
+
     def track(self, r: Request, seq: int) -> None:
         self.seq[r] = seq
         # Isolated prefill time of r on a P worker (chunks of the largest bucket), no safety factor.

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from tropical_jax.sched.request import Request
 
 
+STEP_KINDS = ("prefill", "decode", "mixed")
+
+
 @dataclass
 class Chunk:
     request: Request
@@ -36,6 +39,11 @@ class StepPlan:
     decode_tokens: int     # T: KV tokens the decode batch reads (sum over decodes of their context)
     predicted: float       # predicted duration, s (cost model, without the safety factor)
     start: float
+
+    @property
+    def kind(self) -> str:
+        """One of STEP_KINDS: prefill chunks only, decodes only, or both (a mixed step)."""
+        return "mixed" if self.chunks and self.decodes else ("prefill" if self.chunks else "decode")
 
     @property
     def end(self) -> float:

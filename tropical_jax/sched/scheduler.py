@@ -33,6 +33,7 @@ from tropical_jax.sched.cost_model import CostModel
 from tropical_jax.sched.dispatch import WAIT, Decision, make_dispatcher
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
 from tropical_jax.sched.plan import StepPlan, Transfer
+from tropical_jax.sched.recalibrate import Recalibrator
 from tropical_jax.sched.request import PATH_INLINE, PATH_PREFILL, PATH_REJECTED, Request
 
 log = logging.getLogger("tropical_jax.sched")
@@ -60,11 +61,12 @@ class Scheduler:
         num_pages = cap // page_size
         if num_pages <= 0:
             raise ValueError(f"kv_capacity_tokens={cap} holds no page of {page_size} tokens")
-        self.cost = cost_model
+        self.cost = cost_model  # the profile as given: default TTFT SLOs are scaled from it
         workers = [WorkerState(spec, num_pages, page_size) for spec in self.cluster.workers]
         self.mon = Monitor(workers, cost_model, self.cfg)
         self.dispatcher = make_dispatcher(self.mon)
         self.batcher = Batcher(self.mon, self._preempted)
+        self.recalibrator = Recalibrator(cost_model, self.cfg.recalibrate_steps) if self.cfg.recalibrate_steps else None
         self.waiting: list[tuple[tuple, Request]] = []  # tropical: not yet placed, in queue order
         self.counters: Counter = Counter()
         self.decisions: list[DecisionRecord] | None = [] if record_decisions else None
@@ -138,6 +140,11 @@ class Scheduler:
                         w.decoding.append(r)
                     else:
                         self._first_token(w, r, now, id(r) in stop)
+            if self.recalibrator is not None:
+                model = self.recalibrator.observe(plan, now - plan.start)
+                if model is not None:
+                    self.mon.set_cost(model)
+                    self.counters["recalibrations"] += 1
             self._dispatch(now)
 
     def take_transfers(self) -> list[Transfer]:
@@ -207,7 +214,7 @@ class Scheduler:
         if cfg.multiplexing and not self.mon.of_role("P"):  # only inlines can serve it
             if cfg.max_multiplex_tokens is not None and r.prompt_len > cfg.max_multiplex_tokens:
                 return "no prefill worker and the prompt exceeds max_multiplex_tokens"
-            alone = self.cost.t_decode(1, r.prompt_len + 1) * cfg.safety_factor
+            alone = self.mon.cost.t_decode(1, r.prompt_len + 1) * cfg.safety_factor
             if alone > cfg.decode_latency_watermark * r.tpot_slo:
                 return "no prefill worker and even alone its decode step exceeds the decode latency watermark"
         return ""
