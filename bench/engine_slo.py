@@ -293,8 +293,10 @@ def main(argv=None) -> int:
         llm = LLM(None, cluster=cluster, policy=policy_text(name, args), profile=profile, progress=False, **ENGINE)
         policy = engine_policy(policy_text(name, args), cfg)
         assert llm.cluster.policy == policy, (llm.cluster.policy, policy)
-        engines[name] = (llm.cluster, StepWatch(llm.cluster), policy)
-        results[name] = [{"real": [], "sim": [], "sim_raw": [], "steps": [], "gaps": []} for _ in rates]
+        # Steps against the profile as measured, whatever the policy planned with (planned recalibrates).
+        engines[name] = (llm.cluster, StepWatch(llm.cluster, reference=raw), policy)
+        results[name] = [{"real": [], "sim": [], "sim_raw": [], "sim_run_speed": [], "steps": [], "gaps": []}
+                         for _ in rates]
     bar = tqdm(total=args.seeds * len(chosen) * len(rates), desc="real engine runs", unit="run")
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, cluster in chosen:
@@ -313,6 +315,11 @@ def main(argv=None) -> int:
                     acc["sim"] += replay(done, cluster, policy, cost, cfg.page_size)
                     # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
                     acc["sim_raw"] += replay(done, cluster, policy, raw, cfg.page_size)
+                    # And calibrated on this run's own steps: the simulator given the speed the machine ran at
+                    # meanwhile (a diagnostic: what is left is the simulator's error, not the machine's drift).
+                    f, sh = calibrate(seen)
+                    own = CostModel.from_json({**scaled_profile(raw, f, mean_gaps_ms(seen.gaps), sh), "transfer": transfer})
+                    acc["sim_run_speed"] += replay(done, cluster, policy, own, cfg.page_size)
                     acc["steps"] += seen
                     acc["gaps"] += seen.gaps
                     bar.update()
@@ -324,8 +331,11 @@ def main(argv=None) -> int:
         runs = []
         for rate, acc in zip(rates, results[name]):  # pooled over the seeds
             rs, ss, su = summarize(acc["real"]), summarize(acc["sim"]), summarize(acc["sim_raw"])
+            so = summarize(acc["sim_run_speed"])
             runs.append({"rate": rate, "requests": len(acc["real"]),
-                         "step_real_over_predicted": {k: step_ratio(acc["steps"], k) for k in KINDS},
+                         "step_real_over_measured_profile": {k: step_ratio(acc["steps"], k) for k in KINDS},
+                         "sim_replay_run_speed": p90s(so),
+                         "rel_error_run_speed": {k: rel_err(so[k], rs[k]) for k in ERROR_KEYS},
                          "host_gap_after_step_ms_mean": mean_gaps_ms(acc["gaps"]),
                          "real": p90s(rs), "sim_replay": p90s(ss), "sim_replay_uncalibrated": p90s(su),
                          "rel_error": {k: rel_err(ss[k], rs[k]) for k in ERROR_KEYS},

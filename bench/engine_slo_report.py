@@ -85,6 +85,7 @@ def summarize_result(out: dict) -> None:
     best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
     best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
     errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
+    own = [r["rel_error_run_speed"] for p in pol.values() for r in p["runs"] if "rel_error_run_speed" in r]
     med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
     med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
                                    if r["rel_error_uncalibrated"][k] is not None]))
@@ -99,6 +100,9 @@ def summarize_result(out: dict) -> None:
                       for n in OURS if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
         "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
         "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
+        **({"within_25pct_run_speed": {k: sum(abs(e[k]) <= 0.25 for e in own if e[k] is not None) for k in med},
+            "median_abs_rel_error_run_speed": {k: float(np.median([abs(e[k]) for e in own if e[k] is not None]))
+                                               for k in ERROR_KEYS}} if own else {}),
         "runs": len(errs),
     }
 

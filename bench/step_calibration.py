@@ -15,15 +15,17 @@ import numpy as np
 from tropical_jax.sched.cost_model import CostModel
 
 from tropical_jax.sched.plan import STEP_KINDS as KINDS
+from tropical_jax.sched.plan import packed_shape
 
 
 class StepWatch(list):
     """(kind, real s, predicted s, shared) of every step the engine runs from now on, and the host time a busy worker
     spends after each kind of step before the next (`gaps`: (kind, s); a P worker launches the page reads of the
     handoffs its prefills start there; tokens are appended; the next step is planned).
+    predicted: by `reference` when given (a fixed profile, whatever the scheduler planned with), else the plan's own.
     Wraps the engine's scheduler's next_step and step_done."""
 
-    def __init__(self, eng):
+    def __init__(self, eng, reference: CostModel | None = None):
         super().__init__()
         self.gaps: list[tuple[str, float]] = []
         sched = eng.scheduler
@@ -43,7 +45,9 @@ class StepWatch(list):
             return plan
 
         def step_done(worker, plan, now, finished=()):
-            self.append((plan.kind, now - plan.start, plan.predicted, shared.pop(worker, False)))
+            predicted = plan.predicted if reference is None else reference.t_mixed(
+                *packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
+            self.append((plan.kind, now - plan.start, predicted, shared.pop(worker, False)))
             out = done(worker, plan, now, finished)
             last_end[worker] = (plan.kind, now)
             return out
