@@ -113,3 +113,18 @@ def test_recalibration_changes_nothing_on_a_machine_that_matches_its_profile():
             for rs in (0, 64))
     assert b.counters.get("recalibrations", 0) == 0
     assert [(r.ttft, r.finish_time) for r in a.requests] == [(r.ttft, r.finish_time) for r in b.requests]
+
+
+def test_server_metrics_export_the_factors_the_scheduler_plans_with():
+    from tropical_jax.api.metrics import ServerMetrics
+
+    res = simulate(workload(120, 3.0, 0.04), "1P1M", "planned:recalibrate_steps=32", COST,
+                   executor_cost=COST.scaled({"decode": 1.6}), kv_capacity_tokens=200_000)
+    state = {"workers": [], "dispatch": dict(res.scheduler.counters),
+             "step_time_factors": dict(res.scheduler.recalibrator.factors)}
+    text = ServerMetrics(state=lambda: state).render().decode()
+    line = next(x for x in text.splitlines() if x.startswith('tropical_step_time_factor{kind="decode"}'))
+    assert float(line.split()[-1]) == pytest.approx(1.6)
+    assert 'tropical_dispatch_total{path="recalibrations"}' in text
+    off = ServerMetrics(state=lambda: {"workers": [], "dispatch": {}}).render().decode()
+    assert "tropical_step_time_factor{" not in off

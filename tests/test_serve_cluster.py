@@ -69,6 +69,7 @@ def test_cluster_state_and_metrics_name_every_worker(server):
     r = server.post("/v1/completions", {"prompt": [3, 1, 4, 1, 5], "max_tokens": 6}).json()
     state = server.get("/v1/cluster").json()
     assert state["cluster"] == "1P1M" and state["policy"] == "tropical"
+    assert state["step_time_factors"] == {}  # tropical plans with its profile as given (no recalibration)
     assert [(w["name"], w["role"]) for w in state["workers"]] == [("P0", "prefill"), ("M0", "multiplexing")]
     assert state["dispatch"].get("prefill", 0) + state["dispatch"].get("inline", 0) >= 1
     text = server.get("/metrics").text

@@ -217,4 +217,5 @@ class ClusterWorkers:
             })
         return {"cluster": str(self.sched.cluster), "policy": self.sched.cfg.policy,
                 "backend": self.cluster.backend, "workers": workers,
-                "waiting": len(self.sched.waiting), "dispatch": dict(self.sched.counters)}
+                "waiting": len(self.sched.waiting), "dispatch": dict(self.sched.counters),
+                "step_time_factors": dict(rec.factors) if (rec := self.sched.recalibrator) else {}}

@@ -52,6 +52,12 @@ class _EngineState:
         for path, n in sorted(st["dispatch"].items()):
             dispatch.add_metric([path], n)
         yield dispatch
+        factors = GaugeMetricFamily("tropical_step_time_factor", "Real / profiled step time the scheduler plans "
+                                    "with, by kind of step (running recalibration; absent when it is off)",
+                                    labels=["kind"])
+        for kind, f in sorted(st.get("step_time_factors", {}).items()):
+            factors.add_metric([kind], f)
+        yield factors
 
 
 class ServerMetrics:
