@@ -36,8 +36,10 @@ class Recalibrator:
     def observe(self, plan: StepPlan, real: float) -> CostModel | None:
         """Record a finished step that took `real` seconds; a new planning model when a factor moved."""
         seen = self.ratios.get(plan.kind)
+        if seen is None:
+            return None
         predicted = self.profile.t_mixed(*packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
-        if seen is None or predicted <= 0 or real <= 0:
+        if predicted <= 0 or real <= 0:
             return None
         seen.append(real / predicted)
         if len(seen) < MIN_STEPS:
