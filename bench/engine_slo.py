@@ -143,6 +143,15 @@ def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Reques
     return simulate(reqs, cluster, policy, cost, page_size=page_size).requests
 
 
+def calibrated_profile(raw: CostModel, steps, gaps, transfer: dict) -> tuple[dict, dict, dict]:
+    """(profile, factors, host gaps in ms): `raw` scaled to the steps a StepWatch saw (step_calibration.calibrate),
+    plus the mean host time after each kind of step (what the time between steps costs throughput) and the
+    handoff measured on the cluster's own workers."""
+    factors, shared_factor = calibrate(steps)
+    gap_ms = mean_gaps_ms(gaps)
+    return {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}, factors, gap_ms
+
+
 def sim_goodput(args, cluster, policy, cost, slo_cost, tpot_slo, lo, hi):
     """The simulator's goodput search on `cost`, SLOs scaled from `slo_cost`."""
     def att(rate):
@@ -244,9 +253,7 @@ def main(argv=None) -> int:
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
                     "requests": len(reqs), "steps": {k: sum(x[0] == k for x in part) for k in KINDS},
                     "steps_beside_another": {k: sum(x[0] == k and x[3] for x in part) for k in KINDS}})
-    factors, shared_factor = calibrate(seen)
-    gap_ms = mean_gaps_ms(gaps)  # the mean: what the time between steps costs throughput
-    profile = {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}
+    profile, factors, gap_ms = calibrated_profile(raw, seen, gaps, transfer)
     cost = CostModel.from_json(profile)
 
     # The simulator's goodput on the measured profile picks the rates the real engine is run at.
@@ -317,8 +324,7 @@ def main(argv=None) -> int:
                     acc["sim_raw"] += replay(done, cluster, policy, raw, cfg.page_size)
                     # And calibrated on this run's own steps: the simulator given the speed the machine ran at
                     # meanwhile (a diagnostic: what is left is the simulator's error, not the machine's drift).
-                    f, sh = calibrate(seen)
-                    own = CostModel.from_json({**scaled_profile(raw, f, mean_gaps_ms(seen.gaps), sh), "transfer": transfer})
+                    own = CostModel.from_json(calibrated_profile(raw, seen, seen.gaps, transfer)[0])
                     acc["sim_run_speed"] += replay(done, cluster, policy, own, cfg.page_size)
                     acc["steps"] += seen
                     acc["gaps"] += seen.gaps

@@ -84,12 +84,16 @@ def summarize_result(out: dict) -> None:
     base = [n for n in pol if n in BASELINES]
     best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
     best_sim = max(base, key=lambda n: pol[n]["goodput_sim"], default=None)
-    errs = [r["rel_error"] for p in pol.values() for r in p["runs"]]
-    own = [r["rel_error_run_speed"] for p in pol.values() for r in p["runs"] if "rel_error_run_speed" in r]
-    med = {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
-    med_raw = {k: float(np.median([abs(r["rel_error_uncalibrated"][k]) for p in pol.values() for r in p["runs"]
-                                   if r["rel_error_uncalibrated"][k] is not None]))
-               for k in ERROR_KEYS}
+    def errors(key):
+        return [r[key] for p in pol.values() for r in p["runs"] if key in r]
+
+    def median_abs(errs):
+        return {k: float(np.median([abs(e[k]) for e in errs if e[k] is not None])) for k in ERROR_KEYS}
+
+    def within_25pct(errs):
+        return {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in ERROR_KEYS}
+
+    errs, own = errors("rel_error"), errors("rel_error_run_speed")
     out["summary"] = {
         "goodput_definition": "the highest rate meeting the target, interpolated toward the next (DESIGN §5)",
         "best_baseline_real": best_real, "best_baseline_sim": best_sim,
@@ -98,11 +102,11 @@ def summarize_result(out: dict) -> None:
                        for n in OURS if n in pol},
         "ratio_sim": {n: pol[n]["goodput_sim"] / pol[best_sim]["goodput_sim"]
                       for n in OURS if n in pol and best_sim and pol[best_sim]["goodput_sim"]},
-        "median_abs_rel_error": med, "median_abs_rel_error_uncalibrated": med_raw,
-        "within_25pct": {k: sum(abs(e[k]) <= 0.25 for e in errs if e[k] is not None) for k in med},
-        **({"within_25pct_run_speed": {k: sum(abs(e[k]) <= 0.25 for e in own if e[k] is not None) for k in med},
-            "median_abs_rel_error_run_speed": {k: float(np.median([abs(e[k]) for e in own if e[k] is not None]))
-                                               for k in ERROR_KEYS}} if own else {}),
+        "median_abs_rel_error": median_abs(errs),
+        "median_abs_rel_error_uncalibrated": median_abs(errors("rel_error_uncalibrated")),
+        "within_25pct": within_25pct(errs),
+        **({"within_25pct_run_speed": within_25pct(own), "median_abs_rel_error_run_speed": median_abs(own)}
+           if own else {}),
         "runs": len(errs),
     }
 

@@ -15,7 +15,6 @@ import numpy as np
 from tropical_jax.sched.cost_model import CostModel
 
 from tropical_jax.sched.plan import STEP_KINDS as KINDS
-from tropical_jax.sched.plan import packed_shape
 
 
 class StepWatch(list):
@@ -45,8 +44,7 @@ class StepWatch(list):
             return plan
 
         def step_done(worker, plan, now, finished=()):
-            predicted = plan.predicted if reference is None else reference.t_mixed(
-                *packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
+            predicted = plan.predicted if reference is None else reference.t_plan(plan)
             self.append((plan.kind, now - plan.start, predicted, shared.pop(worker, False)))
             out = done(worker, plan, now, finished)
             last_end[worker] = (plan.kind, now)

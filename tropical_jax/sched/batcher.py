@@ -93,8 +93,9 @@ class Batcher:
     def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: list[Request]) -> StepPlan | None:
         if not chunks and not decodes:
             return None
-        T = sum(decode_ctx(r) for r in decodes)
-        return StepPlan(w.name, chunks, decodes, T, self.mon.cost.t_mixed(*packed_shape(chunks), len(decodes), T), now)
+        plan = StepPlan(w.name, chunks, decodes, sum(decode_ctx(r) for r in decodes), 0.0, now)
+        plan.predicted = self.mon.cost.t_plan(plan)
+        return plan
 
     @staticmethod
     def _chunk(r: Request, length: int) -> Chunk:

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tropical_jax.sched.plan import packed_shape
+
 
 class ProfileError(ValueError):
     """The latency profile is missing or unusable."""
@@ -163,6 +165,10 @@ class CostModel:
             return self.t_chunk(C, ctx) + self.t_decode(B, T) - shared
         return (m["m0"] + m["mc2"] * C * C + m["mcx"] * C * ctx + m["mc1"] * C
                 + m["mb"] * B + m["mt"] * T) * 1e-3
+
+    def t_plan(self, plan) -> float:
+        """Predicted time of a StepPlan's shape: its packed chunk and its decode batch."""
+        return self.t_mixed(*packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
 
     def max_chunk(self, ctx: int, B: int, T: int, budget: float, limit: int) -> int:
         """Largest chunk C in [0, limit] with t_mixed(C, ctx, B, T) <= budget (s); 0 if not even one token.

@@ -153,16 +153,19 @@ class Monitor:
         """Plan with `cost` from now on (running recalibration): every cached prediction is redone."""
         self.cost = cost
         for r in self.iso:
-            self.iso[r] = cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+            self.iso[r] = self.isolated_prefill(r)
         for w in self.workers.values():
             for r in w.rem:
                 w.rem[r] = self.remaining_time(w, r)
             w.touch()
 
+    def isolated_prefill(self, r: Request) -> float:
+        """Isolated prefill time of r on a P worker (chunks of the largest bucket), no safety factor."""
+        return self.cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+
     def track(self, r: Request, seq: int) -> None:
         self.seq[r] = seq
-        # Isolated prefill time of r on a P worker (chunks of the largest bucket), no safety factor.
-        self.iso[r] = self.cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+        self.iso[r] = self.isolated_prefill(r)
 
     def forget(self, r: Request) -> None:
         self.seq.pop(r, None)

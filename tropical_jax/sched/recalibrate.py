@@ -18,7 +18,7 @@ import statistics
 from collections import deque
 
 from tropical_jax.sched.cost_model import CostModel
-from tropical_jax.sched.plan import StepPlan, packed_shape
+from tropical_jax.sched.plan import StepPlan
 
 RECALIBRATED = ("decode", "mixed")  # kinds of step whose times follow the machine (see above)
 MIN_STEPS = 16     # steps of a kind before its factor moves off 1
@@ -38,7 +38,7 @@ class Recalibrator:
         seen = self.ratios.get(plan.kind)
         if seen is None:
             return None
-        predicted = self.profile.t_mixed(*packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
+        predicted = self.profile.t_plan(plan)
         if predicted <= 0 or real <= 0:
             return None
         seen.append(real / predicted)

@@ -16,7 +16,7 @@ import math
 import random
 
 from tropical_jax.sched.cost_model import CostModel
-from tropical_jax.sched.plan import StepPlan, Transfer, packed_shape
+from tropical_jax.sched.plan import StepPlan, Transfer
 from tropical_jax.sched.request import Request
 
 
@@ -36,7 +36,7 @@ class CostModelExecutor:
 
     def step_time(self, plan: StepPlan, shared: bool = False) -> float:
         """shared: another worker runs a step while this one starts."""
-        t = self.cost.t_mixed(*packed_shape(plan.chunks), len(plan.decodes), plan.decode_tokens)
+        t = self.cost.t_plan(plan)
         return t * self._factor() * (self.cost.contention if shared else 1.0)
 
     @staticmethod
