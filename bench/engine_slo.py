@@ -19,8 +19,11 @@
 3. Runs every policy on a cluster of two workers (`1P1M` tropical and planned, `2C` colocated and
    chunked, `1P1D` disaggregated) on the real clock: an open-loop driver submits requests at their
    Poisson (or Gamma, --arrival gamma --cv 2) arrival times; attainment at each rate, goodput the highest
-   rate meeting the target (engine_slo_report.crossing). With --seeds N each seed runs every policy at
-   every rate before the next, so a drift of the machine's speed during the run falls on all policies alike.
+   rate meeting the target (engine_slo_report.crossing). At each seed and rate every policy runs before the
+   next rate (their order rotating), so a drift of the machine's speed falls on all policies alike, and
+   engine_slo_report.paired compares them seed by seed. Before each seed x rate block the machine is timed
+   against the profile (step_calibration.machine_speed, recorded); with --speed-blocks the block's arrival
+   times, SLOs and the profiles its engines plan with are dilated by that speed.
 4. Replays each real run in the simulator (same requests, their actual arrival times, the same policy
    and calibrated profile) and reports the relative error of its P90 TTFT, P90 TPOT and attainment;
    also the simulator's own goodput search on that profile and the workload (which picks the rates).
@@ -55,7 +58,8 @@ from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
 from engine_slo_report import ERROR_KEYS, POLICIES, VARIANTS, p90s, rel_err, save, summarize_result  # noqa: E402
-from step_calibration import KINDS, StepWatch, calibrate, mean_gaps_ms, scaled_profile, step_ratio  # noqa: E402
+from step_calibration import (KINDS, StepWatch, calibrate, machine_speed, mean_gaps_ms, scaled_profile,  # noqa: E402
+                              step_ratio)
 
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
@@ -101,16 +105,20 @@ def policy_text(name: str, args) -> str:
     return f"{name}:{','.join(knobs + ([variant] if variant else []))}"
 
 
-def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float) -> list[Request]:
+def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float, dilation: float = 1.0
+                    ) -> list[Request]:
     """The trace's lengths scaled down to the model; Poisson (or Gamma, --arrival) arrivals at `rate`; each
-    request's TTFT SLO --ttft-scale x its isolated prefill on `slo_cost` (the profile the SLOs are scaled from)."""
-    reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo, arrival=args.arrival, cv=args.cv)
+    request's TTFT SLO --ttft-scale x its isolated prefill on `slo_cost` (the profile the SLOs are scaled from).
+    dilation: arrival times and both SLOs x this (a machine that slowed down by it serves the same workload)."""
+    reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo * dilation, arrival=args.arrival,
+                         cv=args.cv)
     out_cap = args.max_output_len
     in_cap = ENGINE["max_model_len"] - out_cap - 1
     for r in reqs:
+        r.arrival *= dilation
         r.prompt_len = int(np.clip(round(r.prompt_len * args.input_scale), 1, in_cap))
         r.output_len = r.max_tokens = int(np.clip(round(r.output_len * args.output_scale), 1, out_cap))
-        r.ttft_slo = args.ttft_scale * slo_cost.t_prefill(r.prompt_len)
+        r.ttft_slo = args.ttft_scale * slo_cost.t_prefill(r.prompt_len) * dilation
     return reqs
 
 
@@ -133,6 +141,10 @@ def run_real(eng, reqs, bar) -> list[Request]:
         bar.set_postfix_str(f"submitted {len(submitted)}/{len(reqs)}")
     eng.run_until_done(submitted, timeout=600)
     return submitted
+
+
+def first_worker(llm):
+    return next(iter(llm.cluster.workers.values()))
 
 
 def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Request]:
@@ -197,6 +209,13 @@ def main(argv=None) -> int:
                          "(64 for planned, 0 for the rest). Calibration runs always plan with the profile as given")
     ap.add_argument("--handoff-guard", action="store_true",
                     help="cap M steps so a request handed over mid-step keeps its TPOT (PolicyConfig.handoff_guard)")
+    ap.add_argument("--speed-blocks", action=argparse.BooleanOptionalAction, default=False,
+                    help="count time at the profile's speed: before each seed x rate block, and the calibration, the "
+                         "machine is timed against the profile (step_calibration.machine_speed) and that block's "
+                         "arrival times, SLOs and every profile its engines plan with and its replays simulate are x "
+                         "its speed (rates nominal, req/s at the profile's speed). Off by default: on the 2-core VM "
+                         "this one-second probe swung 0.57-1.07 between blocks while the steps the runs made stayed "
+                         "within 1.0-1.2 of the profile (engine_slo_s22_speed). The speed is recorded either way")
     ap.add_argument("--sim-requests", type=int, default=400)
     ap.add_argument("--sim-seeds", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "engine_slo.json"))
@@ -230,7 +249,7 @@ def main(argv=None) -> int:
     # workload's calibration must not measure a busier machine than a smooth one's.
     poisson = argparse.Namespace(**{**vars(args), "arrival": "poisson"})
     given = None if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
-    seen, gaps, cal = [], [], []
+    seen, gaps, cal, speeds = [], [], [], []
     # Prefill and decode steps come by the thousand from chunked and disaggregated; mixed steps mostly from planned's
     # inlines (at a calibration rate a chunked worker rarely holds decodes when a prompt arrives).
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D"), ("planned", "1P1M")):
@@ -240,11 +259,14 @@ def main(argv=None) -> int:
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
             transfer = llm.cluster.measure_handoff(raw.kv_bytes_per_token)
         part = StepWatch(llm.cluster)
+        if not speeds:  # the machine's speed as the calibration starts (and as it ends, below)
+            speeds.append(machine_speed(first_worker(llm), raw, slo_batch(cfg)))
         llm.cluster.start()
         try:
             rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
                 poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
-            reqs = scaled_requests(poisson, max(16, round(rate * args.calibrate)), rate, 99, raw, tpot_slo)
+            reqs = scaled_requests(poisson, max(16, round(rate * args.calibrate)), rate, 99, raw, tpot_slo,
+                                   speeds[0]["factor"] if args.speed_blocks else 1.0)
             run_real(llm.cluster, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
             llm.cluster.stop()
@@ -253,13 +275,19 @@ def main(argv=None) -> int:
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
                     "requests": len(reqs), "steps": {k: sum(x[0] == k for x in part) for k in KINDS},
                     "steps_beside_another": {k: sum(x[0] == k and x[3] for x in part) for k in KINDS}})
+    speeds.append(machine_speed(first_worker(llm), raw, slo_batch(cfg)))
+    cal_speed = float(np.sqrt(speeds[0]["factor"] * speeds[1]["factor"]))
     profile, factors, gap_ms = calibrated_profile(raw, seen, gaps, transfer)
     cost = CostModel.from_json(profile)
+    # With speed blocks, time is counted at the profile's speed: the calibrated profile without the machine's
+    # speed during the calibration (what remains is the cluster's contention and host time), dilated below by
+    # each block's own speed.
+    nominal = cost.scaled(dict.fromkeys(KINDS, 1 / cal_speed)) if args.speed_blocks else cost
 
     # The simulator's goodput on the measured profile picks the rates the real engine is run at.
     sim_gp = {}
     for name, cluster in tqdm(chosen, desc="simulator goodput", unit="policy"):
-        sim_gp[name] = sim_goodput(args, cluster, engine_policy(policy_text(name, args), cfg), cost, raw, tpot_slo,
+        sim_gp[name] = sim_goodput(args, cluster, engine_policy(policy_text(name, args), cfg), nominal, raw, tpot_slo,
                                    0.5, 4.0)
     if args.rates == "auto":
         # Centred below the simulated goodputs: the real engine fell short of them at high load in past runs
@@ -276,7 +304,8 @@ def main(argv=None) -> int:
                        "measured_coefficients_ms": {"prefill": raw.prefill, "decode": raw.decode, "mixed": raw.mixed},
                        "measured_points": {k: measured[k] for k in ("prefill", "decode", "mixed") if k in measured},
                        "calibration": {"runs": cal, "real_over_predicted_median": factors,
-                                       "host_gap_after_step_ms_mean": gap_ms},
+                                       "host_gap_after_step_ms_mean": gap_ms,
+                                       "machine_speed_start_end": speeds, "machine_speed": cal_speed},
                        "transfer_measured": transfer,
                        "used": profile},
            "workload": {"trace": args.workload, "arrival": f"{args.arrival}{f' cv {args.cv}' if args.arrival == 'gamma' else ''} (open loop, real clock)",
@@ -291,46 +320,63 @@ def main(argv=None) -> int:
            "prefill_packing": f"up to {args.prefill_seqs} prompts a step on P workers and under colocated/chunked "
                               f"(max_prefill_seqs)",
            "shed": "every policy rejects hopeless requests at once (counted as misses)" if args.shed else "none",
+           "speed_blocks": ("time at the profile's speed: each seed x rate block's arrival times, SLOs and profiles x "
+                            "its dilation, the machine's speed timed before it (step_calibration.machine_speed: real / "
+                            "profiled step); rates and goodputs are nominal (req/s at the profile's speed)"
+                            if args.speed_blocks else "off: speeds recorded, nothing dilated"),
            "target": args.target, "rates": rates, "policies": {}}
 
-    # Interleaved: each seed runs every policy at every rate before the next seed starts, so a drift in this
-    # machine's speed over the run (tens of percent over an hour on these VMs) falls on every policy alike.
+    # Interleaved: at each seed and rate every policy runs, one after another (their order rotating), before the
+    # next rate; the machine's speed drifts by tens of percent over minutes on these VMs, and this way it falls on
+    # every policy alike. With --speed-blocks each such block's time is also dilated by the machine's speed
+    # measured just before it.
     engines, results = {}, {}
     for name, cluster in chosen:
         llm = LLM(None, cluster=cluster, policy=policy_text(name, args), profile=profile, progress=False, **ENGINE)
         policy = engine_policy(policy_text(name, args), cfg)
         assert llm.cluster.policy == policy, (llm.cluster.policy, policy)
         # Steps against the profile as measured, whatever the policy planned with (planned recalibrates).
-        engines[name] = (llm.cluster, StepWatch(llm.cluster, reference=raw), policy)
-        results[name] = [{"real": [], "sim": [], "sim_raw": [], "sim_run_speed": [], "steps": [], "gaps": []}
-                         for _ in rates]
+        engines[name] = (llm, StepWatch(llm.cluster, reference=raw), policy)
+        results[name] = [{"real": [], "sim": [], "sim_raw": [], "sim_run_speed": [], "steps": [], "gaps": [],
+                          "per_seed": []} for _ in rates]
     bar = tqdm(total=args.seeds * len(chosen) * len(rates), desc="real engine runs", unit="run")
+    block = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        for name, cluster in chosen:
-            eng, seen, policy = engines[name]
-            eng.start()
-            try:
-                for i, rate in enumerate(rates):
-                    bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s")
-                    n = max(8, round(rate * args.duration))
-                    seen.clear()
-                    reqs = scaled_requests(args, n, rate, 100 + i + 1000 * seed, raw, tpot_slo)
+        for i, rate in enumerate(rates):
+            speed = machine_speed(first_worker(engines[chosen[0][0]][0]), raw, slo_batch(cfg))
+            d = speed["factor"] if args.speed_blocks else 1.0
+            planned_with, sim_raw = (m.scaled(dict.fromkeys(KINDS, d)) for m in (nominal, raw))
+            k = block % len(chosen)
+            block += 1
+            for name, cluster in chosen[k:] + chosen[:k]:
+                llm, seen, policy = engines[name]
+                eng = llm.cluster
+                if args.speed_blocks:
+                    eng.scheduler.set_profile(planned_with)
+                bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")
+                seen.clear()
+                reqs = scaled_requests(args, max(8, round(rate * args.duration)), rate, 100 + i + 1000 * seed, raw,
+                                       tpot_slo, d)
+                eng.start()
+                try:
                     done = run_real(eng, reqs, bar)
-                    assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
-                    acc = results[name][i]
-                    acc["real"] += done
-                    acc["sim"] += replay(done, cluster, policy, cost, cfg.page_size)
-                    # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
-                    acc["sim_raw"] += replay(done, cluster, policy, raw, cfg.page_size)
-                    # And calibrated on this run's own steps: the simulator given the speed the machine ran at
-                    # meanwhile (a diagnostic: what is left is the simulator's error, not the machine's drift).
-                    own = CostModel.from_json(calibrated_profile(raw, seen, seen.gaps, transfer)[0])
-                    acc["sim_run_speed"] += replay(done, cluster, policy, own, cfg.page_size)
-                    acc["steps"] += seen
-                    acc["gaps"] += seen.gaps
-                    bar.update()
-            finally:
-                eng.stop()
+                finally:
+                    eng.stop()
+                assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
+                acc = results[name][i]
+                acc["real"] += done
+                acc["sim"] += replay(done, cluster, policy, planned_with, cfg.page_size)
+                # The same replay with the profile as measured (uncalibrated): what the simulator alone says.
+                acc["sim_raw"] += replay(done, cluster, policy, sim_raw, cfg.page_size)
+                # And calibrated on this run's own steps: the simulator given the speed the machine ran at
+                # meanwhile (a diagnostic: what is left is the simulator's error, not the machine's drift).
+                own = CostModel.from_json(calibrated_profile(raw, seen, seen.gaps, transfer)[0])
+                acc["sim_run_speed"] += replay(done, cluster, policy, own, cfg.page_size)
+                acc["steps"] += seen
+                acc["gaps"] += seen.gaps
+                acc["per_seed"].append({"seed": seed, "attainment": summarize(done)["attainment"],
+                                        "machine_speed": speed, "dilation": d, "actual_rate": rate / d})
+                bar.update()
     bar.close()
 
     for name, cluster in chosen:
@@ -338,7 +384,7 @@ def main(argv=None) -> int:
         for rate, acc in zip(rates, results[name]):  # pooled over the seeds
             rs, ss, su = summarize(acc["real"]), summarize(acc["sim"]), summarize(acc["sim_raw"])
             so = summarize(acc["sim_run_speed"])
-            runs.append({"rate": rate, "requests": len(acc["real"]),
+            runs.append({"rate": rate, "requests": len(acc["real"]), "per_seed": acc["per_seed"],
                          "step_real_over_measured_profile": {k: step_ratio(acc["steps"], k) for k in KINDS},
                          "sim_replay_run_speed": p90s(so),
                          "rel_error_run_speed": {k: rel_err(so[k], rs[k]) for k in ERROR_KEYS},

@@ -45,6 +45,42 @@ def crossing(curve, target: float):
     return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
 
 
+def label(g, rates) -> str:
+    """A goodput as read off a curve: below the lowest rate tried, at least the highest, or its value."""
+    return f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}"
+
+
+def paired(out: dict) -> dict:
+    """Each of ours against each baseline seed by seed: at a seed and rate both served the same requests minutes
+    apart (engine_slo.py interleaves them), so the machine's drift over a run cancels out of their difference.
+    Per pair: attainment ours - theirs at every seed x rate (mean, wins / ties / losses) and each seed's goodput
+    on its own curve, both policies'."""
+    pol, rates, target = out["policies"], out["rates"], out["target"]
+
+    def curves(name):
+        by_seed = {}
+        for run in pol[name]["runs"]:
+            for x in run.get("per_seed", []):
+                by_seed.setdefault(x["seed"], []).append((run["rate"], x["attainment"]))
+        return by_seed
+
+    res = {}
+    for ours in (n for n in OURS if n in pol):
+        mine = curves(ours)
+        for base in (n for n in BASELINES if n in pol):
+            theirs = curves(base)
+            seeds = sorted(set(mine) & set(theirs))
+            diffs = [a - b for s in seeds for (_, a), (_, b) in zip(mine[s], theirs[s])]
+            if not diffs:
+                continue
+            res[f"{ours} vs {base}"] = {
+                "attainment_diff_mean": float(np.mean(diffs)),
+                "wins_ties_losses": [sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)],
+                "goodput_per_seed": {str(s): [label(crossing(mine[s], target), rates),
+                                              label(crossing(theirs[s], target), rates)] for s in seeds}}
+    return res
+
+
 def plot(out: dict, path: Path) -> None:
     import matplotlib
 
@@ -79,7 +115,7 @@ def summarize_result(out: dict) -> None:
         curve = [(r["rate"], r["real"]["attainment"]) for r in p["runs"]]
         g = crossing(curve, target)
         p["goodput_real"] = g
-        p["goodput_real_label"] = (f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}")
+        p["goodput_real_label"] = label(g, rates)
         p["dips"] = [] if g is None else [r for r, a in curve if a < target and r < g]
     base = [n for n in pol if n in BASELINES]
     best_real = max(base, key=lambda n: pol[n]["goodput_real"] or 0.0, default=None)
@@ -108,11 +144,13 @@ def summarize_result(out: dict) -> None:
         **({"within_25pct_run_speed": within_25pct(own), "median_abs_rel_error_run_speed": median_abs(own)}
            if own else {}),
         "runs": len(errs),
+        "paired": paired(out),
     }
 
 
 def headline(out: dict) -> dict:
     return {"machine": out["machine"], "slo": out["slo"], "rates": out["rates"], "summary": out["summary"],
+            "speed_blocks": out.get("speed_blocks"),
             "goodput": {n: {"real": p["goodput_real_label"], "dips": p["dips"], "sim": round(p["goodput_sim"], 3)}
                         for n, p in out["policies"].items()}, "wall_s": out.get("wall_s")}
 

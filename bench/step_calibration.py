@@ -109,3 +109,21 @@ def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: 
                    "(median), the contention factor")
     d["contention"] = {"factor": shared_factor}
     return d
+
+
+def machine_speed(worker, cost: CostModel, batch: int, reps: int = 7) -> dict:
+    """How fast the machine runs right now against the profile `cost`, timed alone on one idle worker (as the
+    profile was): a decode step of `batch` rows reading half the context bucket each, and a prefill chunk of
+    the largest bucket ending at the context bucket; real/predicted each, and `factor`, their geometric mean.
+    It writes junk K/V into free pages: call it only while the worker serves nothing."""
+    from tropical_jax.cluster.profile import median_ms
+
+    ex = worker.executor
+    pages = ex.cfg.context_pages[-1]
+    tokens, chunk = pages * ex.cfg.page_size, ex.chunk_sizes[-1]
+    with worker.lock:
+        decode = median_ms(lambda: ex.time_step(0, batch, pages, tokens // 2), reps) / 1e3
+        prefill = median_ms(lambda: ex.time_step(chunk, 0, pages), reps) / 1e3
+    d = decode / cost.t_decode(batch, batch * (tokens // 2))
+    p = prefill / cost.t_chunk(chunk, tokens - chunk)
+    return {"decode": d, "prefill": p, "factor": float(np.sqrt(d * p))}

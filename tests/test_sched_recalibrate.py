@@ -128,3 +128,24 @@ def test_server_metrics_export_the_factors_the_scheduler_plans_with():
     assert 'tropical_dispatch_total{path="recalibrations"}' in text
     off = ServerMetrics(state=lambda: {"workers": [], "dispatch": {}}).render().decode()
     assert "tropical_step_time_factor{" not in off
+
+
+def test_a_new_profile_replaces_predictions_slos_and_the_recalibration_baseline():
+    """set_profile (the machine measured again): queued predictions, later default TTFT SLOs and the
+    recalibrator's reference all follow the new profile; recalibration starts over from factor 1."""
+    from tropical_jax.sched.scheduler import Scheduler
+
+    sched = Scheduler("1P1M", "planned:recalibrate_steps=16", COST, kv_capacity_tokens=200_000)
+    first = Request(0, 0.0, 800, 10, None, 0.1)
+    sched.submit(first, 0.0)
+    for _ in range(MIN_STEPS):  # steps 2x the profile's: the decode factor moves to 2
+        sched.recalibrator.observe(decode_plan(), 2 * COST.t_decode(4, 400))
+    assert sched.recalibrator.factors["decode"] == pytest.approx(2.0)
+    slower = COST.scaled({"prefill": 1.5, "decode": 1.5})
+    sched.set_profile(slower)
+    assert sched.mon.iso[first] == pytest.approx(1.5 * COST.t_prefill_chunked(800, sched.mon.big_chunk))
+    assert sched.recalibrator.factors["decode"] == 1.0 and sched.recalibrator.profile is slower
+    later = Request(1, 0.01, 500, 10, None, 0.1)
+    sched.submit(later, 0.01)
+    assert later.ttft_slo == pytest.approx(sched.cfg.ttft_scale * 1.5 * COST.t_prefill(500))
+    assert first.ttft_slo == pytest.approx(sched.cfg.ttft_scale * COST.t_prefill(800))  # given when it came

@@ -25,7 +25,7 @@ from tqdm import tqdm
 MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
 
 
-def _time(fn, reps: int = 5) -> float:
+def median_ms(fn, reps: int = 5) -> float:
     """Median wall time of `reps` calls after one unmeasured call, in ms (the median resists a busy host)."""
     fn()
     times = []
@@ -67,7 +67,7 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
                    for p in sorted({cfg.context_pages[0], top})]
     prefill, decode, mixed_pts = [], [], []
     for kind, c, b, p, t in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
-        ms = _time(lambda: executor.time_step(c, b, p, t))
+        ms = median_ms(lambda: executor.time_step(c, b, p, t))
         if kind == "prefill":
             prefill.append([c, ms])
         elif kind == "decode":
@@ -116,7 +116,7 @@ def measure_transfer(copy, page_size: int, kv_bytes_per_token: int, max_pages: i
     points = []
     for n in counts:
         pages = list(range(n))
-        points.append([n * page_size, _time(lambda: copy(pages, pages))])
+        points.append([n * page_size, median_ms(lambda: copy(pages, pages))])
     tokens, ms = np.array(points, dtype=float).T
     (latency, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens * kv_bytes_per_token], 1),
                                               ms, rcond=None)

@@ -8,6 +8,7 @@ Calls (every one takes `now`, seconds on the caller's clock, and must not go bac
     take_transfers() -> [Transfer]       KV handoffs P -> M/D the driver must now start
     transfer_done(transfer, now, ok)     a handoff landed (ok) or failed (recompute on the destination)
     tick(now)                            time passed (queue timeouts, requests turning late)
+    set_profile(cost)                    plan with another profile from now on
     next_timer() -> float | None         when tick should next be called if nothing else happens
 The simulator (sim/simulator.py) is an event loop over these calls with a virtual clock; the real
 engine calls the very same methods from its worker threads with a wall clock.
@@ -146,6 +147,16 @@ class Scheduler:
                     self.mon.set_cost(model)
                     self.counters["recalibrations"] += 1
             self._dispatch(now)
+
+    def set_profile(self, cost: CostModel) -> None:
+        """Plan with a new profile from now on (a machine measured again): default TTFT SLOs of later
+        requests are scaled from it, queued predictions are redone, and running recalibration starts
+        over against it."""
+        with self._lock:
+            self.cost = cost
+            self.mon.set_cost(cost)
+            if self.recalibrator is not None:
+                self.recalibrator = Recalibrator(cost, self.cfg.recalibrate_steps)
 
     def take_transfers(self) -> list[Transfer]:
         with self._lock:
