@@ -1,13 +1,16 @@
 """Decode-attention bandwidth: Pallas kernel vs device peak vs the jnp reference.
 
-    python bench/kernels.py                      # full grid on a GPU/TPU: batch 1-256 x context 512-32k
-    python bench/kernels.py --batches 1,4 --contexts 512,1024   # what a CPU can afford
+    python bench/attention_bandwidth.py                      # full grid on a GPU/TPU: batch 1-256 x context 512-32k
+    python bench/attention_bandwidth.py --batches 1,4 --contexts 512,1024   # what a CPU can afford
 
 Bytes counted are the ones decode must move: K and V of every cached token plus q and the
 output. Achieved bandwidth = bytes / median wall time of the jitted call. Writes
 <out>.json (machine, settings, every cell, the issue-4 goal check) and <out>.png.
 On CPU the kernels run under the Pallas interpreter: the numbers say how fast the *interpreter*
 is, nothing about the hardware, and the JSON and the plot say so.
+
+(Not named kernels.py: run as a script, this folder comes first on sys.path, and transformers' optional
+`import kernels`, the Hugging Face kernels package, would find that file instead and fail.)
 """
 import argparse
 import json
