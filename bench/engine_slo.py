@@ -58,8 +58,7 @@ from tropical_jax.sim.simulator import simulate  # noqa: E402
 from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
 from engine_slo_report import ERROR_KEYS, POLICIES, VARIANTS, p90s, rel_err, save, summarize_result  # noqa: E402
-from step_calibration import (KINDS, StepWatch, calibrate, machine_speed, mean_gaps_ms, scaled_profile,  # noqa: E402
-                              step_ratio)
+from step_calibration import KINDS, StepWatch, calibrated_profile, machine_speed, mean_gaps_ms, step_ratio  # noqa: E402
 
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
@@ -155,15 +154,6 @@ def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Reques
     return simulate(reqs, cluster, policy, cost, page_size=page_size).requests
 
 
-def calibrated_profile(raw: CostModel, steps, gaps, transfer: dict) -> tuple[dict, dict, dict]:
-    """(profile, factors, host gaps in ms): `raw` scaled to the steps a StepWatch saw (step_calibration.calibrate),
-    plus the mean host time after each kind of step (what the time between steps costs throughput) and the
-    handoff measured on the cluster's own workers."""
-    factors, shared_factor = calibrate(steps)
-    gap_ms = mean_gaps_ms(gaps)
-    return {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}, factors, gap_ms
-
-
 def sim_goodput(args, cluster, policy, cost, slo_cost, tpot_slo, lo, hi):
     """The simulator's goodput search on `cost`, SLOs scaled from `slo_cost`."""
     def att(rate):
@@ -250,6 +240,11 @@ def main(argv=None) -> int:
     poisson = argparse.Namespace(**{**vars(args), "arrival": "poisson"})
     given = None if args.rates == "auto" else [float(x) for x in args.rates.split(",")]
     seen, gaps, cal, speeds = [], [], [], []
+
+    def dilation(speed: dict) -> float:
+        """What a block's time is multiplied by: its machine speed with --speed-blocks, else 1."""
+        return speed["factor"] if args.speed_blocks else 1.0
+
     # Prefill and decode steps come by the thousand from chunked and disaggregated; mixed steps mostly from planned's
     # inlines (at a calibration rate a chunked worker rarely holds decodes when a prompt arrives).
     for cal_policy, cal_cluster in (("chunked", "2C"), ("disaggregated", "1P1D"), ("planned", "1P1M")):
@@ -266,7 +261,7 @@ def main(argv=None) -> int:
             rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
                 poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
             reqs = scaled_requests(poisson, max(16, round(rate * args.calibrate)), rate, 99, raw, tpot_slo,
-                                   speeds[0]["factor"] if args.speed_blocks else 1.0)
+                                   dilation(speeds[0]))
             run_real(llm.cluster, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
             llm.cluster.stop()
@@ -344,7 +339,7 @@ def main(argv=None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for i, rate in enumerate(rates):
             speed = machine_speed(first_worker(engines[chosen[0][0]][0]), raw, slo_batch(cfg))
-            d = speed["factor"] if args.speed_blocks else 1.0
+            d = dilation(speed)
             planned_with, sim_raw = (m.scaled(dict.fromkeys(KINDS, d)) for m in (nominal, raw))
             k = block % len(chosen)
             block += 1

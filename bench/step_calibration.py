@@ -111,6 +111,15 @@ def scaled_profile(cost: CostModel, factors: dict, gap_ms: dict, shared_factor: 
     return d
 
 
+def calibrated_profile(raw: CostModel, steps, gaps, transfer: dict) -> tuple[dict, dict, dict]:
+    """(profile, factors, host gaps in ms): `raw` scaled to the steps a StepWatch saw (calibrate), plus the mean
+    host time after each kind of step (what the time between steps costs throughput) and the handoff measured on
+    the cluster's own workers."""
+    factors, shared_factor = calibrate(steps)
+    gap_ms = mean_gaps_ms(gaps)
+    return {**scaled_profile(raw, factors, gap_ms, shared_factor), "transfer": transfer}, factors, gap_ms
+
+
 def machine_speed(worker, cost: CostModel, batch: int, reps: int = 7) -> dict:
     """How fast the machine runs right now against the profile `cost`, timed alone on one idle worker (as the
     profile was): a decode step of `batch` rows reading half the context bucket each, and a prefill chunk of
