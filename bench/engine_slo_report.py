@@ -50,11 +50,33 @@ def label(g, rates) -> str:
     return f"<{rates[0]}" if g is None else f">={rates[-1]}" if g == rates[-1] else f"{g:.2f}"
 
 
+def ratio_spread(mine: dict, theirs: dict, seeds: list, rates: list, target: float, draws: int = 2000) -> dict:
+    """The goodput ratio ours / theirs on curves averaged over the seeds, and how far it moves when the seeds are
+    drawn again with replacement (the same draw for both policies: they served the same requests): 5th, 50th and
+    95th percentiles. A goodput off the curve is taken at its bound on our side of the ratio: ours missing every
+    rate as 0, theirs missing every rate as the lowest rate; ours meeting every rate as the highest (a lower
+    bound). Theirs meeting every rate gives no bound: such draws are counted (`baseline_off_top`), not ratios."""
+    ours = np.array([[a for _, a in mine[s]] for s in seeds])
+    base = np.array([[a for _, a in theirs[s]] for s in seeds])
+
+    def ratio(rows):
+        g_ours = crossing(list(zip(rates, ours[rows].mean(0))), target) or 0.0
+        g_base = crossing(list(zip(rates, base[rows].mean(0))), target) or rates[0]
+        return None if g_base == rates[-1] else g_ours / g_base
+
+    rng = np.random.default_rng(0)
+    drawn = [ratio(rng.integers(0, len(seeds), len(seeds))) for _ in range(draws)]
+    kept = [r for r in drawn if r is not None]
+    point = ratio(np.arange(len(seeds)))
+    return {"ratio": None if point is None else float(point), "baseline_off_top": draws - len(kept), "draws": draws,
+            **({f"p{q:02d}": float(np.percentile(kept, q)) for q in (5, 50, 95)} if kept else {})}
+
+
 def paired(out: dict) -> dict:
     """Each of ours against each baseline seed by seed: at a seed and rate both served the same requests minutes
     apart (engine_slo.py interleaves them), so the machine's drift over a run cancels out of their difference.
-    Per pair: attainment ours - theirs at every seed x rate (mean, wins / ties / losses) and each seed's goodput
-    on its own curve, both policies'."""
+    Per pair: attainment ours - theirs at every seed x rate (mean, wins / ties / losses), each seed's goodput
+    on its own curve, both policies', and the goodput ratio's spread over the seeds (ratio_spread)."""
     pol, rates, target = out["policies"], out["rates"], out["target"]
 
     def curves(name):
@@ -77,7 +99,8 @@ def paired(out: dict) -> dict:
                 "attainment_diff_mean": float(np.mean(diffs)),
                 "wins_ties_losses": [sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)],
                 "goodput_per_seed": {str(s): [label(crossing(mine[s], target), rates),
-                                              label(crossing(theirs[s], target), rates)] for s in seeds}}
+                                              label(crossing(theirs[s], target), rates)] for s in seeds},
+                "goodput_ratio_over_seeds": ratio_spread(mine, theirs, seeds, rates, target)}
     return res
 
 

@@ -37,12 +37,13 @@ def check_pools(q, k_pool, v_pool):
     return kv_heads, num_heads // kv_heads, head_dim, page_size
 
 
-def online_softmax_update(m, l, acc, s, mask, v):
+def online_softmax_update(m, l, acc, s, mask, v, weigh=None):
     """One flash-attention step over a block of keys, for any leading batch dims [...].
 
     m, l: [..., R, 1] f32 running max / denominator; acc: [..., R, D] f32 unnormalised output;
     s: [..., R, T] f32 scaled scores; mask: broadcastable to s, bool; v: [..., T, D] with masked rows
     already zeroed (stale pool memory may hold NaNs, and 0 * NaN would poison acc).
+    weigh(p, v) -> [..., R, D] f32, where v is laid out otherwise (default: v as above).
     Masked probabilities are forced to exactly 0, so a row that has seen no valid key keeps
     l == 0 and the caller can emit zeros for it.
     """
@@ -50,10 +51,14 @@ def online_softmax_update(m, l, acc, s, mask, v):
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
     l_new = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
+    return m_new, l_new, alpha * acc + (weigh or _weigh_batched)(p, v)
+
+
+def _weigh_batched(p, v):
+    """p [..., R, T] . v [..., T, D] in f32."""
     n, batch = p.ndim, tuple(range(p.ndim - 2))
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((n - 1,), (n - 2,)), (batch, batch)),
-                             preferred_element_type=jnp.float32)
-    return m_new, l_new, alpha * acc + pv
+    return jax.lax.dot_general(p.astype(v.dtype), v, (((n - 1,), (n - 2,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
 
 
 def finish(l, acc):

@@ -42,3 +42,30 @@ def test_runs_without_per_seed_records_give_no_pairs():
     out = {"rates": RATES, "target": 0.9, "policies": {
         "planned": {"runs": [{"rate": r} for r in RATES]}, "chunked": {"runs": [{"rate": r} for r in RATES]}}}
     assert report.paired(out) == {}
+
+
+def test_ratio_spread_over_seeds_on_hand_made_curves():
+    # Identical seeds: every redraw is the same curve, so the spread collapses onto the ratio. Planned crosses
+    # 0.9 at 8 + 4 x 0.05 / 0.10 = 10, disaggregated at 4 + 4 x 0.05 / 0.15 = 16 / 3: ratio 1.875.
+    same = {"rates": RATES, "target": 0.9, "policies": {
+        "planned": policy({0: [1.0, 0.95, 0.85], 1: [1.0, 0.95, 0.85]}),
+        "disaggregated": policy({0: [0.95, 0.80, 0.7], 1: [0.95, 0.80, 0.7]})}}
+    spread = report.paired(same)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
+    assert spread["ratio"] == pytest.approx(1.875)
+    assert spread["p05"] == spread["p50"] == spread["p95"] == pytest.approx(1.875)
+    assert spread["baseline_off_top"] == 0
+    # Seed 1 alone would give planned 8 + 4 x 0.05 / 0.25 = 8.8 against a baseline missing every rate (taken as
+    # 4: 2.2x); seed 0 alone 10 / (16 / 3) = 1.875; both (half the redraws) the ratio of the mean curves.
+    mixed = {"rates": RATES, "target": 0.9, "policies": {
+        "planned": policy({0: [1.0, 0.95, 0.85], 1: [1.0, 0.95, 0.7]}),
+        "disaggregated": policy({0: [0.95, 0.80, 0.7], 1: [0.85, 0.80, 0.7]})}}
+    spread = report.paired(mixed)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
+    # the mean curves: planned 1.0, 0.95, 0.775 -> 8 + 4 x 0.05 / 0.175; disaggregated 0.9 at 4 -> 4 + 0
+    assert spread["ratio"] == pytest.approx((8 + 4 * 0.05 / 0.175) / 4)
+    assert spread["p05"] == pytest.approx(1.875)
+    assert spread["p95"] == pytest.approx(spread["ratio"])
+    # A baseline meeting every rate bounds nothing: those redraws are counted, not averaged in.
+    top = {"rates": RATES, "target": 0.9, "policies": {
+        "planned": policy({0: [1.0, 1.0, 1.0]}), "disaggregated": policy({0: [1.0, 1.0, 0.95]})}}
+    spread = report.paired(top)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
+    assert spread["ratio"] is None and spread["baseline_off_top"] == spread["draws"] and "p50" not in spread

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,27 @@ def test_cache_key_follows_model_mesh_backend_and_buckets(tiny):
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # new weights, same name
     assert key_of(identity(path, cfg)) != key
+
+
+def test_cache_key_follows_the_code_that_runs_and_times_the_steps(tmp_path, tiny):
+    import shutil
+
+    from tropical_jax.cluster.profile_cache import code_digest
+
+    package = Path(profile_cache.__file__).resolve().parents[1]
+    assert identity(tiny, EngineConfig(max_model_len=64, page_size=4))["code"] == code_digest(package)
+    copy = tmp_path / "tropical_jax"
+    for part in ("model", "runtime", "cluster", "api"):
+        shutil.copytree(package / part, copy / part)
+    shutil.copytree(package.parent / "pallas_kernels", tmp_path / "pallas_kernels")
+    digest = code_digest(copy)
+    assert digest == code_digest(package)
+    with open(copy / "api" / "app.py", "a") as f:  # the server's code times no step
+        f.write("# edited\n")
+    assert code_digest(copy) == digest
+    for timed in (copy / "model" / "attention.py", tmp_path / "pallas_kernels" / "_common.py",
+                  copy / "cluster" / "profile.py"):
+        before = code_digest(copy)
+        with open(timed, "a") as f:
+            f.write("# a faster kernel\n")
+        assert code_digest(copy) != before, timed

@@ -2,10 +2,11 @@
 
     profile, path, hit = cached_profile(model, engine_cfg, tp=1)
 
-The key is a hash of everything a measurement depends on: the model's identity (resolved path, its
-config, and the name, size and mtime of every file under it, so new weights miss), the mesh (tensor
-parallelism, platform, device kind, JAX version), and the engine's shapes (buckets, page size,
-pages, dtype, attention backend). Files live in $TROPICAL_JAX_PROFILE_CACHE or
+The key is a hash of everything a measurement depends on: the code that runs and times the steps
+(its source, so a new version misses), the model's identity (resolved path, its config, and the name,
+size and mtime of every file under it, so new weights miss), the mesh (tensor parallelism, platform,
+device kind, JAX version), and the engine's shapes (buckets, page size, pages, dtype, attention
+backend). Files live in $TROPICAL_JAX_PROFILE_CACHE or
 ~/.cache/tropical_jax/profiles as <key>.json: the ordinary profile JSON plus `cache_key` and
 `identity`, so `python -m tropical_jax.sim --profile` reads them as they are.
 """
@@ -21,8 +22,19 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Bump when the profiler or the steps it times change, so profiles of older code miss.
-PROFILER_VERSION = 5  # 4: buckets timed full (decode attention reads only live context); 5: decode at 3 fills
+# The code a profile's times depend on: the steps (model, kernels, executor, sampling) and the profiler.
+# Its source is part of the key, so a profile of older code misses (a faster kernel must be timed anew).
+_TIMED_CODE = ("model", "runtime", "cluster/profile.py", "cluster/profile_cache.py", "../pallas_kernels")
+
+
+def code_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """sha256 of the timed code's source, under the package directory `root`."""
+    files = sorted(f for part in _TIMED_CODE for f in ([root / part] if part.endswith(".py")
+                                                        else (root / part).resolve().rglob("*.py")))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -48,7 +60,7 @@ def identity(model, engine_cfg, tp: int = 1) -> dict:
     engine.pop("compilation_cache_dir")
     engine.update(chunk_sizes=list(engine_cfg.chunk_sizes), batch_sizes=list(engine_cfg.batch_sizes),
                   context_pages=list(engine_cfg.context_pages), total_pages=engine_cfg.total_pages)
-    return {"profiler_version": PROFILER_VERSION, "model": model_identity(model),
+    return {"code": code_digest(), "model": model_identity(model),
             "mesh": {"tp": tp, "platform": device.platform, "device_kind": device.device_kind,
                      "jax": jax.__version__},
             "engine": engine}
