@@ -55,20 +55,23 @@ def ratio_spread(mine: dict, theirs: dict, seeds: list, rates: list, target: flo
     drawn again with replacement (the same draw for both policies: they served the same requests): 5th, 50th and
     95th percentiles. A goodput off the curve is taken at its bound on our side of the ratio: ours missing every
     rate as 0, theirs missing every rate as the lowest rate; ours meeting every rate as the highest (a lower
-    bound). Theirs meeting every rate gives no bound: such draws are counted (`baseline_off_top`), not ratios."""
+    bound). Theirs meeting every rate, or both missing every rate, bounds nothing: such draws are counted
+    (`undetermined`), not ratios."""
     ours = np.array([[a for _, a in mine[s]] for s in seeds])
     base = np.array([[a for _, a in theirs[s]] for s in seeds])
 
     def ratio(rows):
-        g_ours = crossing(list(zip(rates, ours[rows].mean(0))), target) or 0.0
-        g_base = crossing(list(zip(rates, base[rows].mean(0))), target) or rates[0]
-        return None if g_base == rates[-1] else g_ours / g_base
+        g_ours = crossing(list(zip(rates, ours[rows].mean(0))), target)
+        g_base = crossing(list(zip(rates, base[rows].mean(0))), target)
+        if g_base == rates[-1] or (g_ours is None and g_base is None):
+            return None
+        return (g_ours or 0.0) / (g_base or rates[0])
 
     rng = np.random.default_rng(0)
     drawn = [ratio(rng.integers(0, len(seeds), len(seeds))) for _ in range(draws)]
     kept = [r for r in drawn if r is not None]
     point = ratio(np.arange(len(seeds)))
-    return {"ratio": None if point is None else float(point), "baseline_off_top": draws - len(kept), "draws": draws,
+    return {"ratio": None if point is None else float(point), "undetermined": draws - len(kept), "draws": draws,
             **({f"p{q:02d}": float(np.percentile(kept, q)) for q in (5, 50, 95)} if kept else {})}
 
 

@@ -53,7 +53,7 @@ def test_ratio_spread_over_seeds_on_hand_made_curves():
     spread = report.paired(same)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
     assert spread["ratio"] == pytest.approx(1.875)
     assert spread["p05"] == spread["p50"] == spread["p95"] == pytest.approx(1.875)
-    assert spread["baseline_off_top"] == 0
+    assert spread["undetermined"] == 0
     # Seed 1 alone would give planned 8 + 4 x 0.05 / 0.25 = 8.8 against a baseline missing every rate (taken as
     # 4: 2.2x); seed 0 alone 10 / (16 / 3) = 1.875; both (half the redraws) the ratio of the mean curves.
     mixed = {"rates": RATES, "target": 0.9, "policies": {
@@ -64,8 +64,16 @@ def test_ratio_spread_over_seeds_on_hand_made_curves():
     assert spread["ratio"] == pytest.approx((8 + 4 * 0.05 / 0.175) / 4)
     assert spread["p05"] == pytest.approx(1.875)
     assert spread["p95"] == pytest.approx(spread["ratio"])
-    # A baseline meeting every rate bounds nothing: those redraws are counted, not averaged in.
+    # A baseline meeting every rate bounds nothing: those redraws are counted, not taken as ratios.
     top = {"rates": RATES, "target": 0.9, "policies": {
         "planned": policy({0: [1.0, 1.0, 1.0]}), "disaggregated": policy({0: [1.0, 1.0, 0.95]})}}
     spread = report.paired(top)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
-    assert spread["ratio"] is None and spread["baseline_off_top"] == spread["draws"] and "p50" not in spread
+    assert spread["ratio"] is None and spread["undetermined"] == spread["draws"] and "p50" not in spread
+    # Both missing every rate: nothing is known of the ratio either. Ours alone missing them all: at most 0x.
+    low = {"rates": RATES, "target": 0.9, "policies": {
+        "planned": policy({0: [0.8, 0.7, 0.6]}), "disaggregated": policy({0: [0.85, 0.7, 0.6]})}}
+    spread = report.paired(low)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
+    assert spread["ratio"] is None and spread["undetermined"] == spread["draws"]
+    low["policies"]["disaggregated"] = policy({0: [0.95, 0.7, 0.6]})
+    spread = report.paired(low)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
+    assert spread["ratio"] == 0.0 and spread["p95"] == 0.0
