@@ -23,7 +23,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from engine_micro import CONFIGS, machine, save_hf
+from engine_micro import CONFIGS, ENGINE, machine, save_hf
+from tropical_jax.runtime.executor import _bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"decode_b8_ctx84": (0, 8, 84), "decode_b32_ctx84": (0, 32, 84), "prefill_c128": (128, 0, None),
@@ -47,9 +48,7 @@ def executor(path, attention):
     from tropical_jax.runtime.executor import ModelExecutor
 
     cfg, graphdef, params, _ = load_model(path, jnp.float32, None, with_tokenizer=False)
-    engine_cfg = EngineConfig(max_model_len=512, page_size=16, max_num_seqs=32, max_chunk_tokens=256,
-                              compilation_cache_dir=None)
-    ex = ModelExecutor(cfg, graphdef, params, engine_cfg)
+    ex = ModelExecutor(cfg, graphdef, params, EngineConfig(max_num_seqs=32, **ENGINE))
     saved, llama.get_backend = llama.get_backend, attention.get_backend
     try:
         for c, b, tokens in SHAPES.values():  # trace (and compile) now, under this attention code
@@ -60,7 +59,8 @@ def executor(path, attention):
 
 
 def _pages(ex, tokens) -> int:
-    return next(p for p in ex.cfg.context_pages if p * ex.cfg.page_size >= tokens)
+    """The context bucket (pages) a step over `tokens` runs in, as the executor picks it."""
+    return _bucket(ex.cfg.context_pages, -(-tokens // ex.cfg.page_size))
 
 
 def compare(path, old_attention, new_attention, rounds: int, reps: int) -> dict:

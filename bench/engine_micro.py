@@ -30,6 +30,10 @@ CONFIGS = {
 }
 
 
+# The engine both benchmarks build on these shapes (engine_micro and attention_ab).
+ENGINE = dict(max_model_len=512, page_size=16, max_chunk_tokens=256, compilation_cache_dir=None)
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
@@ -81,8 +85,7 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
     with tempfile.TemporaryDirectory() as d:
         hf, n_params = save_hf(cfg, d)
         start = time.perf_counter()
-        llm = LLM(d, max_model_len=512, page_size=16, max_num_seqs=max(batches), max_chunk_tokens=256,
-                  compilation_cache_dir=None, progress=True)
+        llm = LLM(d, max_num_seqs=max(batches), progress=True, **ENGINE)
         warmup_s = time.perf_counter() - start
         ex = llm.executor
         steps = {}
