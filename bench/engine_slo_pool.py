@@ -1,0 +1,123 @@
+"""Pool several bench/engine_slo.py runs of one workload (other seeds) into one report.
+
+    python bench/engine_slo_pool.py bench/results/A.json bench/results/B.json [--out bench/results/POOL.json]
+
+A run of ~6 seeds takes 20 minutes on two CPU cores, and a goodput read off so few bursty (Gamma CV 2) seeds
+moves by tens of percent from run to run. Runs that served the same workload — the same SLOs (so the same
+measured profile), trace scaling, arrivals, rates, target and policies — on disjoint seeds are one experiment
+cut in pieces: this joins their per-seed curves and reports what engine_slo_report reports for one run
+(each policy's curve averaged over the seeds and its goodput; ours against each baseline seed by seed, with
+the goodput ratio's spread over the seeds), the simulator's replay errors summed over the runs, and a plot.
+Runs that differ in any of that are refused, with the field named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from engine_slo_report import ERROR_KEYS, crossing, label, paired
+
+# What must agree between runs for their seeds to be samples of one workload.
+SAME = ("slo", "target", "rates", "prefill_packing", "shed", "speed_blocks", "engine")
+SAME_WORKLOAD = ("trace", "arrival", "input_scale", "output_scale", "input_cap", "output_cap",
+                 "seconds_of_arrivals_per_run")
+
+
+def check_compatible(results: list[dict]) -> None:
+    """Raise ValueError naming the first field in which a run differs from the first, or a seed two runs share."""
+    first = results[0]
+    for i, out in enumerate(results[1:], 1):
+        for key in SAME:
+            if out.get(key) != first.get(key):
+                raise ValueError(f"run {i} differs from run 0 in {key!r}: {out.get(key)!r} != {first.get(key)!r}")
+        for key in SAME_WORKLOAD:
+            if out["workload"].get(key) != first["workload"].get(key):
+                raise ValueError(f"run {i} differs from run 0 in workload {key!r}: "
+                                 f"{out['workload'].get(key)!r} != {first['workload'].get(key)!r}")
+        clusters = ({n: p["cluster"] for n, p in r["policies"].items()} for r in (out, first))
+        if next(clusters) != next(clusters):
+            raise ValueError(f"run {i} ran other policies or clusters than run 0")
+    seen: dict[int, int] = {}
+    for i, out in enumerate(results):
+        for s in {x["seed"] for p in out["policies"].values() for run in p["runs"] for x in run.get("per_seed", [])}:
+            if s in seen:
+                raise ValueError(f"seed {s} is in run {seen[s]} and run {i}: pooled seeds must be distinct")
+            seen[s] = i
+
+
+def pool(results: list[dict], sources: list[str]) -> dict:
+    """One report over the runs' seeds (see the module docstring)."""
+    check_compatible(results)
+    first = results[0]
+    rates, target = first["rates"], first["target"]
+    policies = {}
+    for name, p in first["policies"].items():
+        runs = [{"rate": rate, "per_seed": [x for out in results for x in out["policies"][name]["runs"][i]["per_seed"]]}
+                for i, rate in enumerate(rates)]
+        curve = [(run["rate"], float(np.mean([x["attainment"] for x in run["per_seed"]]))) for run in runs]
+        g = crossing(curve, target)
+        policies[name] = {"cluster": p["cluster"], "runs": runs, "attainment_seed_mean": [a for _, a in curve],
+                          "goodput_real": g, "goodput_real_label": label(g, rates),
+                          "goodput_sim_per_run": [out["policies"][name]["goodput_sim"] for out in results]}
+    within = {k: sum(out["summary"]["within_25pct"][k] for out in results) for k in ERROR_KEYS}
+    errors = [abs(run["rel_error"][k]) for out in results for p in out["policies"].values() for run in p["runs"]
+              for k in ERROR_KEYS if run["rel_error"][k] is not None]
+    return {"benchmark": "bench/engine_slo_pool.py", "command": " ".join(sys.argv), "sources": sources,
+            "seeds": sorted({x["seed"] for p in policies.values() for run in p["runs"] for x in run["per_seed"]}),
+            "machine": first["machine"], "slo": first["slo"], "workload": first["workload"], "rates": rates,
+            "target": target, "policies": policies,
+            "summary": {"paired": paired({"rates": rates, "target": target, "policies": policies}),
+                        "sim_within_25pct": within,
+                        "sim_points": sum(out["summary"]["runs"] for out in results),
+                        "sim_median_abs_rel_error_all_keys": float(np.median(errors)) if errors else None}}
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engine_slo_report import POLICIES
+
+    colors = {name: f"C{i}" for i, (name, _) in enumerate(POLICIES)}  # the colours of engine_slo's plots
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, p in out["policies"].items():
+        by_seed: dict[int, list[float]] = {}
+        for run in p["runs"]:
+            for x in run["per_seed"]:
+                by_seed.setdefault(x["seed"], []).append(x["attainment"])
+        for curve in by_seed.values():  # each seed faint, so the spread the mean hides stays in view
+            ax.plot(out["rates"], curve, "-", c=colors[name], alpha=0.12, lw=1)
+        ax.plot(out["rates"], p["attainment_seed_mean"], "o-", c=colors[name], lw=2,
+                label=f"{name} ({p['cluster']}): goodput {p['goodput_real_label']} (mean of {len(by_seed)} seeds)")
+    ax.axhline(out["target"], ls=":", c="gray", lw=1)
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("SLO attainment, real engine")
+    ax.set_title(f"{len(out['sources'])} runs pooled: {out['workload']['trace']} scaled, default model", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="engine_slo.py result files of one workload")
+    ap.add_argument("--out", help="write the pooled report here (JSON, and a PNG beside it)")
+    args = ap.parse_args(argv)
+    out = pool([json.loads(Path(f).read_text()) for f in args.results], args.results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        plot(out, Path(args.out).with_suffix(".png"))
+    print(json.dumps({"seeds": out["seeds"], "goodput": {n: p["goodput_real_label"] for n, p in out["policies"].items()},
+                      **out["summary"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
