@@ -6,7 +6,7 @@ A run of ~6 seeds takes 20 minutes on two CPU cores, and a goodput read off so f
 moves by tens of percent from run to run. Runs that served the same workload — the same SLOs (so the same
 measured profile), trace scaling, arrivals, rates, target and policies — on disjoint seeds are one experiment
 cut in pieces: this joins their per-seed curves and reports what engine_slo_report reports for one run
-(each policy's curve averaged over the seeds and its goodput; ours against each baseline seed by seed, with
+(each policy's curve averaged over the seeds and its goodput, beside the simulator's replays of the same requests; ours against each baseline seed by seed, with
 the goodput ratio's spread over the seeds), the simulator's replay errors summed over the runs, and a plot.
 Runs that differ in any of that are refused, with the field named.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_slo_report import ERROR_KEYS, crossing, label, paired
+from engine_slo_report import BASELINES, ERROR_KEYS, OURS, crossing, label, paired
 
 # What must agree between runs for their seeds to be samples of one workload.
 SAME = ("slo", "target", "rates", "prefill_packing", "shed", "speed_blocks", "engine")
@@ -50,6 +50,10 @@ def check_compatible(results: list[dict]) -> None:
             seen[s] = i
 
 
+def ratio(a, b):
+    return a / b if a and b else None
+
+
 def pool(results: list[dict], sources: list[str]) -> dict:
     """One report over the runs' seeds (see the module docstring)."""
     check_compatible(results)
@@ -60,9 +64,16 @@ def pool(results: list[dict], sources: list[str]) -> dict:
         runs = [{"rate": rate, "per_seed": [x for out in results for x in out["policies"][name]["runs"][i]["per_seed"]]}
                 for i, rate in enumerate(rates)]
         curve = [(run["rate"], float(np.mean([x["attainment"] for x in run["per_seed"]]))) for run in runs]
-        g = crossing(curve, target)
+        # The simulator's replays of the same requests, each run's weighted by the requests it served.
+        replayed = [(rate, float(np.average([out["policies"][name]["runs"][i]["sim_replay"]["attainment"]
+                                             for out in results],
+                                            weights=[out["policies"][name]["runs"][i]["requests"] for out in results])))
+                    for i, rate in enumerate(rates)]
+        g, g_sim = crossing(curve, target), crossing(replayed, target)
         policies[name] = {"cluster": p["cluster"], "runs": runs, "attainment_seed_mean": [a for _, a in curve],
                           "goodput_real": g, "goodput_real_label": label(g, rates),
+                          "attainment_sim_replay": [a for _, a in replayed],
+                          "goodput_sim_replay": g_sim, "goodput_sim_replay_label": label(g_sim, rates),
                           "goodput_sim_per_run": [out["policies"][name]["goodput_sim"] for out in results]}
     within = {k: sum(out["summary"]["within_25pct"][k] for out in results) for k in ERROR_KEYS}
     errors = [abs(run["rel_error"][k]) for out in results for p in out["policies"].values() for run in p["runs"]
@@ -72,6 +83,11 @@ def pool(results: list[dict], sources: list[str]) -> dict:
             "machine": first["machine"], "slo": first["slo"], "workload": first["workload"], "rates": rates,
             "target": target, "policies": policies,
             "summary": {"paired": paired({"rates": rates, "target": target, "policies": policies}),
+                        "goodput_ratio_real_vs_sim_replay": {
+                            f"{ours} vs {base}": [ratio(policies[ours]["goodput_real"], policies[base]["goodput_real"]),
+                                                  ratio(policies[ours]["goodput_sim_replay"],
+                                                        policies[base]["goodput_sim_replay"])]
+                            for ours in OURS if ours in policies for base in BASELINES if base in policies},
                         "sim_within_25pct": within,
                         "sim_points": sum(out["summary"]["runs"] for out in results),
                         "sim_median_abs_rel_error_all_keys": float(np.median(errors)) if errors else None}}

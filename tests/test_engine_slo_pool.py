@@ -12,11 +12,13 @@ import engine_slo_pool  # noqa: E402
 RATES = [4.0, 8.0, 12.0]
 
 
-def result(planned: dict, disaggregated: dict, within: dict) -> dict:
-    """An engine_slo.py result as the pool reads it; planned / disaggregated: seed -> attainment at each rate."""
-    def policy(cluster, per_seed):
+def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, requests: int) -> dict:
+    """An engine_slo.py result as the pool reads it; planned / disaggregated: seed -> attainment at each rate;
+    replayed: policy -> the simulator's replay attainment at each rate, over `requests` requests a rate."""
+    def policy(name, cluster, per_seed):
         return {"cluster": cluster, "goodput_sim": 10.0, "runs": [
             {"rate": rate, "per_seed": [{"seed": s, "attainment": a[i]} for s, a in per_seed.items()],
+             "requests": requests, "sim_replay": {"attainment": replayed[name][i]},
              "rel_error": {"ttft_p90": 0.1, "tpot_p90": -0.3, "attainment": 0.0}} for i, rate in enumerate(RATES)]}
 
     return {"machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": RATES,
@@ -24,13 +26,16 @@ def result(planned: dict, disaggregated: dict, within: dict) -> dict:
             "workload": {"trace": "mooncake-conversation", "arrival": "gamma cv 2", "input_scale": 1 / 64,
                          "output_scale": 1 / 16, "input_cap": 463, "output_cap": 48,
                          "seconds_of_arrivals_per_run": 16, "first_seed": min(planned)},
-            "policies": {"planned": policy("1P1M", planned), "disaggregated": policy("1P1D", disaggregated)},
+            "policies": {"planned": policy("planned", "1P1M", planned),
+                         "disaggregated": policy("disaggregated", "1P1D", disaggregated)},
             "summary": {"within_25pct": within, "runs": 2 * len(RATES)}}
 
 
 def two_runs():
-    a = result({0: [1.0, 0.95, 0.85]}, {0: [0.95, 0.80, 0.7]}, {"ttft_p90": 6, "tpot_p90": 0, "attainment": 6})
-    b = result({1: [1.0, 0.95, 0.75]}, {1: [0.87, 0.90, 0.7]}, {"ttft_p90": 5, "tpot_p90": 1, "attainment": 6})
+    a = result({0: [1.0, 0.95, 0.85]}, {0: [0.95, 0.80, 0.7]}, {"ttft_p90": 6, "tpot_p90": 0, "attainment": 6},
+               {"planned": [1.0, 0.9, 0.8], "disaggregated": [0.9, 0.8, 0.7]}, 10)
+    b = result({1: [1.0, 0.95, 0.75]}, {1: [0.87, 0.90, 0.7]}, {"ttft_p90": 5, "tpot_p90": 1, "attainment": 6},
+               {"planned": [0.96, 0.94, 0.8], "disaggregated": [0.94, 0.8, 0.7]}, 30)
     return a, b
 
 
@@ -51,6 +56,11 @@ def test_pool_joins_the_seeds_of_both_runs_and_reads_the_goodput_off_their_mean_
     assert pair["attainment_diff_mean"] == pytest.approx(0.58 / 6)
     assert set(pair["goodput_per_seed"]) == {"0", "1"}
     assert pair["goodput_ratio_over_seeds"]["ratio"] == pytest.approx((8 + 4 * 0.05 / 0.15) / (4 + 4 * 0.01 / 0.06))
+    # The replays, weighted 10 : 30 by requests: planned 0.97, 0.93, 0.8 -> 8 + 4 x 0.03 / 0.13; disaggregated
+    # 0.93, 0.8, 0.7 -> 4 + 4 x 0.03 / 0.13
+    assert planned["attainment_sim_replay"] == pytest.approx([0.97, 0.93, 0.8])
+    assert out["summary"]["goodput_ratio_real_vs_sim_replay"]["planned vs disaggregated"] == pytest.approx(
+        [(8 + 4 * 0.05 / 0.15) / (4 + 4 * 0.01 / 0.06), (8 + 4 * 0.03 / 0.13) / (4 + 4 * 0.03 / 0.13)])
     assert out["summary"]["sim_within_25pct"] == {"ttft_p90": 11, "tpot_p90": 1, "attainment": 12}
     assert out["summary"]["sim_points"] == 12
 
