@@ -63,6 +63,7 @@ from step_calibration import KINDS, StepWatch, calibrated_profile, machine_speed
 ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
               batch_buckets=[4, 8, 16], context_buckets=[512])
 RESULTS = Path(__file__).resolve().parent / "results"
+SIM_WINDOW_SEED0 = 1000
 
 
 def machine() -> dict:
@@ -119,6 +120,23 @@ def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: fl
         r.output_len = r.max_tokens = int(np.clip(round(r.output_len * args.output_scale), 1, out_cap))
         r.ttft_slo = args.ttft_scale * slo_cost.t_prefill(r.prompt_len) * dilation
     return reqs
+
+
+def request_seed(seed: int, rate_index: int) -> int:
+    """The random seed of the requests a run of `seed` serves at its rate_index-th rate."""
+    return 100 + rate_index + 1000 * seed
+
+
+def sim_window_curves(args, cluster, policy, cost, slo_cost, tpot_slo, rates) -> dict:
+    """The simulator on workloads drawn like the real runs' (--duration s of arrivals at each of `rates`, scaled
+    alike) for seeds SIM_WINDOW_SEED0 on (--sim-window-seeds of them; the real runs use lower ones): per seed, its
+    attainment at each rate. A run's goodputs read off a few bursty seeds move by tens of percent; these curves
+    say what to expect of it, and how far it may stray."""
+    return {s: [(rate, summarize(simulate(scaled_requests(args, max(8, round(rate * args.duration)), rate,
+                                                          request_seed(s, i), slo_cost, tpot_slo),
+                                          cluster, policy, cost, page_size=ENGINE["page_size"]).requests)["attainment"])
+                for i, rate in enumerate(rates)]
+            for s in range(SIM_WINDOW_SEED0, SIM_WINDOW_SEED0 + args.sim_window_seeds)}
 
 
 def run_real(eng, reqs, bar) -> list[Request]:
@@ -208,6 +226,8 @@ def main(argv=None) -> int:
                          "within 1.0-1.2 of the profile (engine_slo_s22_speed). The speed is recorded either way")
     ap.add_argument("--sim-requests", type=int, default=400)
     ap.add_argument("--sim-seeds", type=int, default=2)
+    ap.add_argument("--sim-window-seeds", type=int, default=30,
+                    help="seeds of the simulator's runs shaped like the real ones (sim_window_curves; 0: none)")
     ap.add_argument("--out", default=str(RESULTS / "engine_slo.json"))
     ap.add_argument("--resummarize", metavar="FILE",
                     help="only redo the goodputs, summary and plot of a result file from its stored runs")
@@ -292,6 +312,9 @@ def main(argv=None) -> int:
         rates = [round(float(x), 2) for x in np.geomspace(lo, hi, args.num_rates)]
     else:
         rates = given
+    sim_windows = {name: sim_window_curves(args, cluster, engine_policy(policy_text(name, args), cfg), nominal, raw,
+                                           tpot_slo, rates)
+                   for name, cluster in tqdm(chosen, desc="simulator on the real runs' windows", unit="policy")}
 
     out = {"benchmark": "bench/engine_slo.py", "machine": machine(), "command": " ".join(sys.argv),
            "model": "embedded default (checkpoints/default)", "engine": ENGINE,
@@ -350,7 +373,7 @@ def main(argv=None) -> int:
                     eng.scheduler.set_profile(planned_with)
                 bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")
                 seen.clear()
-                reqs = scaled_requests(args, max(8, round(rate * args.duration)), rate, 100 + i + 1000 * seed, raw,
+                reqs = scaled_requests(args, max(8, round(rate * args.duration)), rate, request_seed(seed, i), raw,
                                        tpot_slo, d)
                 eng.start()
                 try:
@@ -388,7 +411,8 @@ def main(argv=None) -> int:
                          "rel_error": {k: rel_err(ss[k], rs[k]) for k in ERROR_KEYS},
                          "rel_error_uncalibrated": {k: rel_err(su[k], rs[k]) for k in ERROR_KEYS}})
         out["policies"][name] = {"cluster": cluster, "runs": runs, "goodput_sim": sim_gp[name][0],
-                                 "sim_curve": sim_gp[name][1]}
+                                 "sim_curve": sim_gp[name][1],
+                                 "sim_window_curves": {str(s): [a for _, a in c] for s, c in sim_windows[name].items()}}
     summarize_result(out)
     out["machine"]["load_average_end"] = os.getloadavg()
     out["wall_s"] = round(time.time() - t_start, 1)

@@ -28,10 +28,31 @@ SAME_WORKLOAD = ("trace", "arrival", "input_scale", "output_scale", "input_cap",
                  "seconds_of_arrivals_per_run")
 
 
+# Options of engine_slo.py that choose which seeds run, where the result goes and whether the profile is measured
+# again (the SLOs, compared apart, say whether it changed): every other option must be the same.
+PER_RUN_OPTIONS = {"--seeds": 1, "--first-seed": 1, "--out": 1, "--reprofile": 0}
+
+
+def workload_options(command: str) -> list[str]:
+    """engine_slo.py's command line without PER_RUN_OPTIONS (`--opt value` or `--opt=value`)."""
+    words, kept, i = command.split()[1:], [], 0
+    while i < len(words):
+        name = words[i].split("=")[0]
+        if name in PER_RUN_OPTIONS:
+            i += 1 + (PER_RUN_OPTIONS[name] if "=" not in words[i] else 0)
+            continue
+        kept.append(words[i])
+        i += 1
+    return kept
+
+
 def check_compatible(results: list[dict]) -> None:
     """Raise ValueError naming the first field in which a run differs from the first, or a seed two runs share."""
     first = results[0]
     for i, out in enumerate(results[1:], 1):
+        if workload_options(out["command"]) != workload_options(first["command"]):
+            raise ValueError(f"run {i} differs from run 0 in its options: {' '.join(workload_options(out['command']))}"
+                             f" != {' '.join(workload_options(first['command']))}")
         for key in SAME:
             if out.get(key) != first.get(key):
                 raise ValueError(f"run {i} differs from run 0 in {key!r}: {out.get(key)!r} != {first.get(key)!r}")

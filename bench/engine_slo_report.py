@@ -79,7 +79,9 @@ def paired(out: dict) -> dict:
     """Each of ours against each baseline seed by seed: at a seed and rate both served the same requests minutes
     apart (engine_slo.py interleaves them), so the machine's drift over a run cancels out of their difference.
     Per pair: attainment ours - theirs at every seed x rate (mean, wins / ties / losses), each seed's goodput
-    on its own curve, both policies', and the goodput ratio's spread over the seeds (ratio_spread)."""
+    on its own curve, both policies', and the goodput ratio's spread over the seeds (ratio_spread). With the
+    simulator's curves on other seeds drawn like the real runs' (`sim_window_curves`), also the ratio it expects
+    over all of them and the spread of runs with as many seeds as the real one (runs_of)."""
     pol, rates, target = out["policies"], out["rates"], out["target"]
 
     def curves(name):
@@ -104,7 +106,26 @@ def paired(out: dict) -> dict:
                 "goodput_per_seed": {str(s): [label(crossing(mine[s], target), rates),
                                               label(crossing(theirs[s], target), rates)] for s in seeds},
                 "goodput_ratio_over_seeds": ratio_spread(mine, theirs, seeds, rates, target)}
+            sims = [{int(k): list(zip(rates, c)) for k, c in pol[n].get("sim_window_curves", {}).items()}
+                    for n in (ours, base)]
+            if sims[0] and sims[1]:  # what the simulator expects of such a run, and its spread over as many seeds
+                res[f"{ours} vs {base}"]["sim_windows"] = {
+                    "seeds": len(sims[0]), "over_all_seeds": ratio_spread(*sims, sorted(sims[0]), rates, target),
+                    f"runs_of_{len(seeds)}_seeds": runs_of(*sims, len(seeds), rates, target)}
     return res
+
+
+def runs_of(mine: dict, theirs: dict, k: int, rates: list, target: float, draws: int = 500) -> dict:
+    """The goodput ratio a run of k seeds would read off its seed-averaged curves, over `draws` sets of k seeds
+    drawn from mine / theirs (seed -> [(rate, attainment)], without replacement; at most all of them): 5th, 50th,
+    95th percentiles."""
+    rng, seeds = np.random.default_rng(1), sorted(mine)
+    k = min(k, len(seeds))
+    got = [ratio_spread(mine, theirs, list(rng.choice(seeds, k, replace=False)), rates, target, draws=1)["ratio"]
+           for _ in range(draws)]
+    kept = [g for g in got if g is not None]
+    return {"undetermined": draws - len(kept), "draws": draws,
+            **({f"p{q:02d}": float(np.percentile(kept, q)) for q in (5, 50, 95)} if kept else {})}
 
 
 def plot(out: dict, path: Path) -> None:
@@ -120,10 +141,12 @@ def plot(out: dict, path: Path) -> None:
         ax.plot(xs, [r["real"]["attainment"] for r in p["runs"]], "o-", c=colors[name],
                 label=f"{name} ({p['cluster']}) real: goodput {p['goodput_real_label']}")
         ax.plot(xs, [r["sim_replay"]["attainment"] for r in p["runs"]], "x--", c=colors[name], alpha=0.7)
+        if p.get("sim_window_curves"):
+            ax.plot(xs, np.mean(list(p["sim_window_curves"].values()), axis=0), ":", c=colors[name], alpha=0.7)
     ax.axhline(out["target"], ls=":", c="gray", lw=1)
     nominal = str(out.get("speed_blocks", "")).startswith("time")
     ax.set_xlabel("arrival rate (req/s" + (", nominal: at the profile's speed)" if nominal else ")"))
-    ax.set_ylabel("SLO attainment (solid: real engine, dashed: simulator replay)")
+    ax.set_ylabel("SLO attainment (solid: real engine, dashed: simulator replay,\ndotted: simulator on other seeds)")
     ax.set_title(f"real CPU engine vs simulator: {out['workload']['trace']} scaled, default model", fontsize=10)
     lowest = min(min(r["real"]["attainment"], r["sim_replay"]["attainment"]) for p in out["policies"].values()
                  for r in p["runs"])

@@ -21,7 +21,8 @@ def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, req
              "requests": requests, "sim_replay": {"attainment": replayed[name][i]},
              "rel_error": {"ttft_p90": 0.1, "tpot_p90": -0.3, "attainment": 0.0}} for i, rate in enumerate(RATES)]}
 
-    return {"machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": RATES,
+    command = f"bench/engine_slo.py --arrival gamma --seeds 1 --first-seed={min(planned)} --rates 4,8,12 --out x.json"
+    return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": RATES,
             "prefill_packing": "8", "shed": "all", "speed_blocks": "off", "engine": {"page_size": 16},
             "workload": {"trace": "mooncake-conversation", "arrival": "gamma cv 2", "input_scale": 1 / 64,
                          "output_scale": 1 / 16, "input_cap": 463, "output_cap": 48,
@@ -75,6 +76,13 @@ def test_pool_refuses_runs_of_another_workload_or_sharing_a_seed():
     longer["workload"]["seconds_of_arrivals_per_run"] = 32
     with pytest.raises(ValueError, match="seconds_of_arrivals_per_run"):
         engine_slo_pool.pool([a, longer], ["a", "b"])
+    other_policy = copy.deepcopy(b)
+    other_policy["command"] += " --handoff-guard"
+    with pytest.raises(ValueError, match="options"):
+        engine_slo_pool.pool([a, other_policy], ["a", "b"])
+    reprofiled = copy.deepcopy(b)
+    reprofiled["command"] = reprofiled["command"].replace("--seeds 1", "--reprofile --seeds 3")
+    assert engine_slo_pool.pool([a, reprofiled], ["a", "b"])["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="seed 0 is in run 0 and run 1"):
         engine_slo_pool.pool([a, copy.deepcopy(a)], ["a", "a again"])
 

@@ -77,3 +77,25 @@ def test_ratio_spread_over_seeds_on_hand_made_curves():
     low["policies"]["disaggregated"] = policy({0: [0.95, 0.7, 0.6]})
     spread = report.paired(low)["planned vs disaggregated"]["goodput_ratio_over_seeds"]
     assert spread["ratio"] == 0.0 and spread["p95"] == 0.0
+
+
+def test_the_simulators_runs_on_other_seeds_give_the_ratio_to_expect_and_its_spread_for_a_run_of_as_many():
+    out = {"rates": RATES, "target": 0.9, "policies": {
+        "planned": policy({0: [1.0, 0.95, 0.85], 1: [1.0, 0.95, 0.7]}),
+        "disaggregated": policy({0: [0.95, 0.80, 0.7], 1: [0.85, 0.80, 0.7]})}}
+    # Simulated seeds 1000-1003: two like real seed 0 (planned 10, disaggregated 16 / 3: 1.875x), two where
+    # planned crosses at 8 + 4 x 0.05 / 0.25 = 8.8 and disaggregated at 4 + 4 x 0.05 / 0.15 = 16 / 3 (1.65x).
+    out["policies"]["planned"]["sim_window_curves"] = {
+        "1000": [1.0, 0.95, 0.85], "1001": [1.0, 0.95, 0.85], "1002": [1.0, 0.95, 0.7], "1003": [1.0, 0.95, 0.7]}
+    out["policies"]["disaggregated"]["sim_window_curves"] = {s: [0.95, 0.80, 0.7] for s in ("1000", "1001", "1002",
+                                                                                              "1003")}
+    sims = report.paired(out)["planned vs disaggregated"]["sim_windows"]
+    assert sims["seeds"] == 4
+    # all four: planned's mean curve 1.0, 0.95, 0.775 -> 8 + 4 x 0.05 / 0.175
+    assert sims["over_all_seeds"]["ratio"] == pytest.approx((8 + 4 * 0.05 / 0.175) / (16 / 3))
+    two = sims["runs_of_2_seeds"]  # the real run had two seeds: pairs of simulated ones
+    assert two["undetermined"] == 0
+    assert two["p05"] == pytest.approx(8.8 / (16 / 3)) and two["p95"] == pytest.approx(1.875)
+    assert two["p50"] == pytest.approx((8 + 4 * 0.05 / 0.175) / (16 / 3))  # one of each: 4 of the 6 pairs
+    del out["policies"]["disaggregated"]["sim_window_curves"]
+    assert "sim_windows" not in report.paired(out)["planned vs disaggregated"]
