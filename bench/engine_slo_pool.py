@@ -4,8 +4,8 @@
 
 A run of ~6 seeds takes 20 minutes on two CPU cores, and a goodput read off so few bursty (Gamma CV 2) seeds
 moves by tens of percent from run to run. Runs that served the same workload — the same SLOs (so the same
-measured profile), trace scaling, arrivals, rates, target and policies — on disjoint seeds are one experiment
-cut in pieces: this joins their per-seed curves and reports what engine_slo_report reports for one run
+measured profile), trace scaling, arrivals, target and policies — on disjoint seeds are one experiment cut in
+pieces: this joins their per-seed curves at the rates they all tried and reports what engine_slo_report reports for one run
 (each policy's curve averaged over the seeds and its goodput, beside the simulator's replays of the same requests; ours against each baseline seed by seed, with
 the goodput ratio's spread over the seeds), the simulator's replay errors summed over the runs, and a plot.
 Runs that differ in any of that are refused, with the field named.
@@ -23,14 +23,15 @@ import numpy as np
 from engine_slo_report import BASELINES, ERROR_KEYS, OURS, crossing, label, paired
 
 # What must agree between runs for their seeds to be samples of one workload.
-SAME = ("slo", "target", "rates", "prefill_packing", "shed", "speed_blocks", "engine")
+SAME = ("slo", "target", "prefill_packing", "shed", "speed_blocks", "engine")
 SAME_WORKLOAD = ("trace", "arrival", "input_scale", "output_scale", "input_cap", "output_cap",
                  "seconds_of_arrivals_per_run")
 
 
-# Options of engine_slo.py that choose which seeds run, where the result goes and whether the profile is measured
-# again (the SLOs, compared apart, say whether it changed): every other option must be the same.
-PER_RUN_OPTIONS = {"--seeds": 1, "--first-seed": 1, "--out": 1, "--reprofile": 0}
+# Options of engine_slo.py that choose which seeds and rates run, where the result goes and whether the profile is
+# measured again (the SLOs, compared apart, say whether it changed): every other option must be the same. The runs
+# are pooled at the rates they share.
+PER_RUN_OPTIONS = {"--seeds": 1, "--first-seed": 1, "--rates": 1, "--out": 1, "--reprofile": 0}
 
 
 def workload_options(command: str) -> list[str]:
@@ -71,6 +72,15 @@ def check_compatible(results: list[dict]) -> None:
             seen[s] = i
 
 
+def shared_rates(results: list[dict]) -> list[float]:
+    """The rates every run tried (at least two: a goodput is read between them)."""
+    rates = sorted(set.intersection(*(set(out["rates"]) for out in results)))
+    if len(rates) < 2:
+        raise ValueError(f"the runs share fewer than two rates ({rates}): " +
+                         "; ".join(f"run {i}: {out['rates']}" for i, out in enumerate(results)))
+    return rates
+
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -79,17 +89,16 @@ def pool(results: list[dict], sources: list[str]) -> dict:
     """One report over the runs' seeds (see the module docstring)."""
     check_compatible(results)
     first = results[0]
-    rates, target = first["rates"], first["target"]
+    rates, target = shared_rates(results), first["target"]
     policies = {}
     for name, p in first["policies"].items():
-        runs = [{"rate": rate, "per_seed": [x for out in results for x in out["policies"][name]["runs"][i]["per_seed"]]}
-                for i, rate in enumerate(rates)]
+        at = [{run["rate"]: run for run in out["policies"][name]["runs"]} for out in results]
+        runs = [{"rate": rate, "per_seed": [x for runs_at in at for x in runs_at[rate]["per_seed"]]} for rate in rates]
         curve = [(run["rate"], float(np.mean([x["attainment"] for x in run["per_seed"]]))) for run in runs]
         # The simulator's replays of the same requests, each run's weighted by the requests it served.
-        replayed = [(rate, float(np.average([out["policies"][name]["runs"][i]["sim_replay"]["attainment"]
-                                             for out in results],
-                                            weights=[out["policies"][name]["runs"][i]["requests"] for out in results])))
-                    for i, rate in enumerate(rates)]
+        replayed = [(rate, float(np.average([runs_at[rate]["sim_replay"]["attainment"] for runs_at in at],
+                                            weights=[runs_at[rate]["requests"] for runs_at in at])))
+                    for rate in rates]
         g, g_sim = crossing(curve, target), crossing(replayed, target)
         policies[name] = {"cluster": p["cluster"], "runs": runs, "attainment_seed_mean": [a for _, a in curve],
                           "goodput_real": g, "goodput_real_label": label(g, rates),
@@ -102,6 +111,7 @@ def pool(results: list[dict], sources: list[str]) -> dict:
     return {"benchmark": "bench/engine_slo_pool.py", "command": " ".join(sys.argv), "sources": sources,
             "seeds": sorted({x["seed"] for p in policies.values() for run in p["runs"] for x in run["per_seed"]}),
             "machine": first["machine"], "slo": first["slo"], "workload": first["workload"], "rates": rates,
+            "rates_left_out": {src: [r for r in out["rates"] if r not in rates] for src, out in zip(sources, results)},
             "target": target, "policies": policies,
             "summary": {"paired": paired({"rates": rates, "target": target, "policies": policies}),
                         "goodput_ratio_real_vs_sim_replay": {

@@ -12,17 +12,18 @@ import engine_slo_pool  # noqa: E402
 RATES = [4.0, 8.0, 12.0]
 
 
-def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, requests: int) -> dict:
+def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, requests: int, rates=RATES) -> dict:
     """An engine_slo.py result as the pool reads it; planned / disaggregated: seed -> attainment at each rate;
     replayed: policy -> the simulator's replay attainment at each rate, over `requests` requests a rate."""
     def policy(name, cluster, per_seed):
         return {"cluster": cluster, "goodput_sim": 10.0, "runs": [
             {"rate": rate, "per_seed": [{"seed": s, "attainment": a[i]} for s, a in per_seed.items()],
              "requests": requests, "sim_replay": {"attainment": replayed[name][i]},
-             "rel_error": {"ttft_p90": 0.1, "tpot_p90": -0.3, "attainment": 0.0}} for i, rate in enumerate(RATES)]}
+             "rel_error": {"ttft_p90": 0.1, "tpot_p90": -0.3, "attainment": 0.0}} for i, rate in enumerate(rates)]}
 
-    command = f"bench/engine_slo.py --arrival gamma --seeds 1 --first-seed={min(planned)} --rates 4,8,12 --out x.json"
-    return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": RATES,
+    command = (f"bench/engine_slo.py --arrival gamma --seeds 1 --first-seed={min(planned)} "
+               f"--rates {','.join(map(str, rates))} --out x.json")
+    return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": rates,
             "prefill_packing": "8", "shed": "all", "speed_blocks": "off", "engine": {"page_size": 16},
             "workload": {"trace": "mooncake-conversation", "arrival": "gamma cv 2", "input_scale": 1 / 64,
                          "output_scale": 1 / 16, "input_cap": 463, "output_cap": 48,
@@ -64,6 +65,23 @@ def test_pool_joins_the_seeds_of_both_runs_and_reads_the_goodput_off_their_mean_
         [(8 + 4 * 0.05 / 0.15) / (4 + 4 * 0.01 / 0.06), (8 + 4 * 0.03 / 0.13) / (4 + 4 * 0.03 / 0.13)])
     assert out["summary"]["sim_within_25pct"] == {"ttft_p90": 11, "tpot_p90": 1, "attainment": 12}
     assert out["summary"]["sim_points"] == 12
+
+
+def test_runs_at_other_rates_pool_at_the_rates_they_share():
+    a, b = two_runs()
+    wider = result({2: [0.3, 1.0, 0.95, 0.8]}, {2: [0.3, 0.95, 0.85, 0.6]}, {"ttft_p90": 8, "tpot_p90": 8,
+                   "attainment": 8}, {"planned": [0.3, 1.0, 0.9, 0.8], "disaggregated": [0.3, 0.9, 0.8, 0.6]}, 20,
+                   rates=[2.0, *RATES])
+    out = engine_slo_pool.pool([a, b, wider], ["a", "b", "wider"])
+    assert out["rates"] == RATES and out["rates_left_out"] == {"a": [], "b": [], "wider": [2.0]}
+    # planned's seeds at 4, 8, 12: (1.0, 1.0, 1.0), (0.95, 0.95, 0.95), (0.85, 0.75, 0.8)
+    assert out["policies"]["planned"]["attainment_seed_mean"] == pytest.approx([1.0, 0.95, 0.8])
+    assert out["seeds"] == [0, 1, 2]
+    assert out["summary"]["paired"]["planned vs disaggregated"]["wins_ties_losses"] == [9, 0, 0]
+    apart = result({3: [0.9, 0.8]}, {3: [0.9, 0.8]}, {"ttft_p90": 4, "tpot_p90": 4, "attainment": 4},
+                   {"planned": [0.9, 0.8], "disaggregated": [0.9, 0.8]}, 20, rates=[12.0, 16.0])
+    with pytest.raises(ValueError, match="fewer than two rates"):
+        engine_slo_pool.pool([a, apart], ["a", "apart"])
 
 
 def test_pool_refuses_runs_of_another_workload_or_sharing_a_seed():
