@@ -5,10 +5,11 @@
 A run of ~6 seeds takes 20 minutes on two CPU cores, and a goodput read off so few bursty (Gamma CV 2) seeds
 moves by tens of percent from run to run. Runs that served the same workload — the same SLOs (so the same
 measured profile), trace scaling, arrivals, target and policies — on disjoint seeds are one experiment cut in
-pieces: this joins their per-seed curves at the rates they all tried and reports what engine_slo_report reports for one run
-(each policy's curve averaged over the seeds and its goodput, beside the simulator's replays of the same requests; ours against each baseline seed by seed, with
-the goodput ratio's spread over the seeds), the simulator's replay errors summed over the runs, and a plot.
-Runs that differ in any of that are refused, with the field named.
+pieces: this joins their per-seed curves at the rates they all tried and reports what engine_slo_report reports
+for one run (each policy's curve averaged over the seeds and its goodput, beside the simulator's replays of the
+same requests; ours against each baseline seed by seed, with the goodput ratio's spread over the seeds), the
+simulator's replay errors summed over the runs, and a plot. Runs that differ in any of that are refused, with the
+field named.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
         plot(out, Path(args.out).with_suffix(".png"))
-    print(json.dumps({"seeds": out["seeds"], "goodput": {n: p["goodput_real_label"] for n, p in out["policies"].items()},
-                      **out["summary"]}, indent=1))
+    goodputs = {n: p["goodput_real_label"] for n, p in out["policies"].items()}
+    print(json.dumps({"seeds": out["seeds"], "goodput": goodputs, **out["summary"]}, indent=1))
     return 0
 
 

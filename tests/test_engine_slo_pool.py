@@ -23,7 +23,8 @@ def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, req
 
     command = (f"bench/engine_slo.py --arrival gamma --seeds 1 --first-seed={min(planned)} "
                f"--rates {','.join(map(str, rates))} --out x.json")
-    return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9, "rates": rates,
+    return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9,
+            "rates": rates,
             "prefill_packing": "8", "shed": "all", "speed_blocks": "off", "engine": {"page_size": 16},
             "workload": {"trace": "mooncake-conversation", "arrival": "gamma cv 2", "input_scale": 1 / 64,
                          "output_scale": 1 / 16, "input_cap": 463, "output_cap": 48,

@@ -180,9 +180,14 @@ def test_cache_key_follows_the_code_that_runs_and_times_the_steps(tmp_path, tiny
     with open(copy / "api" / "app.py", "a") as f:  # the server's code times no step
         f.write("# edited\n")
     assert code_digest(copy) == digest
-    for timed in (copy / "model" / "attention.py", tmp_path / "pallas_kernels" / "_common.py",
-                  copy / "cluster" / "profile.py"):
+    # What the timed code says of itself (comments, docstrings) is not what it runs: the profile still fits.
+    attention = copy / "model" / "attention.py"
+    source = attention.read_text()
+    first_doc = source.index('"""') + 3
+    attention.write_text(source[:first_doc] + "Reworded. " + source[first_doc:] + "# a note\n")
+    assert code_digest(copy) == digest
+    for timed in (attention, tmp_path / "pallas_kernels" / "_common.py", copy / "cluster" / "profile.py"):
         before = code_digest(copy)
         with open(timed, "a") as f:
-            f.write("# a faster kernel\n")
+            f.write("_A_FASTER_KERNEL = True\n")
         assert code_digest(copy) != before, timed
