@@ -3,13 +3,12 @@
     profile, path, hit = cached_profile(model, engine_cfg, tp=1)
 
 The key is a hash of everything a measurement depends on: the code that runs and times the steps
-(its syntax tree without docstrings, so new code misses and a
-reworded comment does not), the model's identity (resolved path, its config, and the name,
-size and mtime of every file under it, so new weights miss), the mesh (tensor parallelism, platform,
-device kind, JAX version), and the engine's shapes (buckets, page size, pages, dtype, attention
-backend). Files live in $TROPICAL_JAX_PROFILE_CACHE or
-~/.cache/tropical_jax/profiles as <key>.json: the ordinary profile JSON plus `cache_key` and
-`identity`, so `python -m tropical_jax.sim --profile` reads them as they are.
+(its syntax tree without docstrings, so new code misses and a reworded comment does not), the
+model's identity (resolved path, its config, and the name, size and mtime of every file under it,
+so new weights miss), the mesh (tensor parallelism, platform, device kind, JAX version), and the
+engine's shapes (buckets, page size, pages, dtype, attention backend). Files live in
+$TROPICAL_JAX_PROFILE_CACHE or ~/.cache/tropical_jax/profiles as <key>.json: the ordinary profile
+JSON plus `cache_key` and `identity`, so `python -m tropical_jax.sim --profile` reads them as they are.
 """
 
 from __future__ import annotations
