@@ -50,21 +50,14 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from tropical_jax.cluster.engine import engine_policy  # noqa: E402
-from tropical_jax.sched.config import PolicyConfig  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
-from tropical_jax.sched.metrics import goodput, summarize  # noqa: E402
+from tropical_jax.sched.metrics import summarize  # noqa: E402
 from tropical_jax.sched.request import Request  # noqa: E402
-from tropical_jax.sim.simulator import simulate  # noqa: E402
-from tropical_jax.sim.workloads import make_requests  # noqa: E402
 
 from engine_slo_report import ERROR_KEYS, POLICIES, VARIANTS, p90s, rel_err, save, summarize_result  # noqa: E402
+from engine_slo_sim import (ENGINE, RESULTS, policy_text, replay, run_requests, scaled_requests,  # noqa: E402
+                            sim_goodput, sim_window_curves, slo_batch, tpot_slo_for)
 from step_calibration import KINDS, StepWatch, calibrated_profile, machine_speed, mean_gaps_ms, step_ratio  # noqa: E402
-
-ENGINE = dict(max_model_len=512, page_size=16, max_num_seqs=16, max_chunk_tokens=128, chunk_buckets=[32, 128],
-              batch_buckets=[4, 8, 16], context_buckets=[512])
-RESULTS = Path(__file__).resolve().parent / "results"
-SIM_WINDOW_SEED0 = 1000
-
 
 def machine() -> dict:
     import jax
@@ -76,67 +69,6 @@ def machine() -> dict:
             "shared": "the two workers share this machine's cores, while the profile timed each step alone; "
                       "other processes are not excluded (see the load averages)",
             "load_average_start": os.getloadavg()}
-
-
-def slo_batch(cfg) -> int:
-    """The batch whose decode step the TPOT SLO is scaled from: the middle batch bucket."""
-    return cfg.batch_sizes[len(cfg.batch_sizes) // 2]
-
-
-def tpot_slo_for(cost, cfg, tpot_scale: float) -> tuple[float, float]:
-    """-> (TPOT SLO, the decode step it is scaled from) in seconds, on this profile."""
-    step = cost.t_decode(slo_batch(cfg), slo_batch(cfg) * cfg.max_model_len)
-    return tpot_scale * step, step
-
-
-def policy_text(name: str, args) -> str:
-    """The policy (or variant, engine_slo_report.VARIANTS) with its token-length knobs scaled like the prompts
-    (x --input-scale): unscaled, a 512-token short-prompt exemption would exempt every prompt here from the
-    slack check."""
-    name, variant = VARIANTS.get(name, (name, None))
-    knobs = [f"shed={'true' if args.shed else 'false'}", f"max_prefill_seqs={args.prefill_seqs}"]
-    if getattr(args, "recalibrate_steps", None) is not None:
-        knobs.append(f"recalibrate_steps={args.recalibrate_steps}")
-    if name in ("tropical", "planned"):
-        p = PolicyConfig(policy=name)
-        knobs += [f"{k}={max(1, round(getattr(p, k) * args.input_scale))}"
-                  for k in ("short_prompt_tokens", "max_multiplex_tokens", "jump_tokens") if getattr(p, k) is not None]
-        knobs.append(f"handoff_guard={'true' if args.handoff_guard else 'false'}")
-    return f"{name}:{','.join(knobs + ([variant] if variant else []))}"
-
-
-def scaled_requests(args, n: int, rate: float, seed: int, slo_cost, tpot_slo: float, dilation: float = 1.0
-                    ) -> list[Request]:
-    """The trace's lengths scaled down to the model; Poisson (or Gamma, --arrival) arrivals at `rate`; each
-    request's TTFT SLO --ttft-scale x its isolated prefill on `slo_cost` (the profile the SLOs are scaled from).
-    dilation: arrival times and both SLOs x this (a machine that slowed down by it serves the same workload)."""
-    reqs = make_requests(args.workload, n, rate, seed=seed, tpot_slo=tpot_slo * dilation, arrival=args.arrival,
-                         cv=args.cv)
-    out_cap = args.max_output_len
-    in_cap = ENGINE["max_model_len"] - out_cap - 1
-    for r in reqs:
-        r.arrival *= dilation
-        r.prompt_len = int(np.clip(round(r.prompt_len * args.input_scale), 1, in_cap))
-        r.output_len = r.max_tokens = int(np.clip(round(r.output_len * args.output_scale), 1, out_cap))
-        r.ttft_slo = args.ttft_scale * slo_cost.t_prefill(r.prompt_len) * dilation
-    return reqs
-
-
-def request_seed(seed: int, rate_index: int) -> int:
-    """The random seed of the requests a run of `seed` serves at its rate_index-th rate."""
-    return 100 + rate_index + 1000 * seed
-
-
-def sim_window_curves(args, cluster, policy, cost, slo_cost, tpot_slo, rates) -> dict:
-    """The simulator on workloads drawn like the real runs' (--duration s of arrivals at each of `rates`, scaled
-    alike) for seeds SIM_WINDOW_SEED0 on (--sim-window-seeds of them; the real runs use lower ones): per seed, its
-    attainment at each rate. A run's goodputs read off a few bursty seeds move by tens of percent; these curves
-    say what to expect of it, and how far it may stray."""
-    return {s: [(rate, summarize(simulate(scaled_requests(args, max(8, round(rate * args.duration)), rate,
-                                                          request_seed(s, i), slo_cost, tpot_slo),
-                                          cluster, policy, cost, page_size=ENGINE["page_size"]).requests)["attainment"])
-                for i, rate in enumerate(rates)]
-            for s in range(SIM_WINDOW_SEED0, SIM_WINDOW_SEED0 + args.sim_window_seeds)}
 
 
 def run_real(eng, reqs, bar) -> list[Request]:
@@ -162,25 +94,6 @@ def run_real(eng, reqs, bar) -> list[Request]:
 
 def first_worker(llm):
     return next(iter(llm.cluster.workers.values()))
-
-
-def replay(real: list[Request], cluster, policy, cost, page_size) -> list[Request]:
-    """The same requests, at the times they really arrived, through the simulator."""
-    t0 = min(r.arrival for r in real)
-    reqs = [Request(i, r.arrival - t0, r.prompt_len, r.max_tokens, r.ttft_slo, r.tpot_slo, r.n_out or r.max_tokens)
-            for i, r in enumerate(real)]
-    return simulate(reqs, cluster, policy, cost, page_size=page_size).requests
-
-
-def sim_goodput(args, cluster, policy, cost, slo_cost, tpot_slo, lo, hi):
-    """The simulator's goodput search on `cost`, SLOs scaled from `slo_cost`."""
-    def att(rate):
-        vals = [summarize(simulate(scaled_requests(args, args.sim_requests, rate, seed, slo_cost, tpot_slo), cluster,
-                                   policy, cost, page_size=ENGINE["page_size"]).requests)["attainment"]
-                for seed in range(args.sim_seeds)]
-        return float(np.mean(vals))
-
-    return goodput(att, lo=lo, hi=hi, target=args.target)
 
 
 def main(argv=None) -> int:
@@ -373,8 +286,7 @@ def main(argv=None) -> int:
                     eng.scheduler.set_profile(planned_with)
                 bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")
                 seen.clear()
-                reqs = scaled_requests(args, max(8, round(rate * args.duration)), rate, request_seed(seed, i), raw,
-                                       tpot_slo, d)
+                reqs = run_requests(args, seed, i, rate, raw, tpot_slo, d)
                 eng.start()
                 try:
                     done = run_real(eng, reqs, bar)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine_slo_report import BASELINES, ERROR_KEYS, OURS, crossing, label, paired
+from engine_slo_report import BASELINES, ERROR_KEYS, OURS, crossing, label, paired, per_seed_curves
 
 # What must agree between runs for their seeds to be samples of one workload.
 SAME = ("slo", "target", "prefill_packing", "shed", "speed_blocks", "engine")
@@ -110,7 +110,7 @@ def pool(results: list[dict], sources: list[str]) -> dict:
     errors = [abs(run["rel_error"][k]) for out in results for p in out["policies"].values() for run in p["runs"]
               for k in ERROR_KEYS if run["rel_error"][k] is not None]
     return {"benchmark": "bench/engine_slo_pool.py", "command": " ".join(sys.argv), "sources": sources,
-            "seeds": sorted({x["seed"] for p in policies.values() for run in p["runs"] for x in run["per_seed"]}),
+            "seeds": sorted({s for p in policies.values() for s in per_seed_curves(p)}),
             "machine": first["machine"], "slo": first["slo"], "workload": first["workload"], "rates": rates,
             "rates_left_out": {src: [r for r in out["rates"] if r not in rates] for src, out in zip(sources, results)},
             "target": target, "policies": policies,
@@ -136,12 +136,9 @@ def plot(out: dict, path: Path) -> None:
     colors = {name: f"C{i}" for i, (name, _) in enumerate(POLICIES)}  # the colours of engine_slo's plots
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, p in out["policies"].items():
-        by_seed: dict[int, list[float]] = {}
-        for run in p["runs"]:
-            for x in run["per_seed"]:
-                by_seed.setdefault(x["seed"], []).append(x["attainment"])
+        by_seed = per_seed_curves(p)
         for curve in by_seed.values():  # each seed faint, so the spread the mean hides stays in view
-            ax.plot(out["rates"], curve, "-", c=colors[name], alpha=0.12, lw=1)
+            ax.plot(out["rates"], [a for _, a in curve], "-", c=colors[name], alpha=0.12, lw=1)
         ax.plot(out["rates"], p["attainment_seed_mean"], "o-", c=colors[name], lw=2,
                 label=f"{name} ({p['cluster']}): goodput {p['goodput_real_label']} (mean of {len(by_seed)} seeds)")
     ax.axhline(out["target"], ls=":", c="gray", lw=1)

@@ -75,6 +75,15 @@ def ratio_spread(mine: dict, theirs: dict, seeds: list, rates: list, target: flo
             **({f"p{q:02d}": float(np.percentile(kept, q)) for q in (5, 50, 95)} if kept else {})}
 
 
+def per_seed_curves(policy: dict) -> dict:
+    """A policy's result -> seed: [(rate, attainment)] over its runs' per-seed records."""
+    by_seed = {}
+    for run in policy["runs"]:
+        for x in run.get("per_seed", []):
+            by_seed.setdefault(x["seed"], []).append((run["rate"], x["attainment"]))
+    return by_seed
+
+
 def paired(out: dict) -> dict:
     """Each of ours against each baseline seed by seed: at a seed and rate both served the same requests minutes
     apart (engine_slo.py interleaves them), so the machine's drift over a run cancels out of their difference.
@@ -83,19 +92,11 @@ def paired(out: dict) -> dict:
     simulator's curves on other seeds drawn like the real runs' (`sim_window_curves`), also the ratio it expects
     over all of them and the spread of runs with as many seeds as the real one (runs_of)."""
     pol, rates, target = out["policies"], out["rates"], out["target"]
-
-    def curves(name):
-        by_seed = {}
-        for run in pol[name]["runs"]:
-            for x in run.get("per_seed", []):
-                by_seed.setdefault(x["seed"], []).append((run["rate"], x["attainment"]))
-        return by_seed
-
     res = {}
     for ours in (n for n in OURS if n in pol):
-        mine = curves(ours)
+        mine = per_seed_curves(pol[ours])
         for base in (n for n in BASELINES if n in pol):
-            theirs = curves(base)
+            theirs = per_seed_curves(pol[base])
             seeds = sorted(set(mine) & set(theirs))
             diffs = [a - b for s in seeds for (_, a), (_, b) in zip(mine[s], theirs[s])]
             if not diffs:
@@ -121,7 +122,7 @@ def runs_of(mine: dict, theirs: dict, k: int, rates: list, target: float, draws:
     95th percentiles."""
     rng, seeds = np.random.default_rng(1), sorted(mine)
     k = min(k, len(seeds))
-    got = [ratio_spread(mine, theirs, list(rng.choice(seeds, k, replace=False)), rates, target, draws=1)["ratio"]
+    got = [ratio_spread(mine, theirs, list(rng.choice(seeds, k, replace=False)), rates, target, draws=0)["ratio"]
            for _ in range(draws)]
     kept = [g for g in got if g is not None]
     return {"undetermined": draws - len(kept), "draws": draws,

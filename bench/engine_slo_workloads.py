@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine_slo import ENGINE, RESULTS, policy_text, sim_goodput, slo_batch, tpot_slo_for
+from engine_slo_sim import ENGINE, RESULTS, policy_text, sim_goodput, slo_batch, tpot_slo_for
 from engine_slo_report import BASELINES, POLICIES
 
 from tropical_jax.cluster.engine import engine_policy
