@@ -34,9 +34,23 @@ CONFIGS = {
 ENGINE = dict(max_model_len=512, page_size=16, max_chunk_tokens=256, compilation_cache_dir=None)
 
 
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family/model and the vector units that matter to matmuls
+    (VMs often name only "Xeon"; results from different CPUs must not be compared as one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in info.get("flags", "").split()]
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; " \
+           f"{' '.join(units) or 'no avx2'})"
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "cpu": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()[:1]]}
 
 

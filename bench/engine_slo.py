@@ -54,6 +54,7 @@ from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import summarize  # noqa: E402
 from tropical_jax.sched.request import Request  # noqa: E402
 
+from engine_micro import cpu_model  # noqa: E402
 from engine_slo_report import ERROR_KEYS, POLICIES, VARIANTS, p90s, rel_err, save, summarize_result  # noqa: E402
 from engine_slo_sim import (ENGINE, RESULTS, policy_text, replay, run_requests, scaled_requests,  # noqa: E402
                             sim_goodput, sim_window_curves, slo_batch, tpot_slo_for)
@@ -62,9 +63,7 @@ from step_calibration import KINDS, StepWatch, calibrated_profile, machine_speed
 def machine() -> dict:
     import jax
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "jax": jax.__version__,
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices_emulated": len(jax.devices()),
             "shared": "the two workers share this machine's cores, while the profile timed each step alone; "
                       "other processes are not excluded (see the load averages)",
