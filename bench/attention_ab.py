@@ -63,6 +63,14 @@ def _pages(ex, tokens) -> int:
     return _bucket(ex.cfg.context_pages, -(-tokens // ex.cfg.page_size))
 
 
+def mean_ms(ex, c, b, p, tokens, reps: int) -> float:
+    """Mean ms of `reps` calls of one step (executor.time_step: every row live)."""
+    start = time.perf_counter()
+    for _ in range(reps):
+        ex.time_step(c, b, p, tokens)
+    return (time.perf_counter() - start) / reps * 1000
+
+
 def compare(path, old_attention, new_attention, rounds: int, reps: int) -> dict:
     old, new = executor(path, old_attention), executor(path, new_attention)
     rows = {}
@@ -71,10 +79,7 @@ def compare(path, old_attention, new_attention, rounds: int, reps: int) -> dict:
         best = {"old": float("inf"), "new": float("inf")}
         for _ in range(rounds):
             for who, ex in (("old", old), ("new", new)):
-                start = time.perf_counter()
-                for _ in range(reps):
-                    ex.time_step(c, b, p, tokens)
-                best[who] = min(best[who], (time.perf_counter() - start) / reps * 1000)
+                best[who] = min(best[who], mean_ms(ex, c, b, p, tokens, reps))
         same = np.array_equal(old.time_step(c, b, p, tokens), new.time_step(c, b, p, tokens))
         rows[name] = {"old_ms": round(best["old"], 3), "new_ms": round(best["new"], 3),
                       "old_over_new": round(best["old"] / best["new"], 3), "same_tokens": bool(same)}

@@ -6,9 +6,10 @@ For each shape, on the same random weights in one process, each round runs all t
 (the best of the rounds is kept): transformers' greedy decode step at batch 32 (generate(1 + 64 tokens) -
 generate(1), over 64: 32-token prompts, so the context runs 33-96 tokens), and two executors of ours
 (best of reps): the batch-32 decode step as the engine runs it, and the same step with attention skipped
-(its output replaced by the queries; projections, MLP, norms, KV writes, logits and sampling all kept). The skipped step bounds every
-attention design from below, so transformers' step over it bounds the ratio any attention could reach
-(device steps only: the engine loop's host work, about 0.5 ms a step, comes on top of both of ours).
+(its output replaced by the queries; projections, MLP, norms, KV writes, logits and sampling all kept).
+The skipped step bounds every attention design from below, so transformers' step over it bounds the ratio
+any attention could reach (device steps only: the engine loop's host work, about 0.5 ms a step, comes on
+top of both of ours).
 Our steps run at 40, 64 and 88 tokens of context, the mean standing for the 33-96 of transformers'.
 Prints JSON stating the machine.
 """
@@ -19,13 +20,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
 import numpy as np
 
-from attention_ab import _pages, executor
+from attention_ab import SHAPES, _pages, executor, mean_ms
 from engine_micro import CONFIGS, hf_generate_s, machine, save_hf
 from tropical_jax.model import attention as engine_attention
 
@@ -41,14 +41,14 @@ def skip_attention(q, k, v, k_pool, v_pool, batch):
 SKIPPED = types.SimpleNamespace(get_backend=lambda _name: skip_attention)
 
 
-def step_ms(path, hf, vocab: int, rounds: int, reps: int) -> dict:
+def measure(path, hf, vocab: int, rounds: int, reps: int) -> dict:
     """Best ms of each decode step over rounds in which all of them run, one after another: transformers'
     (a generate pair per round) and ours at each context, with the engine's attention and skipped."""
     exs = {"engine": executor(path, engine_attention), "attention_skipped": executor(path, SKIPPED)}
     # executor() compiles its steps under the given attention for the shapes attention_ab times, whose
-    # 84-token decode shares its context bucket with ours: a step of another bucket would trace the engine's.
-    assert all(_pages(ex, t) == _pages(ex, 84) for t in CONTEXTS for ex in exs.values())
-    p = _pages(exs["engine"], CONTEXTS[0])
+    # batch-32 decode shares its context bucket with ours: a step of another bucket would trace the engine's.
+    p = _pages(exs["engine"], SHAPES["decode_b32_ctx84"][2])
+    assert all(_pages(ex, t) == p for t in CONTEXTS for ex in exs.values())
     tokens = [ex.time_step(0, BATCH, p, CONTEXTS[0]) for ex in exs.values()]
     assert not np.array_equal(*tokens), "the skipped executor samples what the engine does: attention was not skipped"
     prompts = np.random.default_rng(0).integers(0, vocab, (BATCH, PROMPT)).tolist()
@@ -59,12 +59,8 @@ def step_ms(path, hf, vocab: int, rounds: int, reps: int) -> dict:
         full = min(full, hf_generate_s(hf, prompts, 1 + NEW_TOKENS))
         for t in CONTEXTS:
             for who, ex in exs.items():
-                p = _pages(ex, t)
-                ex.time_step(0, BATCH, p, t)
-                start = time.perf_counter()
-                for _ in range(reps):
-                    ex.time_step(0, BATCH, p, t)
-                best[who][t] = min(best[who][t], (time.perf_counter() - start) / reps * 1000)
+                ex.time_step(0, BATCH, p, t)  # the other executor ran last: warm this one's pools again
+                best[who][t] = min(best[who][t], mean_ms(ex, 0, BATCH, p, t, reps))
     ours = {who: {"by_context": {str(t): round(v, 3) for t, v in ms.items()},
                   "mean": round(float(np.mean(list(ms.values()))), 3)} for who, ms in best.items()}
     return {"transformers": round((full - first) / NEW_TOKENS * 1000, 3), **ours}
@@ -73,7 +69,7 @@ def step_ms(path, hf, vocab: int, rounds: int, reps: int) -> dict:
 def bound(name: str, rounds: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         hf, n_params = save_hf(CONFIGS[name], d)
-        ms = step_ms(d, hf, CONFIGS[name]["vocab_size"], rounds, reps)
+        ms = measure(d, hf, CONFIGS[name]["vocab_size"], rounds, reps)
     theirs, engine, skipped = ms["transformers"], ms["engine"]["mean"], ms["attention_skipped"]["mean"]
     row = {"params": n_params, "step_ms": ms, "attention_share_of_step": round(1 - skipped / engine, 3),
            "ratio_vs_transformers": round(theirs / engine, 2),
