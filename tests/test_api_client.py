@@ -88,9 +88,9 @@ def stop_engine_threads():
         CLIENTS.pop().shutdown()
 
 
-def make(max_queue=8, queue_timeout=None, ready=True):
+def make(max_queue=8, queue_timeout=None, ready=True, worker=LocalWorker):
     engine = FakeEngine()
-    backend = LocalWorker(engine, {16: 0.01}, ttft_scale=5.0, queue_timeout=queue_timeout)
+    backend = worker(engine, {16: 0.01}, ttft_scale=5.0, queue_timeout=queue_timeout)
     server = SimpleNamespace(client=None, backend=backend, warmup="compiling", tokenizer=None,
                              limits=Limits("fake", 64, 100), api_key=None, tpot_slo=0.1,
                              default_ttft_slo=backend.default_ttft_slo, max_body_bytes=1 << 16, started=0)
@@ -118,7 +118,7 @@ def test_warming_up_answers_503_then_serves():
     h = http.get("/health")
     assert h.status_code == 503 and h.json == {"status": "warming_up", "warmup": "compiling"}
     r = http.post("/v1/completions", json={"prompt": [1, 2]})
-    assert r.status_code == 503 and r.json["error"]["code"] == "warming_up"
+    assert r.status_code == 503 and r.json["error"]["code"] == "warming_up" and r.headers["Retry-After"] == "5"
     assert http.get("/metrics").status_code == 200  # scrapes work before the engine exists
     server.client = EngineClient(server.backend, on_finish=server.metrics.finished)
     CLIENTS.append(server.client)
@@ -141,6 +141,7 @@ def test_queue_full_is_429_and_the_queued_ones_still_finish():
     wait_for(lambda: len(server.client.unscheduled) == 2)
     full = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4})
     assert full.status_code == 429 and full.json["error"]["code"] == "queue_full"
+    assert full.headers["Retry-After"] == "1"
     assert full.json["error"]["type"] == "rate_limit_error" and "queue is full" in full.json["error"]["message"]
     time.sleep(0.1)
     engine.gate.set()
@@ -153,15 +154,54 @@ def test_queue_full_is_429_and_the_queued_ones_still_finish():
     assert 'tropical_requests_total{outcome="missed"} 2.0' in metrics
 
 
-def test_queue_timeout_is_429_whole_or_in_stream():
+def test_queue_timeout_is_429_with_retry_after_whole_or_streamed():
     server, engine, http = make(queue_timeout=0.1)
     engine.gate.clear()
     r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4})
     assert r.status_code == 429 and r.json["error"]["code"] == "queue_timeout"
+    assert r.headers["Retry-After"] == "1" and "x-should-retry" not in r.headers
+    # A stream's status line waits for its first event, so a refusal gets its status there too.
     s = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4, "stream": True})
-    chunks = sse(s)  # the status line went out before the timeout: the error comes in-band
-    assert s.status_code == 200 and chunks[-1]["error"]["code"] == "queue_timeout"
+    assert s.status_code == 429 and s.json["error"]["code"] == "queue_timeout" and s.headers["Retry-After"] == "1"
     wait_for(lambda: server.client.state()["queued"] == 0 and not server.client.handles)
+
+
+def test_a_request_whose_slo_cannot_be_met_is_a_503_not_to_be_retried():
+    class Refusing(LocalWorker):  # as the cluster's scheduler does when it sheds a request
+        def add(self, handle, client):
+            client.end(handle.request_id, "rejected")
+
+    _, _, http = make(worker=Refusing)
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4, "stream": stream})
+        assert r.status_code == 503 and r.json["error"]["code"] == "slo_unattainable"
+        assert r.headers["x-should-retry"] == "false" and "TTFT SLO" in r.json["error"]["message"]
+
+
+def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
+    server, engine, http = make()
+    results = {}
+
+    def ask(stream):
+        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 50, "stream": stream})
+        results[stream] = (r.status_code, r.get_data(as_text=True), r.headers)
+
+    threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(engine.running) == 2)
+    engine.gate.clear()  # both are mid-generation
+    for rid in list(server.client.handles):
+        server.client.abort(rid, "shutdown")
+    for t in threads:
+        t.join(timeout=5)
+    status, body, headers = results[False]
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutdown" and headers["Retry-After"] == "5"
+    status, body, _ = results[True]
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and json.loads(events[-2])["error"]["code"] == "shutdown" and events[-1] == "[DONE]"
+    wait_for(lambda: engine.allocator.num_used == 0)
+    assert 'tropical_requests_total{outcome="shutdown"} 2.0' in http.get("/metrics").get_data(as_text=True)
 
 
 def test_a_failing_step_fails_its_requests_only_until_the_engine_is_broken():

@@ -3,6 +3,8 @@ single worker, per-worker state and dispatch counts in /v1/cluster and /metrics,
 
 import json
 import signal
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -99,6 +101,84 @@ def test_cluster_disconnect_frees_pages_on_every_worker(server):
     assert float(generated.split()[-1]) < 1000 + 100  # it stopped early (other tests made < 100 tokens)
     ok = server.post("/v1/completions", {"prompt": [1, 2], "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_cluster_non_streaming_hangup_frees_pages_within_a_second(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 1000}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 10
+    while pages(server)["M0"] == 0:  # decoding on M0
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    sock.close()
+    hung_up = time.monotonic()
+    while sum(pages(server).values()):
+        assert time.monotonic() - hung_up < 1.0, pages(server)
+        time.sleep(0.02)
+    assert server.get("/v1/cluster").json()["in_flight"] == 0
+
+
+@pytest.fixture(scope="module")
+def planned(model_dir):
+    """1P1M under planned (it sheds requests whose TTFT SLO cannot be met), with a short drain."""
+    flags = [f if f != "tropical" else "planned" for f in FLAGS]
+    s = ServerProcess("--model", str(model_dir), "--profile", str(model_dir / "profile.json"), *flags,
+                      "--drain-timeout", "0.5")
+    yield s
+    s.stop()
+
+
+def test_a_hopeless_slo_is_refused_once_not_retried_by_the_openai_client(planned):
+    import openai
+
+    def rejected():
+        return planned.get("/v1/cluster").json()["dispatch"].get("rejected", 0)
+
+    client = openai.OpenAI(base_url=planned.url + "/v1", api_key="unused", max_retries=2)
+    before = rejected()
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=planned.get("/v1/models").json()["data"][0]["id"], prompt=[1, 2, 3],
+                                  max_tokens=4, extra_body={"ttft_slo_ms": 0.001})
+    assert e.value.status_code == 503 and e.value.body["code"] == "slo_unattainable"
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert rejected() == before + 1  # sent once: the client believed the header
+    assert planned.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4}).status_code == 200
+
+
+def test_drain_timeout_ends_every_request_cleanly_and_exits_3(planned):
+    """Runs last: it takes the planned server down."""
+    results = {}
+
+    def stream(i):
+        r = planned.post("/v1/completions", {"prompt": [i + 1, 2], "max_tokens": 1000, "stream": True}, stream=True)
+        results[i] = sse_events(r)
+
+    def whole():
+        r = planned.post("/v1/completions", {"prompt": [9, 9], "max_tokens": 1000})
+        results["whole"] = (r.status_code, r.json(), r.headers)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=whole)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while planned.get("/v1/cluster").json()["in_flight"] < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    planned.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=30)
+    for i in range(3):
+        events = results[i]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutdown"
+        assert sum(len(json.loads(e)["token_ids"]) for e in events[:-2]) < 1000
+    status, body, headers = results["whole"]
+    assert status == 503 and body["error"]["code"] == "shutdown" and "Retry-After" in headers
+    assert planned.proc.wait(timeout=30) == 3
+    time.sleep(0.2)  # the reader thread collects the last lines
+    assert "cut 4 unfinished request(s)" in "".join(planned.lines)
 
 
 def test_server_on_ray_actors_gives_the_same_tokens_and_takes_its_ray_down_on_sigterm(model_dir):

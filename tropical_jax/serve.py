@@ -5,7 +5,8 @@ compile (a progress bar on stderr), then prints its URL. With no --cluster, one 
 runs continuous batching; --cluster (e.g. 1P1M, 2C, 1P1D) runs the multi-worker engine under the
 shared scheduler and --policy; --backend ray makes each of its workers a Ray actor (local Ray, or
 --ray-address). SIGTERM/SIGINT stop admission (503), let in-flight requests finish
-(bounded by --drain-timeout), then exit 0.
+(bounded by --drain-timeout), then exit 0; at the drain timeout the requests still running get a
+503 (or an in-band error event ending their stream) and the process exits 3 (EXIT_CUT).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger("tropical_jax.serve")
+# transformers warns on import that PyTorch is missing: true of the base install, and harmless here
+# (the server uses its tokenizers only), but alarming in a server's log.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+EXIT_CUT = 3  # the drain timeout cut requests short (0: drained; 1: failed to start, or a second signal)
 
 DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=None, profile=None, ttft_scale=5.0,
                 tpot_slo_ms=100.0, max_model_len=1024, api_key=None, max_queue=256, queue_timeout=None,
@@ -30,7 +35,7 @@ DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=No
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
                 max_body_bytes=4 << 20, served_model_name=None, backend="local", ray_address=None,
-                jax_distributed="off")
+                jax_distributed="off", request_read_timeout=30.0)
 
 
 def _sizes(text: str) -> list[int]:
@@ -73,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "this process, the default) or ray (one Ray actor each)")
     g.add_argument("--ray-address", help="Ray cluster to join with --backend ray (default: $RAY_ADDRESS, else start "
                                          "a local Ray)")
-    g.add_argument("--ttft-scale", type=_positive(float), help="default TTFT SLO = scale x isolated prefill time (5)")
+    g.add_argument("--ttft-scale", type=_positive(float), help="the default TTFT SLO (for requests that send no "
+                   "ttft_slo_ms) is scale x the prompt's isolated prefill time, and at least a queueing allowance: "
+                   "scale x the time to prefill a full decode batch of prompts (ceil(max-num-seqs / "
+                   "max-prefill-seqs) full chunks of max-chunk-tokens), so a burst of short prompts can meet it (5)")
     g.add_argument("--tpot-slo-ms", type=_positive(float), help="default TPOT SLO (100)")
     g.add_argument("--max-queue", type=_positive(int), help="requests waiting for their prefill before 429 (256)")
     g.add_argument("--queue-timeout", type=_positive(float), help="seconds a request may wait for its prefill "
@@ -102,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "and queued request)")
     h.add_argument("--drain-timeout", type=_positive(float), help="seconds SIGTERM waits for in-flight requests (60)")
     h.add_argument("--max-body-bytes", type=_positive(int), help="larger request bodies get 413 (4 MiB)")
+    h.add_argument("--request-read-timeout", type=_positive(float), help="seconds a client may take to send its "
+                                                                        "request, headers and body; slower "
+                                                                        "connections are closed (30)")
     return p
 
 
@@ -184,12 +195,13 @@ class Server:
         self.limits = Limits(name, args.max_model_len, vocab_size=0)
         self.api_key = args.api_key
         self.tpot_slo = args.tpot_slo_ms / 1000.0
+        self.ttft_floor = 0.0  # seconds, set by load()
         self.metrics = ServerMetrics(state=lambda: self.client.state() if self.client else None)
         self.max_body_bytes = args.max_body_bytes
         self.started = int(time.time())
 
     def default_ttft_slo(self, prompt_len: int) -> float:
-        return self.backend.default_ttft_slo(prompt_len)
+        return max(self.backend.default_ttft_slo(prompt_len), self.ttft_floor)
 
     def release(self) -> None:
         """Before exit: stop a cluster's workers (Ray: its actors, and a Ray this server started)."""
@@ -203,6 +215,7 @@ class Server:
     def load(self):
         from .api.backends import ClusterWorkers, LocalWorker
         from .api.engine_client import EngineClient
+        from .api.protocol import prompt_char_limit
         from .llm import LLM
 
         a = self.args
@@ -221,8 +234,13 @@ class Server:
             llm = LLM(a.model, tensor_parallel=a.tensor_parallel, **engine)
             self.warmup = "measuring prefill times"
             self.backend = LocalWorker(llm.engine, measure_prefill(llm.executor), a.ttft_scale, a.queue_timeout)
+        # The queueing allowance: a request may wait while a full decode batch of prompts ahead of
+        # it is prefilled, max_prefill_seqs to a chunk.
+        full_chunks = -(-a.max_num_seqs // a.max_prefill_seqs)
+        self.ttft_floor = full_chunks * self.backend.default_ttft_slo(a.max_chunk_tokens)
         self.tokenizer = llm.tokenizer
-        self.limits = replace(self.limits, vocab_size=llm.model_config.vocab_size)
+        self.limits = replace(self.limits, vocab_size=llm.model_config.vocab_size,
+                              max_prompt_chars=prompt_char_limit(llm.tokenizer, a.max_model_len))
         self.client = EngineClient(self.backend, max_queue=a.max_queue, on_finish=self.metrics.finished)
         self.warmup = "done"
 
@@ -241,43 +259,6 @@ def measure_prefill(executor) -> dict[int, float]:
     return times
 
 
-class _TrackResponses:
-    """WSGI middleware counting responses not yet fully written (waitress closes the body when done),
-    so a drain waits for the last bytes of every in-flight response."""
-
-    def __init__(self, app):
-        self.app, self.active, self._lock = app, 0, threading.Lock()
-
-    def _done(self):
-        with self._lock:
-            self.active -= 1
-
-    def __call__(self, environ, start_response):
-        with self._lock:
-            self.active += 1
-        try:
-            body = self.app(environ, start_response)
-        except BaseException:
-            self._done()
-            raise
-        return _Closing(body, self._done)
-
-
-class _Closing:
-    def __init__(self, body, on_close):
-        self.body, self.on_close = body, on_close
-
-    def __iter__(self):
-        return iter(self.body)
-
-    def close(self):
-        try:
-            if hasattr(self.body, "close"):
-                self.body.close()
-        finally:
-            self.on_close()
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tropical_jax").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays out
@@ -289,17 +270,13 @@ def main(argv=None) -> int:
     from .cluster.distributed import initialize as init_distributed
 
     init_distributed(args.jax_distributed)  # before JAX starts its backend
-    from waitress import create_server
-
     from .api.app import create_app
+    from .api.wsgi_server import TrackResponses, make_server
 
     server = Server(args)
-    wsgi = _TrackResponses(create_app(server))
-    # waitress answers bodies far over the limit itself (plain text); Flask answers the rest with an
-    # OpenAI error body, so waitress's cap sits above Flask's.
-    http = create_server(wsgi, host=args.host, port=args.port, threads=args.threads,
-                         connection_limit=args.threads + 64, channel_request_lookahead=1, ident="tropical_jax",
-                         max_request_body_size=2 * args.max_body_bytes)
+    wsgi = TrackResponses(create_app(server))
+    http = make_server(wsgi, host=args.host, port=args.port, threads=args.threads,
+                       max_body_bytes=args.max_body_bytes, read_timeout=args.request_read_timeout)
     url = f"http://{args.host}:{http.effective_port}"
 
     def warm():
@@ -321,17 +298,25 @@ def main(argv=None) -> int:
         log.info("signal %s: draining %d in-flight request(s)", signum, len(server.client.handles))
 
         def wait_then_exit():
-            deadline = time.monotonic() + args.drain_timeout
-            while (not server.client.idle() or wsgi.active) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.2)  # the last bytes leave waitress's buffers
-            left = len(server.client.handles)
+            def wait(seconds):
+                deadline = time.monotonic() + seconds
+                while (not server.client.idle() or wsgi.active) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+            wait(args.drain_timeout)
+            left = list(server.client.handles)
+            for rid in left:  # each client gets a 503, or an error event and [DONE] ending its stream
+                server.client.abort(rid, "shutdown")
             if left:
-                log.warning("drain timeout: exiting with %d request(s) unfinished", left)
+                wait(5.0)
+            time.sleep(0.2)  # the last bytes leave waitress's buffers
+            if left:
+                log.warning("drain timeout: cut %d unfinished request(s) short; exiting with status %d",
+                            len(left), EXIT_CUT)
             else:
                 log.info("drained; exiting")
             server.release()
-            os._exit(0)
+            os._exit(EXIT_CUT if left else 0)
 
         threading.Thread(target=wait_then_exit, daemon=True).start()
 

@@ -20,8 +20,8 @@ from .engine_client import QueueFull
 from .protocol import APIError, parse
 
 
-def _json(body, status=200) -> Response:
-    return Response(json.dumps(body), status=status, mimetype="application/json")
+def _json(body, status=200, headers=None) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
 
 
 def create_app(server) -> Flask:
@@ -33,7 +33,7 @@ def create_app(server) -> Flask:
 
     @app.errorhandler(APIError)
     def _api_error(e):
-        return _json(e.body(), e.status)
+        return _json(e.body(), e.status, e.headers())
 
     @app.errorhandler(HTTPException)
     def _http_error(e):
@@ -117,10 +117,11 @@ def create_app(server) -> Flask:
         meta = dict(id=rid, created=int(time.time()), model=server.limits.model_name)
         # waitress tells whether the peer hung up (needs channel_request_lookahead > 0).
         disconnected = request.environ.get("waitress.client_disconnected", lambda: False)
+        first, rest = responses.start(client, handle, disconnected)
         if req.stream:
-            body = responses.stream(client, handle, meta, chat, req.include_usage, disconnected)
+            body = responses.stream(handle, first, rest, meta, chat, req.include_usage)
             return Response(stream_with_context(body), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return responses.complete(client, handle, meta, chat, disconnected)
+        return responses.complete(handle, first, rest, meta, chat)
 
     return app

@@ -94,9 +94,11 @@ class EngineClient:
             self._wake.notify()
         return handle
 
-    def abort(self, request_id) -> None:
+    def abort(self, request_id, reason: str = "abort") -> None:
+        """Stop a request and free its pages; its client sees `reason` (e.g. "shutdown" on a drain
+        timeout) if it is still reading."""
         with self._wake:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(("abort", (request_id, reason)))
             self._wake.notify()
 
     def state(self) -> dict:
@@ -178,8 +180,10 @@ class EngineClient:
                     except Exception:  # validated already, so this is a bug: fail this request only
                         log.exception("could not admit %s", item.request_id)
                         self.end(item.request_id, "error")
-                elif item in self.handles:
-                    self.backend.abort(item, self)
+                elif item[0] in self.handles:
+                    rid, reason = item
+                    self.end(rid, reason)  # first: the backend may end it as a plain "abort"
+                    self.backend.abort(rid, self)
             try:
                 self.backend.run_once(self)
             except Exception as e:

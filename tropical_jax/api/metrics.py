@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Finish reasons that count as a refusal (the request never got a first token by design).
 REJECTED = ("queue_timeout", "rejected", "queue_full")
+# Finish reasons of a request that started but did not run to its end.
+_CUT = ("abort", "error", "shutdown")
 
 
 class _EngineState:
@@ -31,7 +33,7 @@ class _EngineState:
             ("kv_pages_used", "tropical_worker_kv_pages_used", "KV cache pages in use"),
             ("kv_pages_total", "tropical_worker_kv_pages_total", "KV cache pages"),
             ("min_slack_s", "tropical_worker_min_slack_seconds",
-             "Smallest banked TPOT slack in the decode batch (DESIGN §3)"),
+             "Smallest banked TPOT slack in the decode batch (first token time + TPOT SLO x tokens - now)"),
         )}
         role = GaugeMetricFamily("tropical_worker_info", "Worker roles (value 1)", labels=labels)
         for w in st["workers"]:
@@ -72,9 +74,9 @@ class ServerMetrics:
         self.queueing = hist("tropical_queueing_seconds", "Arrival to the first scheduled prefill step")
         self.transfer = hist("tropical_kv_transfer_seconds", "KV handoff time, prefill worker to decode worker")
         self.requests = Counter("tropical_requests", "Finished requests by outcome (attained/missed the SLO, "
-                                "rejected, abort, error)", ["outcome"], registry=r)
+                                "rejected, abort, error, shutdown: cut by a drain timeout)", ["outcome"], registry=r)
         self.tokens = Counter("tropical_generated_tokens", "Generated tokens", registry=r)
-        for outcome in ("attained", "missed", "rejected", "abort", "error"):
+        for outcome in ("attained", "missed", "rejected", *_CUT):
             self.requests.labels(outcome)  # export zeros, so rates work from the first scrape
         r.register(_EngineState(state))
 
@@ -87,7 +89,7 @@ class ServerMetrics:
             self.queueing.observe(handle.queueing)
         if handle.transfer is not None:
             self.transfer.observe(handle.transfer)
-        if reason in ("abort", "error"):
+        if reason in _CUT:
             self.requests.labels(reason).inc()
             return
         if handle.ttft is not None:

@@ -13,18 +13,32 @@ from dataclasses import dataclass
 from ..sampling_params import SamplingParams
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          431: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+# Seconds a client should wait before retrying, by status (429: the queue moves within a second or
+# so; 503: warming up, draining or broken, a matter of seconds at least).
+RETRY_AFTER = {429: 1, 503: 5}
+STOP_STRINGS, STOP_STRING_CHARS = 16, 256
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    """An OpenAI-style error. `retry=False` adds `x-should-retry: false`: the official clients then
+    do not retry it on their own (they retry 408, 409, 429 and 5xx otherwise)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry: bool = True):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.retry = status, message, param, code, retry
         self.type = _TYPES.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict:
+        headers = {"Retry-After": str(RETRY_AFTER[self.status])} if self.status in RETRY_AFTER else {}
+        if not self.retry:
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 @dataclass
@@ -42,6 +56,18 @@ class Limits:
     model_name: str
     max_model_len: int
     vocab_size: int
+    # Prompt text longer than this cannot fit the context, whatever the tokenizer makes of it: it is
+    # refused before tokenizing (see prompt_char_limit).
+    max_prompt_chars: int | None = None
+
+
+def prompt_char_limit(tokenizer, max_model_len: int) -> int | None:
+    """max_model_len x the longest token's text: no text longer than that fits in max_model_len tokens.
+    Token strings are counted as stored (byte-level or '▁' forms), which are never shorter than the
+    text they stand for."""
+    if tokenizer is None:
+        return None
+    return max_model_len * max(map(len, tokenizer.get_vocab()), default=1)
 
 
 # Known OpenAI fields we do not implement, and the values that mean "off" (accepted).
@@ -66,6 +92,22 @@ def _get(body, name, types, default=None, check=None, what=None):
     return value
 
 
+def _check_text(text: str, field: str, limits: Limits) -> str:
+    """Text the tokenizer can take: encodable as UTF-8 (JSON may carry lone surrogates such as
+    "\\ud800") and not longer than any prompt that fits the context."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"'{field}' is not valid Unicode text: a lone surrogate "
+                                f"{text[e.start]!r} at character {e.start}", field) from None
+    if limits.max_prompt_chars is not None and len(text) > limits.max_prompt_chars:
+        raise APIError(400, f"'{field}' has {len(text)} characters, more than fit this model's context of "
+                            f"{limits.max_model_len} tokens (at most {limits.max_prompt_chars} characters)",
+                       field, "context_length_exceeded")
+    return text
+
+
 def _message_text(m) -> str:
     """A message's content: a string, or a list of {"type": "text", "text": ...} parts."""
     content = m.get("content")
@@ -78,7 +120,7 @@ def _message_text(m) -> str:
                         "(this model reads text only)", "messages")
 
 
-def _chat_prompt(body, tokenizer) -> list[int]:
+def _chat_prompt(body, tokenizer, limits: Limits) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -90,12 +132,13 @@ def _chat_prompt(body, tokenizer) -> list[int]:
             raise APIError(400, f"unknown message role {m['role']!r}"[:200], "messages")
         role = "system" if m["role"] == "developer" else m["role"]
         clean.append({"role": role, "content": _message_text(m)})
+    _check_text("".join(m["content"] for m in clean), "messages", limits)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
     return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def _completion_prompt(body, tokenizer, vocab_size) -> list[int]:
+def _completion_prompt(body, tokenizer, limits: Limits) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -106,13 +149,48 @@ def _completion_prompt(body, tokenizer, vocab_size) -> list[int]:
             raise APIError(400, "'prompt' must not be empty", "prompt")
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
-        return list(tokenizer.encode(prompt))
+        return list(tokenizer.encode(_check_text(prompt, "prompt", limits)))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        bad = next((t for t in prompt if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})", "prompt")
         return prompt
     raise APIError(400, "'prompt' must be a non-empty string or a list of token ids", "prompt")
+
+
+def _stop_strings(body, limits: Limits) -> list[str] | None:
+    stop = body.get("stop")
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stops, list) and len(stops) <= STOP_STRINGS
+            and all(isinstance(s, str) and len(s) <= STOP_STRING_CHARS for s in stops)):
+        raise APIError(400, f"'stop' must be a string or a list of at most {STOP_STRINGS} strings of at most "
+                            f"{STOP_STRING_CHARS} characters", "stop")
+    for s in stops:
+        _check_text(s, "stop", limits)
+    return stops
+
+
+def _max_tokens(body, prompt_len: int, chat: bool, limits: Limits) -> int:
+    """The request's output limit. OpenAI defaults: 16 tokens for completions, the rest of the context
+    for chat. An explicit limit that does not fit beside the prompt is refused (as OpenAI and vLLM do),
+    never silently cut."""
+    room = limits.max_model_len - prompt_len
+    field = "messages" if chat else "prompt"
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is "
+                            f"{limits.max_model_len} tokens (prompt plus at least one generated token)",
+                       field, "context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(body, name, int, None, lambda v: v >= 1, "an integer >= 1")
+    if max_tokens is None:
+        return room if chat else min(16, room)
+    if max_tokens > room:
+        raise APIError(400, f"this model's context is {limits.max_model_len} tokens, but {prompt_len + max_tokens} "
+                            f"were requested ({prompt_len} in the {field}, {max_tokens} in '{name}'); "
+                            f"'{name}' may be at most {room} for this {field}", name, "context_length_exceeded")
+    return max_tokens
 
 
 def parse(body, *, chat: bool, tokenizer, limits: Limits) -> ParsedRequest:
@@ -133,21 +211,11 @@ def parse(body, *, chat: bool, tokenizer, limits: Limits) -> ParsedRequest:
         raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format",
                        "unsupported_parameter")
 
-    prompt_ids = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer, limits.vocab_size)
-    room = limits.max_model_len - len(prompt_ids)
-    if room < 1:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                            f"{limits.max_model_len} tokens (prompt plus at least one generated token)",
-                       "messages" if chat else "prompt", "context_length_exceeded")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    # OpenAI defaults: 16 tokens for completions, the rest of the context for chat.
-    max_tokens = _get(body, name, int, None, lambda v: v >= 1, "an integer >= 1")
-    max_tokens = min(max_tokens or (room if chat else 16), room)
-
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 16
-                                                            and all(isinstance(s, str) for s in stop))):
-        raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
+    stop = _stop_strings(body, limits)
+    stop_token_ids = _get(body, "stop_token_ids", list, None, lambda v: len(v) <= limits.vocab_size,
+                          f"a list of at most {limits.vocab_size} token ids (the vocabulary size)")
+    prompt_ids = _chat_prompt(body, tokenizer, limits) if chat else _completion_prompt(body, tokenizer, limits)
+    max_tokens = _max_tokens(body, len(prompt_ids), chat, limits)
     stream = _get(body, "stream", bool, False, None, "a boolean")
     options = _get(body, "stream_options", dict, None, None, "an object")
     if options is not None and not stream:
@@ -165,7 +233,7 @@ def parse(body, *, chat: bool, tokenizer, limits: Limits) -> ParsedRequest:
             top_k=_get(body, "top_k", int, -1, None, "an integer (-1: off)"),
             seed=_get(body, "seed", int, None, None, "an integer"),
             stop=stop,
-            stop_token_ids=_get(body, "stop_token_ids", list, None, None, "a list of token ids"),
+            stop_token_ids=stop_token_ids,
             ignore_eos=_get(body, "ignore_eos", bool, False, None, "a boolean"),
         )
     except ValueError as e:

@@ -7,6 +7,7 @@ its last chunk (the one with finish_reason) and on the usage chunk.
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 
@@ -14,38 +15,58 @@ from .protocol import APIError
 
 # Finish reasons that are not OpenAI's ("stop"/"length"): how each ends the response.
 _FAILURES = {
-    "queue_timeout": (429, "the request waited longer than the server's queue timeout", "queue_timeout"),
-    "rejected": (429, "the scheduler refused the request: it cannot meet its TTFT SLO, or no worker can hold "
-                      "its prompt", "rejected"),
-    "error": (500, "the engine failed while running this request", "engine_error"),
-    "abort": (500, "the request was aborted", "aborted"),
+    "queue_timeout": (429, "the request waited longer than the server's queue timeout", "queue_timeout", True),
+    # Not a rate limit: the same request sent again at once meets the same answer, so the official
+    # clients are told not to retry it (x-should-retry: false).
+    "rejected": (503, "the scheduler refused the request: its TTFT SLO cannot be met at the current load, or no "
+                      "worker can hold its prompt; send it later or with a looser ttft_slo_ms", "slo_unattainable",
+                 False),
+    "shutdown": (503, "the server shut down before the request finished (drain timeout)", "shutdown", True),
+    "error": (500, "the engine failed while running this request", "engine_error", True),
+    "abort": (500, "the request was aborted", "aborted", True),
 }
+DISCONNECT_CHECK_S = 0.1  # how often a request checks that its client is still there
 
 
 def failure(reason) -> APIError | None:
     if reason in _FAILURES:
-        status, message, code = _FAILURES[reason]
-        return APIError(status, message, code=code)
+        status, message, code, retry = _FAILURES[reason]
+        return APIError(status, message, code=code, retry=retry)
     return None
 
 
 def events(client, handle, disconnected=lambda: False):
     """Yield (token_ids, text, finish_reason) until the request finishes; abort it if we stop early
-    (the client hung up, or the generator was closed)."""
+    (the client hung up, or the generator was closed). The peer is checked between events and at
+    least every DISCONNECT_CHECK_S, so a request whose tokens keep coming is stopped too."""
     finished = False
     try:
         while not finished:
+            if disconnected():
+                return
             try:
-                ids, text, reason = handle.events.get(timeout=0.25)
+                ids, text, reason = handle.events.get(timeout=DISCONNECT_CHECK_S)
             except queue.Empty:
-                if disconnected():
-                    return
                 continue
             finished = reason is not None
             yield ids, text, reason
     finally:
         if not finished:
             client.abort(handle.request_id)
+
+
+def start(client, handle, disconnected):
+    """The request's events, the first one awaited here, before any byte of the response is sent: a
+    request refused before its first token (queue timeout, SLO) gets its own HTTP status, streaming
+    or not. Returns (first event, the rest)."""
+    rest = events(client, handle, disconnected)
+    first = next(rest, None)
+    if first is None:  # the client hung up while waiting; nobody reads this answer
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    err = failure(first[2])
+    if err is not None:
+        raise err
+    return first, rest
 
 
 def usage(handle) -> dict:
@@ -60,11 +81,13 @@ def slo(handle) -> dict:
             "path": handle.path}
 
 
-def complete(client, handle, meta: dict, chat: bool, disconnected=lambda: False) -> dict:
+def complete(handle, first, rest, meta: dict, chat: bool) -> dict:
     text, ids, reason = [], [], None
-    for tok, delta, reason in events(client, handle, disconnected):
+    for tok, delta, reason in itertools.chain([first], rest):
         ids += tok
         text.append(delta)
+    if reason is None:  # the client hung up
+        raise APIError(499, "the client closed the connection", code="client_closed")
     err = failure(reason)
     if err is not None:
         raise err
@@ -77,8 +100,10 @@ def complete(client, handle, meta: dict, chat: bool, disconnected=lambda: False)
             "usage": usage(handle), "slo": slo(handle), "token_ids": ids}
 
 
-def stream(client, handle, meta: dict, chat: bool, include_usage: bool, disconnected):
-    """SSE: one chunk per token event, then (with include_usage) a usage chunk, then [DONE]."""
+def stream(handle, first, rest, meta: dict, chat: bool, include_usage: bool):
+    """SSE: one chunk per token event, then (with include_usage) a usage chunk, then [DONE]. A failure
+    after the first token (the status line is sent already) comes in-band, as OpenAI does, and the
+    stream still ends cleanly."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def sse(body) -> str:
@@ -97,17 +122,20 @@ def stream(client, handle, meta: dict, chat: bool, include_usage: bool, disconne
             body["slo"] = slo(handle)
         return sse(body)
 
-    if chat:  # OpenAI opens a chat stream with the role
-        yield sse({**meta, "object": obj, "token_ids": [], **({"usage": None} if include_usage else {}),
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                                "logprobs": None}]})
-    for ids, text, reason in events(client, handle, disconnected):
-        err = failure(reason)
-        if err is not None:  # the status line is sent already: report in-band, as OpenAI does
-            yield sse(err.body())
-            break
-        if ids or text or reason:
-            yield chunk(text, ids, reason)
+    try:
+        if chat:  # OpenAI opens a chat stream with the role
+            yield sse({**meta, "object": obj, "token_ids": [], **({"usage": None} if include_usage else {}),
+                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None, "logprobs": None}]})
+        for ids, text, reason in itertools.chain([first], rest):
+            err = failure(reason)
+            if err is not None:
+                yield sse(err.body())
+                break
+            if ids or text or reason:
+                yield chunk(text, ids, reason)
+    finally:
+        rest.close()  # the client hung up (waitress closed us): abort the request now
     if include_usage:
         yield sse({**meta, "object": obj, "choices": [], "usage": usage(handle), "slo": slo(handle)})
     yield "data: [DONE]\n\n"

@@ -31,10 +31,12 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     num_streamed: int = 0  # characters of text already returned as new text
+    stop_ids: frozenset = frozenset()  # params.stop_token_ids as a set: checked on every token
 
     def __post_init__(self):
         # An unseeded request still needs a key; draw one so its samples differ from others'.
         self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(32)
+        self.stop_ids = frozenset(self.params.stop_token_ids)
 
     @property
     def all_ids(self) -> list[int]:
@@ -72,7 +74,7 @@ def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_
     seq.output_ids.append(token)
     sp = seq.params
     reason = None
-    if (token in eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+    if (token in eos_token_ids and not sp.ignore_eos) or token in seq.stop_ids:
         reason = "stop"
     elif len(seq.output_ids) >= sp.max_tokens or seq.num_tokens >= max_model_len:
         reason = "length"
