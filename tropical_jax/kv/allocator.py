@@ -42,9 +42,12 @@ class PageAllocator:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
         if n > len(self._free):
             raise OutOfPages(f"need {n} pages, {len(self._free)} of {self.num_pages} free")
-        pages = [self._free.pop() for _ in range(n)]
+        free = self._free
+        pages = free[len(free) - n:][::-1]  # as if popped from the end one by one
+        del free[len(free) - n:]
+        refs = self._refs
         for p in pages:
-            self._refs[p] = 1
+            refs[p] = 1
         return pages
 
     def incref(self, pages) -> None:
@@ -56,6 +59,14 @@ class PageAllocator:
 
     def free(self, pages) -> None:
         pages = list(pages)
+        refs = self._refs
+        if pages and min(pages) >= 0 and max(pages) < self.num_pages and len(set(pages)) == len(pages) \
+                and min(map(refs.__getitem__, pages)) == 1 == max(map(refs.__getitem__, pages)):
+            # The common case, checked in C: distinct pages each held once, all free again now.
+            for p in pages:
+                refs[p] = 0
+            self._free.extend(pages)
+            return
         # Validate everything first so a bad call changes nothing.
         counts: dict[int, int] = {}
         for p in pages:

@@ -72,9 +72,17 @@ class Batcher:
         """The decode batch, each with a page for the token it is about to write. When pages run out,
         the latest-arrived decode is preempted (its KV dropped, recomputed later), as vLLM does."""
         i = 0
+        tables, page = w.tables, w.alloc.page_size
         while i < len(w.decoding):
             r = w.decoding[i]
-            if w.reserve(r, decode_ctx(r)):
+            need = r.prompt_len + r.n_out  # decode_ctx(r)
+            t = tables.get(r)
+            if t is not None and need <= len(t.pages) * page:  # w.reserve's common case, inlined: room left
+                if need > t.num_tokens:
+                    t.num_tokens = need
+                i += 1
+                continue
+            if w.reserve(r, need):
                 i += 1
                 continue
             v = max(range(len(w.decoding)), key=lambda k: self.mon.seq[w.decoding[k]])
@@ -93,8 +101,9 @@ class Batcher:
     def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: list[Request]) -> StepPlan | None:
         if not chunks and not decodes:
             return None
-        plan = StepPlan(w.name, chunks, decodes, sum(decode_ctx(r) for r in decodes), 0.0, now)
-        plan.predicted = self.mon.cost.t_plan(plan)
+        plan = StepPlan(w.name, chunks, decodes, sum([r.prompt_len + r.n_out for r in decodes]), 0.0, now)  # decode_ctx
+        cost = self.mon.cost
+        plan.predicted = cost.t_plan(plan) if chunks else cost.t_decode(len(decodes), plan.decode_tokens)
         return plan
 
     @staticmethod
@@ -174,11 +183,11 @@ class Batcher:
         return self._plan(w, now, chunks, decodes)
 
     def _colocated(self, w: WorkerState, now: float) -> StepPlan | None:
-        plan = self._prefill_only(w, now, self._c_order(w))  # prefill priority: decodes pause
+        plan = self._prefill_only(w, now, self._c_order(w)) if w.queue else None  # prefill priority: decodes pause
         return plan if plan is not None else self._plan(w, now, [], self._decodes(w, now))
 
     def _chunked(self, w: WorkerState, now: float) -> StepPlan | None:
         decodes = self._decodes(w, now)
         room = self.mon.cfg.chunked_budget - len(decodes)
-        chunks = self._pack(w, now, self._c_order(w), room) if room > 0 else []
+        chunks = self._pack(w, now, self._c_order(w), room) if room > 0 and w.queue else []
         return self._plan(w, now, chunks, decodes)

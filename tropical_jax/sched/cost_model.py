@@ -139,32 +139,44 @@ class CostModel:
         """True when mixed steps are estimated as t_chunk + t_decode − min(c0, d0) (no mixed data)."""
         return self.mixed is None
 
+    def __post_init__(self):
+        # The coefficients as plain floats: predictions run millions of times per simulated run.
+        p, k, d = self.prefill, self.chunk, self.decode
+        self._p = (p["c2"], p["c1"], p["c0"])
+        self._k = (k["k2"], k["kx"], k["k1"], k["k0"])
+        self._d = (d["d0"], d["d1"], d["d2"])
+        m = self.mixed
+        self._m = None if m is None else (m["m0"], m["mc2"], m["mcx"], m["mc1"], m["mb"], m["mt"])
+        self._shared = min(p["c0"], d["d0"])  # ms: the fixed overhead a derived mixed step shares
+
     # ---------------- predictions (seconds) ----------------
     def t_prefill(self, L: int) -> float:
-        p = self.prefill
-        return (p["c2"] * L * L + p["c1"] * L + p["c0"]) * 1e-3
+        c2, c1, c0 = self._p
+        return (c2 * L * L + c1 * L + c0) * 1e-3
 
     def t_chunk(self, C: int, ctx: int = 0) -> float:
-        k = self.chunk
-        return (k["k2"] * C * C + k["kx"] * C * ctx + k["k1"] * C + k["k0"]) * 1e-3
+        k2, kx, k1, k0 = self._k
+        return (k2 * C * C + kx * C * ctx + k1 * C + k0) * 1e-3
 
     def t_decode(self, B: int, T: int) -> float:
         if B <= 0:
             return 0.0
-        d = self.decode
-        return (d["d0"] + d["d1"] * B + d["d2"] * T) * 1e-3
+        d0, d1, d2 = self._d
+        return (d0 + d1 * B + d2 * T) * 1e-3
 
     def t_mixed(self, C: int, ctx: int, B: int, T: int) -> float:
         if C <= 0:
             return self.t_decode(B, T)
         if B <= 0:
             return self.t_chunk(C, ctx)
-        m = self.mixed
+        m = self._m
         if m is None:
-            shared = min(self.prefill["c0"], self.decode["d0"]) * 1e-3
-            return self.t_chunk(C, ctx) + self.t_decode(B, T) - shared
-        return (m["m0"] + m["mc2"] * C * C + m["mcx"] * C * ctx + m["mc1"] * C
-                + m["mb"] * B + m["mt"] * T) * 1e-3
+            k2, kx, k1, k0 = self._k
+            d0, d1, d2 = self._d
+            return (k2 * C * C + kx * C * ctx + k1 * C + k0) * 1e-3 + (d0 + d1 * B + d2 * T) * 1e-3 \
+                - self._shared * 1e-3
+        m0, mc2, mcx, mc1, mb, mt = m
+        return (m0 + mc2 * C * C + mcx * C * ctx + mc1 * C + mb * B + mt * T) * 1e-3
 
     def t_plan(self, plan) -> float:
         """Predicted time of a StepPlan's shape: its packed chunk and its decode batch."""
@@ -178,23 +190,27 @@ class CostModel:
         """
         if budget == math.inf:
             return limit
-        if self.mixed is not None and B > 0:
-            m = self.mixed
-            a, b, c = m["mc2"], m["mcx"] * ctx + m["mc1"], m["m0"] + m["mb"] * B + m["mt"] * T
+        if self._m is not None and B > 0:
+            m0, mc2, mcx, mc1, mb, mt = self._m
+            a, b, c = mc2, mcx * ctx + mc1, m0 + mb * B + mt * T
         else:
-            k = self.chunk
-            a, b, c = k["k2"], k["kx"] * ctx + k["k1"], k["k0"]
+            k2, kx, k1, k0 = self._k
+            a, b, c = k2, kx * ctx + k1, k0
             if B > 0:
-                c += self.t_decode(B, T) * 1e3 - min(self.prefill["c0"], self.decode["d0"])
+                c += self.t_decode(B, T) * 1e3 - self._shared
         y = budget * 1e3 - c
         if a >= 0 and b >= 0:
             if y < a + b:
                 return 0
             x = (-b + math.sqrt(b * b + 4 * a * y)) / (2 * a) if a > 0 else (y / b if b > 0 else limit)
             n = int(min(limit, x))
-            while n < limit and self.t_mixed(n + 1, ctx, B, T) <= budget:
+            # The step's time at C minus the budget is (C - x)(a(C + x) + b) ms. Where that is far from 0
+            # (beyond any rounding) its sign settles the comparison; only near a tie is t_mixed evaluated.
+            tol = 1e-9 * (abs(y) + abs(c) + a * limit * limit + b * limit + 1.0)
+            while n < limit and ((n + 1 - x) * (a * (n + 1 + x) + b) <= tol
+                                 and self.t_mixed(n + 1, ctx, B, T) <= budget):
                 n += 1
-            while n > 0 and self.t_mixed(n, ctx, B, T) > budget:
+            while n > 0 and ((x - n) * (a * (x + n) + b) <= tol and self.t_mixed(n, ctx, B, T) > budget):
                 n -= 1
             return n
         lo, hi = 0, limit  # an odd fit (negative coefficient): bisect, assuming growth in C

@@ -88,7 +88,9 @@ class WorkerState:
         t = self.tables.get(r)
         if t is None:
             t = self.tables[r] = BlockTable()
-        elif tokens <= t.num_tokens:  # the common decode step: nothing to grow
+        elif tokens <= len(t.pages) * self.alloc.page_size:  # the common decode step: its last page has room
+            if tokens > t.num_tokens:
+                t.num_tokens = tokens
             return True
         return t.ensure(self.alloc, tokens)
 

@@ -50,10 +50,7 @@ class PlanState:
 
     def budget(self, margin: float) -> float:
         """Longest next step (s) that keeps every decode's token of that step on time (and the cap)."""
-        if not self.min_a:
-            return self.cap
-        j = self.j + 1
-        return min(self.cap, min(a + (j - 1) * tp for tp, a in self.min_a.items()) - margin - self.S)
+        return step_budget(self.min_a, self.j, self.S, self.cap, margin)
 
     def min_slack_left(self) -> float:
         """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
@@ -67,6 +64,18 @@ class PlanState:
         self.T += self.B  # every decode cached one more token
 
 
+def step_budget(min_a: dict[float, float], j: int, S: float, cap: float, margin: float) -> float:
+    """PlanState.budget of a plan with j steps taking S seconds so far."""
+    if not min_a:
+        return cap
+    least = math.inf
+    for tp, a in min_a.items():
+        v = a + j * tp  # A_r + (next step - 1)·tpot
+        if v < least:
+            least = v
+    return min(cap, least - margin - S)
+
+
 def bucket_floor(buckets: tuple[int, ...], n: int) -> int:
     """Largest bucket <= n (0 if none)."""
     i = bisect.bisect_right(buckets, n)
@@ -78,16 +87,17 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
     bucket that fits. Returns (chunk tokens, predicted step time with safety factor); (0, 0.0) when
     none fits.
     """
-    sf = mon.cfg.safety_factor
+    cfg, cost = mon.cfg, mon.cost
+    sf = cfg.safety_factor
     top = mon.big_chunk
     if check_slack:
-        cmax = mon.cost.max_chunk(ctx, st.B, st.T, st.budget(mon.cfg.slack_margin) / sf, top)
+        cmax = cost.max_chunk(ctx, st.B, st.T, step_budget(st.min_a, st.j, st.S, st.cap, cfg.slack_margin) / sf, top)
     else:
         cmax = top
-    c = remaining if remaining <= cmax else bucket_floor(mon.cfg.chunk_buckets, cmax)
+    c = remaining if remaining <= cmax else bucket_floor(cfg.chunk_buckets, cmax)
     if c == 0:
         return 0, 0.0
-    return c, mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
+    return c, cost.t_mixed(c, ctx, st.B, st.T) * sf
 
 
 def is_short(mon: Monitor, r: Request) -> bool:
@@ -238,8 +248,8 @@ class InlineFrontier:
         sf, top = mon.cfg.safety_factor, mon.big_chunk
         j = len(self.reach) + 1
         ctx, T = self.N[-1], b.T + (j - 1) * b.B
-        st = PlanState(b.t0, b.B, T, self.S[-1], b.j + j - 1, b.min_a, b.cap)
-        cmax = mon.cost.max_chunk(ctx, b.B, T, st.budget(mon.cfg.slack_margin) / sf, top)
+        budget = step_budget(b.min_a, b.j + j - 1, self.S[-1], b.cap, mon.cfg.slack_margin)
+        cmax = mon.cost.max_chunk(ctx, b.B, T, budget / sf, top)
         self.reach.append(max(ctx + cmax, self.reach[-1] if self.reach else 0))
         c = bucket_floor(mon.cfg.chunk_buckets, cmax)
         if c == 0:

@@ -34,9 +34,10 @@ class CostModelExecutor:
             return 1.0
         return math.exp(self.noise * self.rng.gauss(0.0, 1.0) - self.noise * self.noise / 2)
 
-    def step_time(self, plan: StepPlan, shared: bool = False) -> float:
-        """shared: another worker runs a step while this one starts."""
-        t = self.cost.t_plan(plan)
+    def step_time(self, plan: StepPlan, shared: bool = False, predicted_by: CostModel | None = None) -> float:
+        """shared: another worker runs a step while this one starts. predicted_by: the model that
+        predicted plan.predicted (when it is this executor's, that prediction is the step's time)."""
+        t = plan.predicted if predicted_by is self.cost else self.cost.t_plan(plan)
         return t * self._factor() * (self.cost.contention if shared else 1.0)
 
     @staticmethod
@@ -47,7 +48,11 @@ class CostModelExecutor:
 
     def finished(self, plan: StepPlan) -> list[Request]:
         """Requests whose token from this step is their last (call before step_done updates n_out)."""
-        return [r for r in plan.emitting() if self.stops(r)]
+        out = [r for r in plan.decodes if r.n_out + 1 >= (r.max_tokens if r.output_len is None
+                                                           else min(r.output_len, r.max_tokens))]
+        if plan.chunks:
+            out += [c.request for c in plan.chunks if c.last and not c.recompute and self.stops(c.request)]
+        return out
 
     def transfer(self, t: Transfer) -> tuple[float, bool]:
         """(duration, succeeded) of a KV handoff. A failure is noticed after the full transfer time."""

@@ -73,7 +73,9 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                       record_decisions=record_decisions)
     ex = CostModelExecutor(executor_cost or cost_model, noise, seed, transfer_failure_rate)
     clock = VirtualClock(reqs[0].arrival if reqs else 0.0)
-    names = list(sched.workers)
+    advance = clock.advance_to  # refuses to go back in time
+    hands_off = bool(sched.mon.of_role("P"))  # only prefill workers hand KV over
+    workers = list(sched.workers.items())
     heap: list = []
     seq = 0
     tick_at = None
@@ -94,16 +96,17 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         if i < n and (t_next is None or reqs[i].arrival <= t_next):
             r = reqs[i]
             i += 1
-            clock.advance_to(r.arrival)
-            sched.submit(r, clock.now())
+            advance(r.arrival)
+            now = r.arrival
+            sched.submit(r, now)
             if max_misses is not None:
                 heapq.heappush(deadlines, (r.deadline, i, r))
             if bar is not None:
                 bar.update(1)
         elif heap:
             t, _, kind, payload = heapq.heappop(heap)
-            clock.advance_to(t)
-            now = clock.now()
+            advance(t)
+            now = t
             if kind == _STEP:
                 w, plan = payload
                 fin = ex.finished(plan)
@@ -124,7 +127,6 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         else:
             break
         if max_misses is not None:
-            now = clock.now()
             while deadlines and deadlines[0][0] < now:
                 r = heapq.heappop(deadlines)[2]
                 if not r.rejected and (r.first_token_time is None or r.first_token_time > r.deadline):
@@ -132,16 +134,16 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         if max_misses is not None and len(missed) + sched.counters["rejected"] > max_misses:
             stopped = True
             break
-        now = clock.now()
-        started = [(w, plan) for w in names if (plan := sched.next_step(w, now)) is not None]
+        started = [(w, plan) for w, state in workers if state.busy is None
+                   and (plan := sched.next_step(w, now)) is not None]
         for w, plan in started:
             steps += 1
             if observer is not None:
                 observer("step_start", now, w, plan)
             shared = ex.cost.contention != 1.0 and sched.others_busy(w)
-            heapq.heappush(heap, (now + ex.step_time(plan, shared), seq, _STEP, (w, plan)))
+            heapq.heappush(heap, (now + ex.step_time(plan, shared, sched.mon.cost), seq, _STEP, (w, plan)))
             seq += 1
-        for tr in sched.take_transfers():
+        for tr in (sched.take_transfers() if hands_off else ()):
             dur, ok = ex.transfer(tr)
             heapq.heappush(heap, (now + dur, seq, _XFER, (tr, ok)))
             seq += 1
