@@ -117,6 +117,7 @@ def test_warming_up_answers_503_then_serves():
     server, engine, http = make(ready=False)
     h = http.get("/health")
     assert h.status_code == 503 and h.json == {"status": "warming_up", "warmup": "compiling"}
+    assert h.headers["Retry-After"] == "5"
     r = http.post("/v1/completions", json={"prompt": [1, 2]})
     assert r.status_code == 503 and r.json["error"]["code"] == "warming_up" and r.headers["Retry-After"] == "5"
     assert http.get("/metrics").status_code == 200  # scrapes work before the engine exists

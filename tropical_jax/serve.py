@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $TROPICAL_API_KEY)")
     h.add_argument("--threads", type=_positive(int), help="HTTP threads (default: enough for every running "
                                                           "and queued request)")
-    h.add_argument("--drain-timeout", type=_positive(float), help="seconds SIGTERM waits for in-flight requests (60)")
+    h.add_argument("--drain-timeout", type=_positive(float), help="seconds SIGTERM waits for in-flight requests; "
+                   "then those left get a 503 (streams: an error event and [DONE]) and the exit status is 3 (60)")
     h.add_argument("--max-body-bytes", type=_positive(int), help="larger request bodies get 413 (4 MiB)")
     h.add_argument("--request-read-timeout", type=_positive(float), help="seconds a client may take to send its "
                                                                         "request, headers and body; slower "

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import responses
 from .engine_client import QueueFull
-from .protocol import APIError, parse
+from .protocol import RETRY_AFTER, APIError, parse
 
 
 def _json(body, status=200, headers=None) -> Response:
@@ -61,12 +61,13 @@ def create_app(server) -> Flask:
     @app.get("/health")
     def health():
         c = server.client
+        retry = {"Retry-After": str(RETRY_AFTER[503])}
         if c is None:
-            return _json({"status": "warming_up", "warmup": server.warmup}, 503)
+            return _json({"status": "warming_up", "warmup": server.warmup}, 503, retry)
         if c.broken:
-            return _json({"status": "error", "error": c.broken}, 503)
+            return _json({"status": "error", "error": c.broken}, 503, retry)
         if c.draining:
-            return _json({"status": "draining", "in_flight": len(c.handles)}, 503)
+            return _json({"status": "draining", "in_flight": len(c.handles)}, 503, retry)
         return _json({"status": "ok"})
 
     @app.get("/v1/models")
