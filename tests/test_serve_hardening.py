@@ -4,6 +4,7 @@ slow senders, impossible max_tokens; every refusal an OpenAI JSON error, and the
 One single-worker server on a tiny model with the default model's tokenizer (so text prompts work)."""
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -184,8 +185,9 @@ def test_the_longest_token_is_as_assumed():
 
 def test_startup_prints_no_torch_warning():
     hide_torch = "import sys; sys.modules['torch'] = None; "
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}  # set by imports here
     run = lambda code: subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True,  # noqa: E731
-                                      text=True, timeout=120)
+                                      text=True, timeout=120, env=env)
     assert "PyTorch was not found" in run("import transformers").stderr  # what the base install prints
     quiet = run("import tropical_jax.serve, transformers")
     assert quiet.returncode == 0 and "PyTorch" not in quiet.stderr

@@ -239,6 +239,9 @@ class Server:
         # it is prefilled, max_prefill_seqs to a chunk.
         full_chunks = -(-a.max_num_seqs // a.max_prefill_seqs)
         self.ttft_floor = full_chunks * self.backend.default_ttft_slo(a.max_chunk_tokens)
+        log.info("default SLOs: TTFT at least %.0f ms (the queueing floor; a one-token prompt's would be %.1f ms "
+                 "without it), TPOT %.0f ms", 1000 * self.ttft_floor, 1000 * self.backend.default_ttft_slo(1),
+                 1000 * self.tpot_slo)
         self.tokenizer = llm.tokenizer
         self.limits = replace(self.limits, vocab_size=llm.model_config.vocab_size,
                               max_prompt_chars=prompt_char_limit(llm.tokenizer, a.max_model_len))
