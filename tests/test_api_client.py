@@ -205,6 +205,24 @@ def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
     assert 'tropical_requests_total{outcome="shutdown"} 2.0' in http.get("/metrics").get_data(as_text=True)
 
 
+def test_a_stream_that_fails_midway_still_ends_with_an_error_and_done():
+    server, engine, http = make()
+    engine.gate.clear()
+    results = []
+    t = threading.Thread(target=lambda: results.append(http.post(
+        "/v1/completions", json={"prompt": [1], "max_tokens": 20, "stream": True}).get_data(as_text=True)))
+    t.start()
+    wait_for(lambda: server.client.handles)
+    handle = next(iter(server.client.handles.values()))
+    handle.events.put(([7], "x", None))
+    handle.events.put(({7}, "x", None))  # a set: not JSON, the chunk cannot be written
+    t.join(timeout=5)
+    events = [line[6:] for line in results[0].splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["token_ids"] == [7]
+    assert "internal error: TypeError" in json.loads(events[1])["error"]["message"] and events[2] == "[DONE]"
+    wait_for(lambda: not server.client.handles)  # aborted
+
+
 def test_a_failing_step_fails_its_requests_only_until_the_engine_is_broken():
     server, engine, http = make()
     engine.fail = 1

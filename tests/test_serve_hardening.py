@@ -138,11 +138,14 @@ def test_max_tokens_beyond_the_context_is_a_400_naming_the_limit(server):
     assert err["param"] == "max_completion_tokens" and "1024" in err["message"]
 
 
-def test_a_huge_body_gets_a_json_413(server):
+def test_huge_bodies_and_headers_get_json_errors(server):
     big = requests.post(server.url + "/v1/completions", data=b"x" * (40 << 20), timeout=60)
     assert "larger than" in error_of(big, 413)["message"]
     chunked = requests.post(server.url + "/v1/completions", data=(b"x" * (1 << 20) for _ in range(8)), timeout=60)
     assert "larger than" in error_of(chunked, 413)["message"]
+    headers = requests.post(server.url + "/v1/completions", json={"prompt": [1]}, timeout=60,
+                            headers={"X-Big": "y" * 300_000})
+    assert "Header" in error_of(headers, 431)["message"]
     still_serves(server)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import queue
 
 from .protocol import APIError
+
+log = logging.getLogger(__name__)
 
 # Finish reasons that are not OpenAI's ("stop"/"length"): how each ends the response.
 _FAILURES = {
@@ -134,6 +137,9 @@ def stream(handle, first, rest, meta: dict, chat: bool, include_usage: bool):
                 break
             if ids or text or reason:
                 yield chunk(text, ids, reason)
+    except Exception as e:  # a bug here still ends the stream cleanly
+        log.exception("stream of %s failed", handle.request_id)
+        yield sse(APIError(500, f"internal error: {type(e).__name__}").body())
     finally:
         rest.close()  # the client hung up (waitress closed us): abort the request now
     if include_usage:
