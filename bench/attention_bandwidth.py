@@ -25,27 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from accelerators import device_info
 from pallas_kernels.decode_attention import paged_decode_reference
 from pallas_kernels.kv_write import write_kv_reference, write_kv_tpu
 
-# HBM peak per device (bytes/s), from vendor data sheets, keyed by a substring of device_kind.
-PEAK_BW = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12),
-           ("L4", 0.3e12), ("TPU v5 lite", 0.819e12), ("TPU v5e", 0.819e12),
-           ("TPU v5p", 2.765e12), ("TPU v5", 2.765e12), ("TPU v6", 1.64e12), ("TPU v4", 1.2e12)]
 GOAL = {"batch": 64, "context": 4096, "fraction_of_peak": 0.7, "speedup_vs_reference": 2.0}
 
 
 def machine():
-    dev = jax.devices()[0]
-    peak = next((bw for key, bw in PEAK_BW if key.lower() in dev.device_kind.lower()), None)
-    info = {"platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+    info = device_info()
+    return {"platform": info["platform"], "device_kind": info["device_kind"], "num_devices": info["num_devices"],
             "jax": jax.__version__, "host": platform.machine(), "cpu_count": os.cpu_count(),
-            "peak_hbm_bytes_per_s": peak}
-    try:
-        info["memory_bytes"] = dev.memory_stats()["bytes_limit"]
-    except Exception:  # CPU devices have no memory_stats
-        info["memory_bytes"] = None
-    return info
+            "peak_hbm_bytes_per_s": info["hbm_bytes_per_s"], "memory_bytes": info["memory_bytes"]}
 
 
 def timeit(fn, *args, iters):

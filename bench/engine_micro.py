@@ -11,6 +11,7 @@ the same random-weight HF checkpoint, prompts of equal length (no padding), on t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,12 +82,46 @@ def save_hf(cfg: dict, path: str):
 def hf_generate_s(model, prompts, new_tokens) -> float:
     import torch
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     with torch.no_grad():
         start = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                        do_sample=False, pad_token_id=0)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def generate_s(llm, prompts, n) -> float:
+    """Seconds of llm.generate: greedy, exactly n new tokens for each prompt."""
+    from tropical_jax import SamplingParams
+
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    assert all(len(o.token_ids) == n for o in outs)
+    return time.perf_counter() - t0
+
+
+def steady_decode_s(llm, prompts, n) -> float:
+    """Seconds of n engine steps once every request decodes (prefills done): the batch-len(prompts) decode
+    rate, host work included, without the mixed steps that prefill one prompt each."""
+    from tropical_jax import SamplingParams
+
+    eng = llm.engine
+    sp = SamplingParams(max_tokens=len(prompts) + n + 2, temperature=0, ignore_eos=True)
+    seqs = [eng.add_request(p, sp) for p in prompts]
+    while eng.waiting or eng.prefilling:
+        eng.step()
+    assert len(eng.running) == len(seqs)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.step()
+    elapsed = time.perf_counter() - t0
+    assert all(len(s.output_ids) >= n for s in seqs)
+    while eng.has_work():
+        eng.step()
+    return elapsed
 
 
 def best_of(n, fn) -> float:
@@ -95,7 +130,7 @@ def best_of(n, fn) -> float:
 
 
 def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
-    from tropical_jax import LLM, SamplingParams
+    from tropical_jax import LLM
 
     with tempfile.TemporaryDirectory() as d:
         hf, n_params = save_hf(cfg, d)
@@ -113,31 +148,7 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
         rng = np.random.default_rng(0)
         rows = []
 
-        def ours_s(prompts, n):
-            sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            t0 = time.perf_counter()
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-            assert all(len(o.token_ids) == n for o in outs)
-            return time.perf_counter() - t0
-
-        def ours_steady_s(prompts, n):
-            """Seconds of n engine steps once every request decodes (prefills done): the batch-b decode
-            rate, host work included, without the mixed steps that prefill one prompt each."""
-            eng = llm.engine
-            sp = SamplingParams(max_tokens=len(prompts) + n + 2, temperature=0, ignore_eos=True)
-            seqs = [eng.add_request(p, sp) for p in prompts]
-            while eng.waiting or eng.prefilling:
-                eng.step()
-            assert len(eng.running) == len(seqs)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                eng.step()
-            elapsed = time.perf_counter() - t0
-            assert all(len(s.output_ids) >= n for s in seqs)
-            while eng.has_work():
-                eng.step()
-            return elapsed
-
+        ours_s = functools.partial(generate_s, llm)
         for b in batches:
             prompts = rng.integers(0, cfg["vocab_size"], (b, prompt_len)).tolist()
             # End to end: prefill and new_tokens tokens. Decode alone: the time of new_tokens more
@@ -158,7 +169,7 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
             pre = [rng.integers(0, cfg["vocab_size"], 256).tolist() for _ in range(4)]
             prefill_s = best_of(2, lambda: ours_s(pre, 1))
             decode_tps = b * new_tokens / ours_dec
-            steady_tps = b * new_tokens / best_of(2, lambda: ours_steady_s(prompts, new_tokens))
+            steady_tps = b * new_tokens / best_of(2, lambda: steady_decode_s(llm, prompts, new_tokens))
             # Decode FLOPs per token ~ 2 x weights touched (embedding lookup excluded).
             matmul_params = n_params - cfg["vocab_size"] * cfg["hidden_size"]
             hf_tps = b * new_tokens / hf_dec

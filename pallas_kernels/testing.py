@@ -1,4 +1,4 @@
-"""Random but well-formed kernel inputs, shared by the tests and bench/kernels.py.
+"""Random but well-formed kernel inputs, shared by the tests and the benchmarks.
 
 Every pool slot that no live token owns is poisoned with NaN (when `poison`), and block-table
 entries past a sequence's pages point at poisoned pages, so a kernel that reads past a length,
@@ -6,6 +6,11 @@ or lets a masked value reach a sum, fails loudly instead of by a rounding error.
 """
 import numpy as np
 import jax.numpy as jnp
+
+# Max abs error a kernel may show against its reference: f32 differs by summation order only; bf16
+# kernels feed bf16 probabilities to the PV matmul and round the output (eps 2^-8), while a masking
+# or paging bug moves outputs by O(0.1-1).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
 def _pools(rng, num_pages, page_size, kv_heads, head_dim, owned, dtype, poison):

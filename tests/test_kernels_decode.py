@@ -11,9 +11,7 @@ import pytest
 
 from pallas_kernels.decode_attention import (paged_decode_gpu, paged_decode_reference,
                                              paged_decode_tpu)
-from pallas_kernels.testing import decode_case
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+from pallas_kernels.testing import TOL, decode_case
 
 
 def _lengths(batch, page_size, pages_per_seq):

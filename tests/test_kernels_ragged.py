@@ -12,9 +12,7 @@ from pallas_kernels.decode_attention import paged_decode_reference
 from pallas_kernels.ragged_attention import (ragged_paged_attention_gpu,
                                              ragged_paged_attention_reference,
                                              ragged_paged_attention_tpu)
-from pallas_kernels.testing import decode_case, ragged_case
-
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+from pallas_kernels.testing import TOL, decode_case, ragged_case
 
 # (q_len, kv_len) per live sequence: chunks on a cached prefix (q_len < kv_len), fresh chunks
 # (q_len == kv_len), decodes (q_len 1), lengths on and off page boundaries, and a sequence with
