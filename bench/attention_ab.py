@@ -1,6 +1,6 @@
 """The engine's steps with the attention code of another git revision against the working tree's, side by side.
 
-    python bench/attention_ab.py --rev HEAD~1 [--configs default-5M,llama-55M] [--out bench/results/F.json]
+    python -m bench.attention_ab --rev HEAD~1 [--configs default-5M,llama-55M] [--out bench/results/F.json]
 
 Two executors on the same weights in one process: one with `tropical_jax/model/attention.py` as it is at
 `--rev`, one with the working tree's. Their steps (decode at batch 8 and 32 with 84 tokens of context, a
@@ -16,19 +16,15 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
-from engine_micro import CONFIGS, ENGINE, machine, save_hf
-from tropical_jax.runtime.executor import _bucket
+from bench.machine import describe
+from bench.steps import CONFIGS, SHAPES, context_pages, executor, mean_ms, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"decode_b8_ctx84": (0, 8, 84), "decode_b32_ctx84": (0, 32, 84), "prefill_c128": (128, 0, None),
-          "mixed_c64_b8": (64, 8, None)}
 
 
 def attention_at(rev: str):
@@ -40,42 +36,11 @@ def attention_at(rev: str):
     return module
 
 
-def executor(path, attention):
-    """An executor whose steps trace `attention`'s backends (llama.py looks them up when it traces)."""
-    from tropical_jax.config import EngineConfig
-    from tropical_jax.model import llama
-    from tropical_jax.model.loader import load_model
-    from tropical_jax.runtime.executor import ModelExecutor
-
-    cfg, graphdef, params, _ = load_model(path, jnp.float32, None, with_tokenizer=False)
-    ex = ModelExecutor(cfg, graphdef, params, EngineConfig(max_num_seqs=32, **ENGINE))
-    saved, llama.get_backend = llama.get_backend, attention.get_backend
-    try:
-        for c, b, tokens in SHAPES.values():  # trace (and compile) now, under this attention code
-            ex.time_step(c, b, _pages(ex, tokens or c), tokens)
-    finally:
-        llama.get_backend = saved
-    return ex
-
-
-def _pages(ex, tokens) -> int:
-    """The context bucket (pages) a step over `tokens` runs in, as the executor picks it."""
-    return _bucket(ex.cfg.context_pages, -(-tokens // ex.cfg.page_size))
-
-
-def mean_ms(ex, c, b, p, tokens, reps: int) -> float:
-    """Mean ms of `reps` calls of one step (executor.time_step: every row live)."""
-    start = time.perf_counter()
-    for _ in range(reps):
-        ex.time_step(c, b, p, tokens)
-    return (time.perf_counter() - start) / reps * 1000
-
-
 def compare(path, old_attention, new_attention, rounds: int, reps: int) -> dict:
     old, new = executor(path, old_attention), executor(path, new_attention)
     rows = {}
     for name, (c, b, tokens) in SHAPES.items():
-        p = _pages(old, tokens or c)
+        p = context_pages(old, tokens or c)
         best = {"old": float("inf"), "new": float("inf")}
         for _ in range(rounds):
             for who, ex in (("old", old), ("new", new)):
@@ -88,7 +53,8 @@ def compare(path, old_attention, new_attention, rounds: int, reps: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.attention_ab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", required=True, help="git revision whose attention.py is 'old'")
     ap.add_argument("--configs", default="default-5M,llama-55M")
     ap.add_argument("--rounds", type=int, default=12)
@@ -99,7 +65,7 @@ def main():
 
     rev = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], text=True).strip()
     old = attention_at(rev)
-    result = {"benchmark": "attention_ab", "machine": machine(), "old": rev, "new": "working tree",
+    result = {"benchmark": "attention_ab", "machine": describe(), "old": rev, "new": "working tree",
               "note": "best of rounds x reps calls, old and new alternating; full steps (every row live)",
               "configs": {}}
     for name in args.configs.split(","):

@@ -1,7 +1,7 @@
 """Decode-attention bandwidth: Pallas kernel vs device peak vs the jnp reference.
 
-    python bench/attention_bandwidth.py                      # full grid on a GPU/TPU: batch 1-256 x context 512-32k
-    python bench/attention_bandwidth.py --batches 1,4 --contexts 512,1024   # what a CPU can afford
+    python -m bench.attention_bandwidth                      # full grid on a GPU/TPU: batch 1-256 x context 512-32k
+    python -m bench.attention_bandwidth --batches 1,4 --contexts 512,1024   # what a CPU can afford
 
 Bytes counted are the ones decode must move: K and V of every cached token plus q and the
 output. Achieved bandwidth = bytes / median wall time of the jitted call. Writes
@@ -9,8 +9,8 @@ output. Achieved bandwidth = bytes / median wall time of the jitted call. Writes
 On CPU the kernels run under the Pallas interpreter: the numbers say how fast the *interpreter*
 is, nothing about the hardware, and the JSON and the plot say so.
 
-(Not named kernels.py: run as a script, this folder comes first on sys.path, and transformers' optional
-`import kernels`, the Hugging Face kernels package, would find that file instead and fail.)
+(Not named kernels.py: transformers' optional `import kernels`, the Hugging Face kernels package, would find
+that file instead whenever bench/ comes first on sys.path, and fail.)
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from accelerators import device_info
+from bench.accelerators import device_info
 from pallas_kernels.decode_attention import paged_decode_reference
 from pallas_kernels.kv_write import write_kv_reference, write_kv_tpu
 
@@ -145,7 +145,7 @@ def plot(result, path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.attention_bandwidth", description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="1,4,16,64,256")
     p.add_argument("--contexts", default="512,1024,2048,4096,8192,16384,32768")
     p.add_argument("--kv-heads", type=int, default=8)
@@ -156,13 +156,13 @@ def main():
     p.add_argument("--impl", default="auto", choices=pk.IMPLS)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--out", default=None, help="path prefix (default bench/results/kernels_<platform>)")
+    p.add_argument("--out", default=None, help="path prefix (default bench/results/attention_bandwidth_<platform>)")
     a = p.parse_args()
     a.dtype = jnp.dtype(a.dtype)
     info = machine()
     impl, interpret = pk.resolve(a.impl)
     interpreted = bool(interpret)
-    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"kernels_{info['platform']}")
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"attention_bandwidth_{info['platform']}")
     cells = []
     for batch in map(int, a.batches.split(",")):
         for context in map(int, a.contexts.split(",")):

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from check_parts import MODELS, Skipped, param_count
-from engine_micro import generate_s, hf_generate_s, steady_decode_s
+from bench.engine_micro import generate_s, steady_decode_s
+from bench.steps import hf_generate_s
 
 # What each run measures: prefill prompt lengths, decode batches, the decode prompt length and the decode
 # steps timed, and the best of how many rounds; the engine's buckets are exactly these (one chunk and one

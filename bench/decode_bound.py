@@ -1,6 +1,6 @@
 """How far could faster attention take batch-32 decode against transformers on this machine?
 
-    python bench/decode_bound.py [--configs default-5M,llama-55M] [--out bench/results/F.json]
+    python -m bench.decode_bound [--configs default-5M,llama-55M] [--out bench/results/F.json]
 
 For each shape, on the same random weights in one process, each round runs all three after one another
 (the best of the rounds is kept): transformers' greedy decode step at batch 32 (generate(1 + 64 tokens) -
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attention_ab import SHAPES, _pages, executor, mean_ms
-from engine_micro import CONFIGS, hf_generate_s, machine, save_hf
+from bench.machine import describe
+from bench.steps import CONFIGS, SHAPES, context_pages, executor, hf_generate_s, mean_ms, save_hf
 from tropical_jax.model import attention as engine_attention
 
 BATCH, PROMPT, NEW_TOKENS, CONTEXTS = 32, 32, 64, (40, 64, 88)
@@ -45,10 +45,10 @@ def measure(path, hf, vocab: int, rounds: int, reps: int) -> dict:
     """Best ms of each decode step over rounds in which all of them run, one after another: transformers'
     (a generate pair per round) and ours at each context, with the engine's attention and skipped."""
     exs = {"engine": executor(path, engine_attention), "attention_skipped": executor(path, SKIPPED)}
-    # executor() compiles its steps under the given attention for the shapes attention_ab times, whose
+    # executor() compiles its steps under the given attention for SHAPES, whose
     # batch-32 decode shares its context bucket with ours: a step of another bucket would trace the engine's.
-    p = _pages(exs["engine"], SHAPES["decode_b32_ctx84"][2])
-    assert all(_pages(ex, t) == p for t in CONTEXTS for ex in exs.values())
+    p = context_pages(exs["engine"], SHAPES["decode_b32_ctx84"][2])
+    assert all(context_pages(ex, t) == p for t in CONTEXTS for ex in exs.values())
     tokens = [ex.time_step(0, BATCH, p, CONTEXTS[0]) for ex in exs.values()]
     assert not np.array_equal(*tokens), "the skipped executor samples what the engine does: attention was not skipped"
     prompts = np.random.default_rng(0).integers(0, vocab, (BATCH, PROMPT)).tolist()
@@ -102,13 +102,14 @@ def plot(result: dict, path: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_bound", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="default-5M,llama-55M")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    result = {"benchmark": "bench/decode_bound.py", "machine": machine(), "batch": BATCH,
+    result = {"benchmark": "bench.decode_bound", "machine": describe(), "batch": BATCH,
               "note": "device steps of ours vs transformers' decode step, best of rounds that run all "
                       "of them in turn; ratio_bound_attention_free: transformers' step over ours "
                       "with attention skipped, the most any attention design could reach",

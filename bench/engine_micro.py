@@ -1,8 +1,8 @@
 """Engine micro-benchmark: per-bucket step times, prefill/decode throughput, compile time, and
 transformers `generate` on the same weights and batch, side by side in one run (ratios).
 
-    python bench/engine_micro.py [--out bench/results/engine_micro.json] [--configs default-5M] [--batches 1,8]
-    python bench/engine_micro.py --replot   # redraw engine_micro.png from the JSON
+    python -m bench.engine_micro [--out bench/results/engine_micro.json] [--configs default-5M] [--batches 1,8]
+    python -m bench.engine_micro --replot   # redraw engine_micro.png from the JSON
 
 Prints JSON (and writes it to --out) stating the machine. Both engines run greedy decoding on
 the same random-weight HF checkpoint, prompts of equal length (no padding), on the CPU.
@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -22,38 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CONFIGS = {
-    # the embedded default's shape
-    "default-5M": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2),
-    "llama-55M": dict(vocab_size=16000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=4),
-}
+from bench.machine import describe
+from bench.steps import CONFIGS, ENGINE, hf_generate_s, save_hf
 
-
-# The engine both benchmarks build on these shapes (engine_micro and attention_ab).
-ENGINE = dict(max_model_len=512, page_size=16, max_chunk_tokens=256, compilation_cache_dir=None)
 ROUNDS = 3  # of the side-by-side generate calls, each engine's fastest kept
-
-
-def cpu_model() -> str:
-    """The CPU as /proc/cpuinfo names it, with its family/model and the vector units that matter to matmuls
-    (VMs often name only "Xeon"; results from different CPUs must not be compared as one)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return platform.processor() or platform.machine()
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in info.get("flags", "").split()]
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}; " \
-           f"{' '.join(units) or 'no avx2'})"
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu": cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()[:1]]}
 
 
 def matmul_flops(n=1024, reps=20) -> float:
@@ -65,31 +36,6 @@ def matmul_flops(n=1024, reps=20) -> float:
         a = f(a)
     a.block_until_ready()
     return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def save_hf(cfg: dict, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, max_position_embeddings=1024,
-                                                                   eos_token_id=None, bos_token_id=None)).eval()
-    model.save_pretrained(path)
-    n_params = sum(p.numel() for p in model.parameters())
-    return model, n_params
-
-
-def hf_generate_s(model, prompts, new_tokens) -> float:
-    import torch
-
-    ids = torch.tensor(prompts, device=model.device)
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def generate_s(llm, prompts, n) -> float:
@@ -231,7 +177,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m bench.engine_micro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/engine_micro.json")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from --out")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
@@ -244,7 +191,7 @@ def main():
     flops = matmul_flops()
     batches = [int(b) for b in args.batches.split(",")]
     configs = {n: CONFIGS[n] for n in args.configs.split(",")}
-    result = {"machine": machine(), "matmul_gflops": round(flops / 1e9, 1), "prompt_len": 32, "new_tokens": 64,
+    result = {"machine": describe(), "matmul_gflops": round(flops / 1e9, 1), "prompt_len": 32, "new_tokens": 64,
               "dtype": "float32",
               "note": "greedy generate wall time, best of 3 rounds alternating the engines (ours' other rows: "
                       "best of 2); both engines same weights, same prompts, same batch, one process, CPU. e2e: prompt_len-token prompts to new_tokens tokens, prefill "

@@ -1,6 +1,6 @@
 """Open-loop load client for any OpenAI-compatible server (ours, vLLM, SGLang, ...).
 
-    python bench/serve_load.py --url http://127.0.0.1:8000 --workload humaneval --rate 2 \\
+    python -m bench.serve_load --url http://127.0.0.1:8000 --workload humaneval --rate 2 \\
         --num-requests 100 [--arrival poisson|gamma|trace] [--cv 2] [--max-input-len 512] \\
         [--max-output-len 64] [--ttft-slo-ms 2000] [--tpot-slo-ms 100] [--endpoint completions|chat] \\
         [--model NAME] [--api-key KEY] [--out FILE.json]
@@ -113,7 +113,7 @@ def summarize(results, ttft_slo: float, tpot_slo: float, duration: float) -> dic
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.serve_load", description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (without /v1)")
     ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     ap.add_argument("--model", default=None, help="model name to send (default: the server's first /v1/models)")

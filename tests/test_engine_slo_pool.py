@@ -1,19 +1,16 @@
-"""bench/engine_slo_pool: runs of one workload on other seeds joined into one report, on hand-made results."""
+"""bench.engine_slo.pool: runs of one workload on other seeds joined into one report, on hand-made results."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import engine_slo_pool  # noqa: E402
+from bench.engine_slo import pool as engine_slo_pool
 
 RATES = [4.0, 8.0, 12.0]
 
 
 def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, requests: int, rates=RATES) -> dict:
-    """An engine_slo.py result as the pool reads it; planned / disaggregated: seed -> attainment at each rate;
+    """A bench.engine_slo result as the pool reads it; planned / disaggregated: seed -> attainment at each rate;
     replayed: policy -> the simulator's replay attainment at each rate, over `requests` requests a rate."""
     def policy(name, cluster, per_seed):
         return {"cluster": cluster, "goodput_sim": 10.0, "runs": [
@@ -21,7 +18,7 @@ def result(planned: dict, disaggregated: dict, within: dict, replayed: dict, req
              "requests": requests, "sim_replay": {"attainment": replayed[name][i]},
              "rel_error": {"ttft_p90": 0.1, "tpot_p90": -0.3, "attainment": 0.0}} for i, rate in enumerate(rates)]}
 
-    command = (f"bench/engine_slo.py --arrival gamma --seeds 1 --first-seed={min(planned)} "
+    command = (f"python -m bench.engine_slo --arrival gamma --seeds 1 --first-seed={min(planned)} "
                f"--rates {','.join(map(str, rates))} --out x.json")
     return {"command": command, "machine": {"cpus": 2}, "slo": {"ttft": "10 x", "tpot_s": 0.036}, "target": 0.9,
             "rates": rates,
@@ -102,6 +99,9 @@ def test_pool_refuses_runs_of_another_workload_or_sharing_a_seed():
     reprofiled = copy.deepcopy(b)
     reprofiled["command"] = reprofiled["command"].replace("--seeds 1", "--reprofile --seeds 3")
     assert engine_slo_pool.pool([a, reprofiled], ["a", "b"])["seeds"] == [0, 1]
+    as_script = copy.deepcopy(b)  # a run started as `python bench/engine_slo/__main__.py ...`: the same options
+    as_script["command"] = as_script["command"].replace("python -m bench.engine_slo", "bench/engine_slo/__main__.py")
+    assert engine_slo_pool.pool([a, as_script], ["a", "b"])["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="seed 0 is in run 0 and run 1"):
         engine_slo_pool.pool([a, copy.deepcopy(a)], ["a", "a again"])
 

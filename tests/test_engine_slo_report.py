@@ -1,14 +1,8 @@
-"""bench/engine_slo_report.paired: ours against each baseline seed by seed, on hand-made curves."""
-
-import importlib.util
-from pathlib import Path
+"""bench.engine_slo.report.paired: ours against each baseline seed by seed, on hand-made curves."""
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "engine_slo_report", Path(__file__).resolve().parents[1] / "bench" / "engine_slo_report.py")
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from bench.engine_slo import report
 
 RATES = [4.0, 8.0, 12.0]
 

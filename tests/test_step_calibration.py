@@ -1,16 +1,10 @@
-"""bench/step_calibration.calibrate: per-kind step factors and the contention, from hand-made step records.
+"""bench.engine_slo.calibration.calibrate: per-kind step factors and the contention, from hand-made step records.
 
 Records are (kind, real s, predicted s, started beside another worker's step)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "step_calibration", Path(__file__).resolve().parents[1] / "bench" / "step_calibration.py")
-step_calibration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_calibration)
+from bench.engine_slo import calibration as step_calibration
 
 
 def steps(kind, n, ratio, shared):

@@ -58,7 +58,7 @@ def decode_attention(q, k_pool, v_pool, block_tables, positions, mask):
     A block's keys and values stay token-major as gathered ([B, T, kvh, D]) and the dots say which
     axes they contract: XLA CPU fuses the gather into the layout each dot wants. Transposing them
     head-major first cost a copy more (whole decode steps at batch 8 and 32 5-10% slower:
-    bench/results/attention_ab_s23.json)."""
+    bench/results/attention_ab.md)."""
     b, heads, dim = q.shape
     page_size, kvh = k_pool.shape[1], k_pool.shape[2]
     lengths = jnp.where(mask, positions + 1, 0)
