@@ -278,8 +278,12 @@ def test_chat_stream_opens_with_the_role_and_closes_with_usage():
     class Tok:
         chat_template = "fake"
 
-        def apply_chat_template(self, messages, **kw):
-            return [len(m["content"]) % 100 + 1 for m in messages]
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert not tokenize  # the server encodes the text itself
+            return "|".join(m["content"] for m in messages)
+
+        def encode(self, text, add_special_tokens):
+            return [len(part) % 100 + 1 for part in text.split("|")]
 
     server, engine, http = make()
     server.tokenizer = Tok()

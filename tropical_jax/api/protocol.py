@@ -92,6 +92,17 @@ def _get(body, name, types, default=None, check=None, what=None):
     return value
 
 
+def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """tokenizer.encode(text), through the Rust tokenizer's batch call without offsets where there is
+    one: about twice as fast as transformers' encode on a long prompt, and free of the GIL while it
+    runs (the Rust tokenizer's plain encode holds it throughout), so the engine thread keeps stepping
+    while an HTTP thread tokenizes."""
+    fast = getattr(getattr(tokenizer, "backend_tokenizer", None), "encode_batch_fast", None)
+    if fast is None:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+
 def _check_text(text: str, field: str, limits: Limits) -> str:
     """Text the tokenizer can take: encodable as UTF-8 (JSON may carry lone surrogates such as
     "\\ud800") and not longer than any prompt that fits the context."""
@@ -135,7 +146,9 @@ def _chat_prompt(body, tokenizer, limits: Limits) -> list[int]:
     _check_text("".join(m["content"] for m in clean), "messages", limits)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True, return_dict=False))
+    # The template's own special tokens are in its text; the tokenizer adds none (as transformers does).
+    text = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
+    return encode(tokenizer, text, add_special_tokens=False)
 
 
 def _completion_prompt(body, tokenizer, limits: Limits) -> list[int]:
@@ -149,7 +162,7 @@ def _completion_prompt(body, tokenizer, limits: Limits) -> list[int]:
             raise APIError(400, "'prompt' must not be empty", "prompt")
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send 'prompt' as a list of token ids", "prompt")
-        return list(tokenizer.encode(_check_text(prompt, "prompt", limits)))
+        return encode(tokenizer, _check_text(prompt, "prompt", limits))
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = next((t for t in prompt if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
