@@ -12,8 +12,8 @@ import requests
 
 
 class ServerProcess:
-    def __init__(self, *args, timeout=240):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def __init__(self, *args, timeout=240, env=None):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "tropical_jax.serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []

@@ -127,12 +127,16 @@ def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, cou
     first = LLM(tiny, cluster="1P1M", **ENGINE)
     assert counting == [1] and "no cached profile fits" in caplog.text
     caplog.clear()
-    second = LLM(tiny, cluster="2C", policy="colocated", **ENGINE)
+    second = LLM(tiny, cluster="2C", policy="chunked", **ENGINE)
     assert counting == [1], "the second startup timed the buckets again"
     assert "reusing the cached profile" in caplog.text
     assert second.cluster.scheduler.cost.mixed == first.cluster.scheduler.cost.mixed
     # 1P1M timed its own P -> M page copy; 2C has no handoff and keeps the profile's constant.
     assert first.cluster.scheduler.cost.bandwidth_Bps != second.cluster.scheduler.cost.bandwidth_Bps == 5e9
+    # Colocated C workers compile no mixed steps, so their profile (without mixed points) is another entry.
+    first.close(), second.close()
+    LLM(tiny, cluster="2C", policy="colocated", **ENGINE).close()
+    assert counting == [1, 1]
     # Other buckets miss the cache (measuring is faked here: the first startup measured for real).
     measured = []
     monkeypatch.setattr(profile_cache, "measure", lambda *a, **k: measured.append(a[1]) or dict(BASE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import jax
@@ -58,9 +59,10 @@ class LLM:
 
             policy = policy or default_policy(cluster)
 
-            # On Ray an unprofiled cluster is measured on its first actor (the driver may own no devices).
-            cost = None if backend == "ray" and profile is None else \
-                _cluster_cost_model(model, profile, self.engine_config, dtype, progress, cluster)
+            from .sched.cost_model import CostModel
+
+            # No profile: the cached one, else timed on a warmed worker (cluster/profile_cache.py).
+            cost = CostModel.from_json(profile) if profile is not None else None
             # A measured profile's transfer is a constant: the cluster times its own copy. A given one is kept.
             self.cluster = ClusterEngine(model, cluster, policy, cost, self.engine_config, jnp.dtype(dtype), progress,
                                          backend=backend, ray_address=ray_address, time_transfer=profile is None)
@@ -78,7 +80,24 @@ class LLM:
         if warmup:
             self.executor.warmup(progress)
 
+    def close(self) -> None:
+        """Release the engine: workers (a cluster's Ray actors too), KV pools and compiled steps, whose
+        memory mappings (about 300 each on the CPU backend) go back to the process. Also on leaving
+        `with LLM(...) as llm:`. The LLM cannot generate afterwards."""
+        if self.cluster is not None:
+            self.cluster.close()
+        self.cluster = self.engine = self.executor = None
+        gc.collect()  # the executables sit in reference cycles (jitted closures)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts=None, sampling_params=None, prompt_token_ids=None) -> list[RequestOutput]:
+        if self.cluster is None and self.engine is None:
+            raise RuntimeError("this LLM was closed (LLM.close()); create a new one")
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts (text) or prompt_token_ids")
         if prompts is not None:
@@ -114,15 +133,3 @@ class LLM:
                 self.engine.step()
         return [RequestOutput(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason) for s in seqs]
 
-
-def _cluster_cost_model(model, profile, engine_config, dtype, progress, cluster=None):
-    """The scheduler's cost model: the given profile, else a cached profile of this model, mesh, backend and
-    buckets (tropical_jax/cluster/profile_cache.py), else one measured on this machine now and cached."""
-    from .sched.cost_model import CostModel
-
-    if profile is not None:
-        return CostModel.from_json(profile)
-    from .cluster.profile_cache import cached_profile, cluster_tp
-
-    measured, _, _ = cached_profile(model, engine_config, cluster_tp(cluster) if cluster else 1, progress)
-    return CostModel.from_json(measured)

@@ -264,6 +264,7 @@ def measure_prefill(executor) -> dict[int, float]:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tropical_jax").setLevel(logging.INFO)  # ours at INFO; libraries' chatter stays out
     args = parse_args(argv)
@@ -276,6 +277,7 @@ def main(argv=None) -> int:
     init_distributed(args.jax_distributed)  # before JAX starts its backend
     from .api.app import create_app
     from .api.wsgi_server import TrackResponses, make_server
+    from .runtime.map_budget import MappingBudgetError, startup_report
 
     server = Server(args)
     wsgi = TrackResponses(create_app(server))
@@ -286,9 +288,13 @@ def main(argv=None) -> int:
     def warm():
         try:
             server.load()
+        except MappingBudgetError as e:
+            log.error("%s", e)
+            os._exit(2)
         except Exception:
             log.exception("the model failed to load")
             os._exit(1)
+        log.info(startup_report(time.monotonic() - started))
         print(f"tropical_jax serving {server.limits.model_name} at {url}/v1 (ready)", flush=True)
 
     signals = []

@@ -32,6 +32,7 @@ from ..sched.cost_model import CostModel
 from ..sched.request import Request
 from ..sched.scheduler import Scheduler
 from .profile import measure_transfer
+from .profile_cache import cluster_profile
 from .workers import local_workers
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class ClusterEngine:
     def __init__(self, model, cluster: str, policy: str | PolicyConfig, cost_model, engine_cfg: EngineConfig,
                  dtype=jnp.float32, progress: bool = True, backend: str = "local", ray_address: str | None = None,
                  time_transfer: bool = False):
-        """cost_model: a CostModel, or None to measure one on the first worker's devices. time_transfer:
+        """cost_model: a CostModel, or None for the cached profile of this model and buckets, else one
+        timed on a worker (profile_cache.cluster_profile). time_transfer:
         replace its KV-transfer constants by this cluster's own copy, timed (always when measuring)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -71,9 +73,9 @@ class ClusterEngine:
         if backend == "ray":
             from .ray_backend import ray_workers
 
-            self.workers = ray_workers(model, self.spec, engine_cfg, dtype, ray_address, progress)
+            self.workers = ray_workers(model, self.spec, engine_cfg, dtype, ray_address, progress, self.policy)
         else:
-            self.workers = local_workers(model, self.spec, engine_cfg, dtype)
+            self.workers = local_workers(model, self.spec, engine_cfg, dtype, self.policy)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -90,7 +92,8 @@ class ClusterEngine:
         for w in self.workers.values():
             w.warmup(progress)
         if cost_model is None:
-            cost_model = CostModel.from_json(next(iter(self.workers.values())).profile(progress))
+            cost_model = CostModel.from_json(cluster_profile(model, self.spec, self.workers, engine_cfg, self.policy,
+                                                             progress, cache=backend == "local"))
             time_transfer = True
         handoff = self.measure_handoff(cost_model.kv_bytes_per_token) if time_transfer else None
         if handoff is not None:

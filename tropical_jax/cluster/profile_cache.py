@@ -6,7 +6,9 @@ The key is a hash of everything a measurement depends on: the code that runs and
 (its syntax tree without docstrings, so new code misses and a reworded comment does not), the
 model's identity (resolved path, its config, and the name, size and mtime of every file under it,
 so new weights miss), the mesh (tensor parallelism, platform, device kind, JAX version), and the
-engine's shapes (buckets, page size, pages, dtype, attention backend). Files live in
+engine's shapes (buckets, page size, pages, dtype, attention backend, whether mixed steps are timed).
+A cluster times its profile on one of its own warmed workers (cluster_profile), so a miss compiles
+nothing more. Files live in
 $TROPICAL_JAX_PROFILE_CACHE or ~/.cache/tropical_jax/profiles as <key>.json: the ordinary profile
 JSON plus `cache_key` and `identity`, so `python -m tropical_jax.sim --profile` reads them as they are.
 """
@@ -64,14 +66,15 @@ def model_identity(model) -> dict:
             "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
 
 
-def identity(model, engine_cfg, tp: int = 1) -> dict:
+def identity(model, engine_cfg, tp: int = 1, mixed: bool = True) -> dict:
     import jax
 
     device = jax.devices()[0]
     engine = dataclasses.asdict(engine_cfg)
     engine.pop("compilation_cache_dir")
     engine.update(chunk_sizes=list(engine_cfg.chunk_sizes), batch_sizes=list(engine_cfg.batch_sizes),
-                  context_pages=list(engine_cfg.context_pages), total_pages=engine_cfg.total_pages)
+                  context_pages=list(engine_cfg.context_pages), total_pages=engine_cfg.total_pages,
+                  mixed_profiled=mixed and engine_cfg.mixed_steps)
     return {"code": code_digest(), "model": model_identity(model),
             "mesh": {"tp": tp, "platform": device.platform, "device_kind": device.device_kind,
                      "jax": jax.__version__},
@@ -109,13 +112,15 @@ def store(profile: dict, ident: dict) -> Path:
     return path
 
 
-def cached_profile(model, engine_cfg, tp: int = 1, progress: bool = True,
-                   refresh: bool = False) -> tuple[dict, Path, bool]:
+def cached_profile(model, engine_cfg, tp: int = 1, progress: bool = True, refresh: bool = False,
+                   measure_now=None, mixed: bool = True) -> tuple[dict, Path, bool]:
     """-> (profile, its cache file, whether it was reused). Profiles and stores when none fits, or
-    always with refresh (a profile timed on a busy machine stays too slow until it is replaced)."""
+    always with refresh (a profile timed on a busy machine stays too slow until it is replaced).
+    measure_now: how to profile (default: a new executor of our own, `measure`); mixed: whether it
+    times mixed steps."""
     from ..sched.cost_model import CostModel, ProfileError
 
-    ident = identity(model, engine_cfg, tp)
+    ident = identity(model, engine_cfg, tp, mixed)
     path = cache_dir() / f"{key_of(ident)}.json"
     if path.exists() and not refresh:
         try:
@@ -127,9 +132,28 @@ def cached_profile(model, engine_cfg, tp: int = 1, progress: bool = True,
         except (OSError, json.JSONDecodeError, ProfileError) as e:
             log.warning("ignoring the unusable cached profile %s: %s", path, e)
     log.info("no cached profile fits this model, mesh, backend and buckets: profiling (cache: %s)", path)
-    profile = measure(model, engine_cfg, tp, progress)
+    profile = measure_now() if measure_now is not None else measure(model, engine_cfg, tp, progress)
     CostModel.from_json(profile)  # never cache a profile the scheduler could not use
     return profile, store(profile, ident), False
+
+
+def cluster_profile(model, cluster, workers, engine_cfg, policy=None, progress: bool = True,
+                    cache: bool = True) -> dict:
+    """The profile a cluster's scheduler runs on: from the cache, else timed on the worker that compiled
+    the most kinds of step (M, D or C: the profile's steps are among its warmed executables, so timing
+    compiles nothing) and cached. cache=False (Ray: the driver's devices are not the workers') always times."""
+    from ..sched.config import parse_cluster
+    from .workers import step_kinds
+
+    spec = max(parse_cluster(cluster).workers, key=lambda w: len(step_kinds(w.role, policy)))
+    mixed = "mixed" in step_kinds(spec.role, policy)
+
+    def measure_now():
+        return workers[spec.name].profile(progress)
+
+    if not cache:
+        return measure_now()
+    return cached_profile(model, engine_cfg, spec.tp, progress, measure_now=measure_now, mixed=mixed)[0]
 
 
 def cluster_tp(cluster) -> int:

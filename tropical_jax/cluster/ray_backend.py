@@ -27,8 +27,8 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..model.loader import model_path
-from ..runtime.executor import StepInputs
-from .workers import InProcessWorker
+from ..runtime.executor import STEP_KINDS, StepInputs
+from .workers import InProcessWorker, step_kinds
 
 
 def import_ray():
@@ -67,7 +67,8 @@ def disconnect() -> None:
 class WorkerActor:
     """The actor's body: an InProcessWorker on the first `tp` devices of the actor's process."""
 
-    def __init__(self, model: str | None, dtype: str, engine_cfg: EngineConfig, tp: int):
+    def __init__(self, model: str | None, dtype: str, engine_cfg: EngineConfig, tp: int, kinds=STEP_KINDS,
+                 name: str = "worker"):
         import jax
 
         from .distributed import initialize
@@ -78,7 +79,7 @@ class WorkerActor:
         devices = jax.devices()
         if len(devices) < tp:
             raise RuntimeError(f"this actor sees {len(devices)} device(s) ({devices}), its worker needs tp={tp}")
-        self.worker = InProcessWorker(model, dtype, engine_cfg, devices[:tp])
+        self.worker = InProcessWorker(model, dtype, engine_cfg, devices[:tp], kinds, name)
 
     def where(self) -> dict:
         """The actor's process and devices (tests check that each worker has its own)."""
@@ -147,12 +148,13 @@ class RayWorker:
 
 
 def ray_workers(model, cluster, engine_cfg: EngineConfig, dtype, address: str | None = None,
-                progress: bool = True) -> dict[str, RayWorker]:
-    """One actor per cluster worker, each loading the model from the same local path."""
+                progress: bool = True, policy=None) -> dict[str, RayWorker]:
+    """One actor per cluster worker, each loading the model from the same local path and compiling
+    the steps of its role (each actor checks its own process's mapping budget at warmup)."""
     ray = connect(address)
     resources = ray.cluster_resources()
     remote = ray.remote(WorkerActor)
     path = str(model_path(model).resolve())  # actors need not share the driver's working directory
     dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     return {w.name: RayWorker(ray, remote.options(**actor_options(w.tp, resources)).remote(
-        path, dtype, engine_cfg, w.tp), progress) for w in cluster.workers}
+        path, dtype, engine_cfg, w.tp, step_kinds(w.role, policy), w.name), progress) for w in cluster.workers}

@@ -4,8 +4,13 @@ A handle has four calls, the same for every backend:
     step(inputs) -> sampled ids   run one prepared step (runtime.executor.StepInputs: small host arrays)
     read_pages(pages) -> payload  the K/V of those pages, every layer; opaque to the caller
     write_pages(pages, payload)   put a payload read from another worker into these pages
-    warmup(progress)              compile every step and the page copies
+    warmup(progress)              compile the steps its role runs, and the page copies
 plus profile(progress) (a cost-model JSON measured on the worker's devices) and close().
+
+A worker compiles only the kinds of step the scheduler plans for its role (step_kinds): a P worker's
+15 prefill executables instead of all 123 with the default buckets. Every compiled executable holds
+about 300 memory mappings on the CPU backend, so local_workers checks the whole cluster's set against
+the process's limit before loading anything (runtime/map_budget.py).
 
 InProcessWorker holds a mesh carved from this process's devices; its payloads stay on device
 and are `jax.device_put` to the destination's sharding. The Ray backend (ray_backend.py) runs an
@@ -20,9 +25,28 @@ import jax
 import numpy as np
 
 from ..config import EngineConfig
-from ..model.loader import load_model
+from ..model.loader import load_model, read_config
 from ..model.sharding import make_mesh
-from ..runtime.executor import ModelExecutor, StepInputs
+from ..runtime import map_budget
+from ..runtime.executor import BUCKET_ADVICE, STEP_KINDS, ModelExecutor, StepInputs, step_shapes
+
+PAGE_COPIES = 2  # the gather and the scatter: executables of every worker besides its steps
+
+
+def step_kinds(role: str, policy=None) -> tuple[str, ...]:
+    """The kinds of step the scheduler plans for a worker of this role (sched/batcher.py): P runs
+    prefill chunks alone; M and D decode batches, with a chunk beside them (an inline prefill or a
+    recompute) or alone; C runs prefills and decodes apart under `colocated`, together under `chunked`."""
+    if role == "P":
+        return ("prefill",)
+    if role == "C" and getattr(policy, "policy", None) != "chunked":
+        return ("prefill", "decode")
+    return STEP_KINDS
+
+
+def cluster_executables(cluster, engine_cfg: EngineConfig, policy=None) -> dict[str, int]:
+    """Executables each worker of the cluster compiles at warmup."""
+    return {w.name: len(step_shapes(engine_cfg, step_kinds(w.role, policy))) + PAGE_COPIES for w in cluster.workers}
 
 
 def carve_devices(cluster, devices=None) -> dict[str, list]:
@@ -67,16 +91,17 @@ class InProcessWorker:
     """One worker in this process: its mesh, model, KV pools and page copies. One call at a time
     touches its pools (steps donate them; a handoff may write them from another worker's thread)."""
 
-    def __init__(self, model, dtype, engine_cfg: EngineConfig, devices):
+    def __init__(self, model, dtype, engine_cfg: EngineConfig, devices, kinds=STEP_KINDS, name: str = "worker"):
         self.mesh = make_mesh(devices)
         model_config, graphdef, params, _ = load_model(model, dtype, self.mesh, with_tokenizer=False)
         self.executor = ModelExecutor(model_config, graphdef, params, engine_cfg, self.mesh)
         self.copier = PageCopier(engine_cfg.pages_per_seq, engine_cfg.total_pages)
         self.lock = threading.Lock()
+        self.kinds, self.name = tuple(kinds), name
 
     def warmup(self, progress: bool = True) -> None:
         with self.lock:
-            self.executor.warmup(progress)
+            self.executor.warmup(progress, self.kinds, f"worker {self.name}")
         self.write_pages([], self.read_pages([]))  # compiles the gather and the scatter
 
     def step(self, inputs: StepInputs) -> np.ndarray:
@@ -108,13 +133,22 @@ class InProcessWorker:
         from .profile import profile_executor
 
         with self.lock:
-            return profile_executor(self.executor, progress)
+            return profile_executor(self.executor, progress, mixed="mixed" in self.kinds)
 
     def close(self) -> None:
-        pass
+        """Drop the model, pools and executables (their memory mappings go back once collected)."""
+        self.executor = self.copier = None
 
 
-def local_workers(model, cluster, engine_cfg: EngineConfig, dtype, devices=None) -> dict[str, InProcessWorker]:
-    """One InProcessWorker per cluster worker, each on its own slice of this process's devices."""
-    return {name: InProcessWorker(model, dtype, engine_cfg, devs)
-            for name, devs in carve_devices(cluster, devices).items()}
+def local_workers(model, cluster, engine_cfg: EngineConfig, dtype, policy=None,
+                  devices=None) -> dict[str, InProcessWorker]:
+    """One InProcessWorker per cluster worker, each on its own slice of this process's devices, once
+    the executables of all of them are known to fit the process's memory mappings."""
+    slices = carve_devices(cluster, devices)
+    per_worker = cluster_executables(cluster, engine_cfg, policy)
+    counts = ", ".join(f"{name} {n}" for name, n in per_worker.items())
+    map_budget.check(sum(per_worker.values()), read_config(model).num_layers,
+                     f"cluster {cluster} ({counts} executables)",
+                     BUCKET_ADVICE + ", fewer workers in one process (or --backend ray: a process each)")
+    return {w.name: InProcessWorker(model, dtype, engine_cfg, slices[w.name], step_kinds(w.role, policy), w.name)
+            for w in cluster.workers}

@@ -9,8 +9,10 @@ token ids come back.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
-import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -22,26 +24,18 @@ from ..config import EngineConfig, ModelConfig
 from ..model.llama import init_kv_cache, make_forward
 from ..model.sharding import kv_sharding
 from ..model.step_batch import StepBatch
+from . import map_budget
+from .map_budget import cache_hits, compile_count
 from .sampling import sample
 
-_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",)
-_compile_lock = threading.Lock()
-_compile_count = 0
+log = logging.getLogger(__name__)
 
-
-def _on_event(event, _duration, **_):
-    global _compile_count
-    if event in _COMPILE_EVENTS:
-        with _compile_lock:
-            _compile_count += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def compile_count() -> int:
-    """Executables JAX has compiled (or loaded from the persistent cache) in this process."""
-    return _compile_count
+# The kinds of step a worker may run: a prefill chunk alone, a decode batch alone, both in one step.
+STEP_KINDS = ("prefill", "decode", "mixed")
+# Compiling releases the GIL: warmup lowers on its own thread while these compile.
+COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
+BUCKET_ADVICE = (" (fewer sizes in --batch-buckets, --chunk-buckets and --context-buckets, e.g. --batch-buckets "
+                 "1,8,32 --context-buckets 1024, or LLM(batch_buckets=..., chunk_buckets=..., context_buckets=...))")
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -79,20 +73,29 @@ class ModelExecutor:
         self._step = jax.jit(step, donate_argnums=(1,))
 
     # -- shapes -----------------------------------------------------------------------------
-    def step_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (chunk bucket, batch bucket, context pages) this executor may run; 0: part absent."""
-        shapes = [(c, 0) for c in self.chunk_sizes] + [(0, b) for b in self.batch_sizes]
-        if self.cfg.mixed_steps:
-            shapes += [(c, b) for c in self.chunk_sizes for b in self.batch_sizes]
-        return [(c, b, p) for c, b in shapes for p in self.cfg.context_pages]
+    def step_shapes(self, kinds=STEP_KINDS) -> list[tuple[int, int, int]]:
+        """Every (chunk bucket, batch bucket, context pages) of these kinds this executor may run."""
+        return step_shapes(self.cfg, kinds)
 
     def chunk_bucket(self, n: int) -> int:
         return _bucket(self.chunk_sizes, n)
 
-    def warmup(self, progress: bool = True) -> None:
-        shapes = self.step_shapes()
-        for c, b, p in tqdm(shapes, desc="warmup: compiling steps", disable=not progress, unit="exe"):
-            self.execute(pad_inputs(self.cfg, c, b, p, [], []))
+    def warmup(self, progress: bool = True, kinds=STEP_KINDS, name: str = "the engine") -> None:
+        """Compile (or load from the persistent cache) every step of these kinds, after checking that
+        their memory mappings fit (runtime/map_budget.py). A step outside them still runs: it compiles
+        when first asked for."""
+        shapes = self.step_shapes(kinds)
+        map_budget.check(len(shapes), self.model_cfg.num_layers, f"{name}'s warmup", BUCKET_ADVICE)
+        start, compiled, loaded = time.perf_counter(), compile_count(), cache_hits()
+        lowered = (self._step.lower(self._param_leaves, self.kv_cache, *pad_inputs(self.cfg, c, b, p, [], []))
+                   for c, b, p in shapes)
+        with ThreadPoolExecutor(COMPILE_THREADS) as pool:
+            for _ in tqdm(pool.map(lambda step: step.compile(), lowered), total=len(shapes),
+                          desc="warmup: compiling steps", disable=not progress, unit="exe"):
+                pass
+        loaded = cache_hits() - loaded
+        log.info("%s: %d step executables ready in %.1f s (%d compiled, %d loaded from the compilation cache)",
+                 name, len(shapes), time.perf_counter() - start, compile_count() - compiled - loaded, loaded)
 
     # -- running ----------------------------------------------------------------------------
     def run(self, chunks, decodes) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +118,15 @@ class ModelExecutor:
         after this call runs after the step."""
         tokens, self.kv_cache = self._step(self._param_leaves, self.kv_cache, *inputs)
         return tokens
+
+
+def step_shapes(cfg: EngineConfig, kinds=STEP_KINDS) -> list[tuple[int, int, int]]:
+    """(chunk bucket, batch bucket, context pages) of each step of these kinds; 0: that part absent."""
+    shapes = [(c, 0) for c in cfg.chunk_sizes] if "prefill" in kinds else []
+    shapes += [(0, b) for b in cfg.batch_sizes] if "decode" in kinds else []
+    if "mixed" in kinds and cfg.mixed_steps:
+        shapes += [(c, b) for c in cfg.chunk_sizes for b in cfg.batch_sizes]
+    return [(c, b, p) for c, b in shapes for p in cfg.context_pages]
 
 
 class StepInputs(NamedTuple):
