@@ -68,11 +68,26 @@ load_layout() {
   while IFS='=' read -r key value; do printf -v "LAYOUT_$key" '%s' "$value"; done <<<"$out"
 }
 
+# new_secret FILE: a random key in FILE (mode 600, its directory 700), unless FILE already holds one
+# (restarts keep the key clients have). The key never appears on a command line, where `ps` shows it.
+new_secret() {
+  local file=$1
+  [[ -s $file ]] && return 0
+  if is_dry_run; then echo "+ new_secret $file  # a random key, mode 600"; return; fi
+  (umask 077 && mkdir -p "$(dirname "$file")" && "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))' >"$file")
+}
+
+# RAY_AUTH: the environment of Ray with token authentication (Ray >= 2.52), for `env` or a remote
+# command: every node and the driver read the same token file (TOKEN_FILE).
+RAY_AUTH=()
+ray_auth() { RAY_AUTH=(RAY_AUTH_MODE=token "RAY_AUTH_TOKEN_PATH=$1"); }
+
 # The server's arguments for a layout: SERVE_ARGS=(--host ... --cluster ... [--backend ray ...] extra...).
+# It listens on every interface, so it requires the API key in KEY_FILE (Authorization: Bearer KEY).
 SERVE_ARGS=()
 serve_args() {
-  local port=$1 cluster=$2 model=$3 multi_host=$4; shift 4
-  SERVE_ARGS=(--host 0.0.0.0 --port "$port" --cluster "$cluster")
+  local port=$1 cluster=$2 model=$3 multi_host=$4 key_file=$5; shift 5
+  SERVE_ARGS=(--host 0.0.0.0 --port "$port" --api-key-file "$key_file" --cluster "$cluster")
   [[ -n $model ]] && SERVE_ARGS+=(--model "$model")
   # More than one host: one Ray actor per worker mesh, the driver joins the Ray head on this host.
   [[ $multi_host == 1 ]] && SERVE_ARGS+=(--backend ray --ray-address auto)

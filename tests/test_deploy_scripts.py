@@ -4,6 +4,7 @@ anything. Nothing here reaches the network: a dry run runs only read-only lookup
 nvidia-smi), and those hit the fakes, which record every call."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,7 @@ def sh(tmp_path):
         # A dry run never changes anything: the only commands that really ran are the lookups.
         assert all(c.startswith(READ_ONLY) for c in made), made
         return r, made
+    run.home = tmp_path
     return run
 
 
@@ -185,7 +187,8 @@ def test_tpu_start_single_host_under_systemd(sh):
     unit = only(cmds, "systemd/system/tropical-serve.service")
     assert "--worker=0" in unit
     assert ("ExecStart=$HOME/tropical-venv/bin/python -m tropical_jax.serve --host 0.0.0.0 --port 8000 "
-            "--cluster P:tp4,M:tp4 --model models/llama --policy planned --max-model-len 4096\n") in unit
+            "--api-key-file .config/tropical_jax/api_key --cluster P:tp4,M:tp4 --model models/llama --policy planned "
+            "--max-model-len 4096\n") in unit
     for line in ("Restart=always", "StartLimitIntervalSec=0", "TimeoutStopSec=90", "User=$(id -un)",
                  "sudo systemctl enable tropical-serve", "sudo systemctl restart tropical-serve"):
         assert line in unit  # the supervisor: systemd restarts the server whenever it exits
@@ -193,6 +196,12 @@ def test_tpu_start_single_host_under_systemd(sh):
     health = only(cmds, "/health")
     assert "--worker=0 '--command=curl -sf http://localhost:8000/health'" in health
     assert "endpoint: http://34.0.0.9:8000/v1" in r.stdout
+    # The API key: generated once on this machine, copied to the workers, read by the server from its file.
+    key = f"{sh.home}/.local/state/tropical_jax/tpu-tropical-jax/api_key"
+    assert only(cmds, "new_secret").startswith(f"new_secret {key}")
+    assert only(cmds, "scp").startswith(f"gcloud compute tpus tpu-vm scp {key} tropical-jax:.config/tropical_jax/api_key "
+                                        "--worker=all")
+    assert f"API key: in {key}" in r.stdout
     assert made == ["gcloud compute tpus tpu-vm describe tropical-jax --zone=us-west4-a --project=my-proj "
                     "--format=value(networkEndpoints[0].accessConfig.externalIp)"]
 
@@ -200,12 +209,17 @@ def test_tpu_start_single_host_under_systemd(sh):
 def test_tpu_start_multi_host_with_ray(sh):
     r, made = sh("tpu_vm/start.sh", *TPU, "--accelerator-type", "v5litepod-16")
     assert r.returncode == 0, r.stderr
-    head, others, unit, _health = commands(r)
-    assert "--worker=0" in head and "TROPICAL_JAX_DISTRIBUTED=host tropical-venv/bin/ray start --head --port=6379" in head
-    assert "--worker=1,2,3" in others
-    assert "TROPICAL_JAX_DISTRIBUTED=host tropical-venv/bin/ray start --address=10.0.0.2:6379" in others
+    cmds = commands(r)
+    head, others, unit = only(cmds, "--head"), only(cmds, "--worker=1,2,3"), only(cmds, "ExecStart")
+    # Ray: worker 0's internal address, its dashboard on localhost, a token every node and the driver read.
+    auth = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.config/tropical_jax/ray_token"
+    assert "--worker=0" in head and (f"TROPICAL_JAX_DISTRIBUTED=host {auth} tropical-venv/bin/ray start --head "
+                                     "--node-ip-address=10.0.0.2 --port=6379 --dashboard-host=127.0.0.1") in head
+    assert f"TROPICAL_JAX_DISTRIBUTED=host {auth} tropical-venv/bin/ray start --address=10.0.0.2:6379" in others
+    token = f"{sh.home}/.local/state/tropical_jax/tpu-tropical-jax/ray_token"
+    assert f"scp {token} tropical-jax:.config/tropical_jax/ray_token --worker=all" in only(cmds, "ray_token --worker")
     assert ("--cluster P:tp4,P:tp4,M:tp4,M:tp4 --backend ray --ray-address auto\n") in unit
-    assert "Environment=PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu" in unit  # the driver owns no chips
+    assert f"Environment=PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu {auth}\n" in unit  # the driver owns no chips
     assert any("ipAddress" in c for c in made)
 
 
@@ -285,8 +299,11 @@ def test_gpu_start_8_gpus(sh, tmp_path):
     assert r.returncode == 0, r.stderr
     assert made == ["nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits"]
     cmds = commands(r)
+    key = f"{tmp_path}/.local/state/tropical_jax/api_key"
     assert _server(cmds) == (f"{ROOT}/serve/supervise.sh -- {sys.executable} -m tropical_jax.serve --host 0.0.0.0 "
-                             "--port 8000 --cluster P:tp2,P:tp2,M:tp2,M:tp2 --policy planned --max-num-seqs 64")
+                             f"--port 8000 --api-key-file {key} --cluster P:tp2,P:tp2,M:tp2,M:tp2 --policy planned "
+                             "--max-num-seqs 64")
+    assert only(cmds, "new_secret").startswith(f"new_secret {key}") and f"API key: in {key}" in r.stdout
     assert "curl -sf http://127.0.0.1:8000/health" in cmds
     assert f"(in the background, output to {tmp_path}/.local/state/tropical_jax/serve.log" in r.stdout
     assert "endpoint: http://" in r.stdout and "ray" not in r.stdout
@@ -325,11 +342,15 @@ def test_gpu_start_multi_host_with_ray(sh):
     r, _ = sh("gpu/start.sh", "--hosts", "2")
     assert r.returncode == 0, r.stderr
     cmds = commands(r)
-    assert cmds[0] == "ray start --head --port=6379 --disable-usage-stats"
-    assert "serve/gpu/join.sh --address" in r.stdout
+    token = f"{sh.home}/.local/state/tropical_jax/ray_token"
+    auth = f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token}"
+    assert cmds[0] == f"new_secret {token}  # a random key, mode 600"
+    assert re.fullmatch(rf"env {auth} ray start --head --node-ip-address=[0-9a-f.:]+ --port=6379 "
+                        r"--dashboard-host=127\.0\.0\.1 --disable-usage-stats", cmds[1]), cmds[1]
+    assert "serve/gpu/join.sh --address" in r.stdout and "--token-file" in r.stdout
     assert "ray.cluster_resources().get('\\''GPU'\\'', 0) < 16" in only(cmds, "cluster_resources")
     server = _server(cmds)
-    assert "-- env JAX_PLATFORMS=cpu" in server
+    assert f"-- env JAX_PLATFORMS=cpu {auth} " in server
     assert server.endswith("--cluster " + ",".join(["P:tp2"] * 4 + ["M:tp2"] * 4) + " --backend ray --ray-address auto")
 
 
@@ -347,9 +368,13 @@ def test_gpu_start_refuses_bad_input(sh, env, args, message):
 
 
 def test_gpu_join_and_stop(sh, tmp_path):
-    r, _ = sh("gpu/join.sh", "--address", "10.1.2.3:6379")
-    assert commands(r) == ["ray start --address=10.1.2.3:6379 --disable-usage-stats"]
-    assert_refused(sh("gpu/join.sh", "--address", "10.1.2.3")[0], "expected HOST:PORT")
+    token = tmp_path / "ray_token"
+    token.write_text("secret\n")
+    r, _ = sh("gpu/join.sh", "--address", "10.1.2.3:6379", "--token-file", token)
+    assert commands(r) == [f"env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} ray start --address=10.1.2.3:6379 "
+                           "--disable-usage-stats"]
+    assert_refused(sh("gpu/join.sh", "--address", "10.1.2.3", "--token-file", token)[0], "expected HOST:PORT")
+    assert_refused(sh("gpu/join.sh", "--address", "10.1.2.3:6379")[0], "give --token-file")
     r, _ = sh("gpu/stop.sh", "--ray")
     assert commands(r) == ["ray stop"] and "no server started" in r.stderr
     state = tmp_path / ".local/state/tropical_jax"
@@ -384,3 +409,30 @@ exit 1
     assert p.returncode == 0, err
     assert runs.read_text().split() == ["run", "run", "run", "drained"]  # restarted twice, never after the stop
     assert err.count("restarting") == 2 and "stopped" in err
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+def test_a_given_api_key_file_is_used_and_a_missing_one_refused(sh, tmp_path):
+    key = tmp_path / "my_key"
+    key.write_text("k3y\n")
+    r, _ = sh("gpu/start.sh", "--api-key-file", key)
+    assert f"--api-key-file {key} " in _server(commands(r)) and "new_secret" not in r.stdout
+    r, _ = sh("tpu_vm/start.sh", *TPU, "--accelerator-type", "v5e-8", "--api-key-file", key)
+    assert f"scp {key} tropical-jax:.config/tropical_jax/api_key" in only(commands(r), "scp")
+    for script, args in (("gpu/start.sh", []), ("tpu_vm/start.sh", [*TPU, "--accelerator-type", "v5e-8"])):
+        assert_refused(sh(script, *args, "--api-key-file", tmp_path / "missing")[0], "no such file, or empty")
+
+
+def test_new_secret_makes_a_private_random_key_once(tmp_path):
+    key = tmp_path / "state" / "api_key"
+
+    def new_secret():
+        subprocess.run(["bash", "-c", f'source "{SERVE}/lib.sh" && new_secret "$1"', "-", str(key)], check=True,
+                       env={**os.environ, "PYTHON": sys.executable}, timeout=30)
+        return key.read_text()
+
+    first = new_secret()
+    assert len(first.strip()) >= 40 and (key.stat().st_mode & 0o777) == 0o600
+    assert (key.parent.stat().st_mode & 0o077) == 0  # the directory is private too
+    assert new_secret() == first  # a restart keeps the key clients have

@@ -26,6 +26,20 @@ def test_config_file_sets_options_and_flags_win(tmp_path, suffix):
     assert (a.port, a.max_model_len, a.batch_buckets, a.api_key, a.tpot_slo_ms) == (9002, 512, [1, 4], "k", 50.0)
 
 
+def test_api_key_from_a_file_or_the_environment_never_needs_the_command_line(tmp_path, monkeypatch, capsys):
+    key = tmp_path / "api_key"
+    key.write_text("s3cret\n")
+    assert parse_args(["--api-key-file", str(key)]).api_key == "s3cret"
+    monkeypatch.setenv("TROPICAL_API_KEY", "from-env")
+    assert parse_args([]).api_key == "from-env"
+    assert parse_args(["--api-key-file", str(key)]).api_key == "s3cret"  # the file names this server's key
+    for bad, message in ((tmp_path / "missing", "cannot read --api-key-file"), (tmp_path / "empty", "is empty")):
+        (tmp_path / "empty").write_text("\n")
+        with pytest.raises(SystemExit):
+            parse_args(["--api-key-file", str(bad)])
+        assert message in capsys.readouterr().err
+
+
 def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
     a = parse_args(["--cluster", "1P1M", "--ttft-scale", "3", "--queue-timeout", "2"])
     assert a.policy.policy == "planned" and a.policy.ttft_scale == 3 and a.policy.queue_timeout == 2

@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 EXIT_CUT = 3  # the drain timeout cut requests short (0: drained; 1: failed to start, or a second signal)
 
 DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=None, profile=None, ttft_scale=5.0,
-                tpot_slo_ms=100.0, max_model_len=1024, api_key=None, max_queue=256, queue_timeout=None,
+                tpot_slo_ms=100.0, max_model_len=1024, api_key=None, api_key_file=None, max_queue=256, queue_timeout=None,
                 max_num_seqs=32, max_chunk_tokens=256, max_prefill_seqs=8, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off (default); host: on a multi-host TPU slice use only this host's chips; slice: "
                         "jax.distributed.initialize() (see tropical_jax/cluster/distributed.py)")
     h = p.add_argument_group("http")
-    h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (also $TROPICAL_API_KEY)")
+    h.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*; visible to `ps`: prefer "
+                                     "--api-key-file or $TROPICAL_API_KEY")
+    h.add_argument("--api-key-file", help="read the API key from this file (its first line)")
     h.add_argument("--threads", type=_positive(int), help="HTTP threads (default: enough for every running "
                                                           "and queued request)")
     h.add_argument("--drain-timeout", type=_positive(float), help="seconds SIGTERM waits for in-flight requests; "
@@ -137,6 +139,18 @@ def _file_argv(path: str, parser) -> list[str]:
     return argv
 
 
+def _key_from_file(path: str | None, parser) -> str | None:
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        parser.error(f"cannot read --api-key-file {path}: {e.strerror}")
+    if not lines or not lines[0].strip():
+        parser.error(f"--api-key-file {path} is empty")
+    return lines[0].strip()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
@@ -144,7 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "config" in flags:
         options.update(vars(parser.parse_args(_file_argv(flags.pop("config"), parser))))
     options.update(flags)
-    options["api_key"] = options["api_key"] or os.environ.get("TROPICAL_API_KEY")
+    options["api_key"] = options["api_key"] or _key_from_file(options["api_key_file"], parser) \
+        or os.environ.get("TROPICAL_API_KEY")
     a = argparse.Namespace(**options)
     workers, a.devices_needed = 1, a.tensor_parallel
     if a.cluster is None and (a.policy is not None or a.profile is not None):

@@ -10,6 +10,10 @@ TPU_TYPE=${TPU_TYPE:-}
 VENV=tropical-venv
 SRC=tropical_jax
 SERVICE=tropical-serve
+# The server's API key and Ray's token on the workers (mode 600): relative to the home directory, the
+# server's working directory. Generated once here, beside this machine's copy (secrets_dir).
+REMOTE_SECRETS=.config/tropical_jax
+secrets_dir() { echo "${TROPICAL_STATE_DIR:-$HOME/.local/state/tropical_jax}/tpu-$TPU_NAME"; }
 
 # shellcheck disable=SC2016  # the $NAMES are text here
 TPU_OPTIONS_HELP='Options every TPU script takes (or their environment variables):
