@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 LIMIT_FILE = "/proc/sys/vm/max_map_count"
 # Measured on XLA:CPU (jax 0.10): 230-310 mappings for a prefill, decode or mixed step of a 1-layer
 # model, about 6 more per layer. Rounded up: an estimate that errs low aborts the process.
-BASE_PER_EXECUTABLE = 330
-PER_LAYER = 8
+BASE_PER_EXECUTABLE = 320
+PER_LAYER = 6
 # Room for what else the process maps while it serves: thread stacks, buffers, a few small jits.
 HEADROOM = 2000
 
