@@ -199,8 +199,8 @@ def test_tpu_start_single_host_under_systemd(sh):
     # The API key: generated once on this machine, copied to the workers, read by the server from its file.
     key = f"{sh.home}/.local/state/tropical_jax/tpu-tropical-jax/api_key"
     assert only(cmds, "new_secret").startswith(f"new_secret {key}")
-    assert only(cmds, "scp").startswith(f"gcloud compute tpus tpu-vm scp {key} tropical-jax:.config/tropical_jax/api_key "
-                                        "--worker=all")
+    assert only(cmds, "scp").startswith(f"gcloud compute tpus tpu-vm scp {key} "
+                                        "tropical-jax:.config/tropical_jax/api_key --worker=all")
     assert f"API key: in {key}" in r.stdout
     assert made == ["gcloud compute tpus tpu-vm describe tropical-jax --zone=us-west4-a --project=my-proj "
                     "--format=value(networkEndpoints[0].accessConfig.externalIp)"]

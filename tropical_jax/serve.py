@@ -30,7 +30,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 EXIT_CUT = 3  # the drain timeout cut requests short (0: drained; 1: failed to start, or a second signal)
 
 DEFAULTS = dict(model=None, host="127.0.0.1", port=8000, cluster=None, policy=None, profile=None, ttft_scale=5.0,
-                tpot_slo_ms=100.0, max_model_len=1024, api_key=None, api_key_file=None, max_queue=256, queue_timeout=None,
+                tpot_slo_ms=100.0, max_model_len=1024, api_key=None, api_key_file=None, max_queue=256,
+                queue_timeout=None,
                 max_num_seqs=32, max_chunk_tokens=256, max_prefill_seqs=8, page_size=16, num_pages=None, dtype="float32",
                 attention_backend="reference", batch_buckets=None, chunk_buckets=None, context_buckets=None,
                 compilation_cache_dir="~/.cache/tropical_jax/xla", tensor_parallel=1, threads=None, drain_timeout=60.0,
