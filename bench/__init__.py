@@ -7,6 +7,7 @@
     engine_slo           the real cluster engine against its SLOs, every policy, and the simulator beside it
                          (also engine_slo.pool and engine_slo.workloads)
     serve_load           an open-loop load generator against a running server
+    serve_startup        the server's cold and warm ready times, executables per worker, memory mappings
     paper_repro          the paper's settings in the simulator
     beyond_paper         the `planned` policy against the paper's rules and the baselines, in the simulator
 

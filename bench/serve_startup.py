@@ -1,6 +1,6 @@
 """How long the server takes to be ready, cold and warm, and what it compiles.
 
-    python bench/serve_startup.py [--setups default,1P1M] [--timeout 1800]
+    python -m bench.serve_startup [--setups default,1P1M] [--timeout 1800]
 
 For each setup (the default single worker; the 1P1M cluster under `planned` on two emulated CPU
 devices, both with the default buckets) the real server is started twice on a free loopback port:
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_micro import cpu_model  # noqa: E402
+from .machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--setups", default="default,1P1M", help=f"comma-separated, of {', '.join(SETUPS)}")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each start")
     a = ap.parse_args(argv)
-    command = "python bench/serve_startup.py" + ("" if a.setups == "default,1P1M" else f" --setups {a.setups}")
+    command = "python -m bench.serve_startup" + ("" if a.setups == "default,1P1M" else f" --setups {a.setups}")
     limit = Path("/proc/sys/vm/max_map_count")
     result = {"command": command,
               "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(),

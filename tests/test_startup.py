@@ -99,6 +99,7 @@ def test_close_gives_the_mappings_back_and_a_second_engine_fits_or_fails_up_fron
     second.close()
 
 
+@pytest.mark.subprocess
 def test_server_over_budget_exits_in_seconds_with_the_fix(tiny):
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "tropical_jax.serve", "--port", "0", "--model", tiny,
@@ -112,6 +113,7 @@ def test_server_over_budget_exits_in_seconds_with_the_fix(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_default_cluster_server_comes_up_and_logs_its_ready_time(tmp_path):
     """The documented 1P1M command with the default buckets, on two emulated CPU devices, from a cold
     compilation cache: no LLVM abort, and the ready line reports time, executables and mappings."""
