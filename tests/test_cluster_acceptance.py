@@ -14,6 +14,9 @@ import pytest
 from model_helpers import save_tiny_hf
 from tropical_jax import LLM, SamplingParams
 
+# The acceptance runs; tests/test_cluster_engine.py checks the same engine quickly.
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 ENGINE = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=[8, 16],
               batch_buckets=[1, 4], progress=False)
 PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.05, "c0": 2.0}, "decode": {"d0": 5.0, "d1": 0.1, "d2": 0.0},

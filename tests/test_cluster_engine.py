@@ -42,8 +42,9 @@ def pages_used(llm):
     return sum(w.alloc.num_used for w in llm.cluster.scheduler.workers.values())
 
 
-@pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), ("2C", "colocated"), ("1P1D", "disaggregated"),
-                                            ("1P1M", "planned:max_prefill_seqs=4"), ("2C", "chunked:max_prefill_seqs=4")])
+@pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), ("1P1D", "disaggregated"), *[
+    pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("2C", "colocated"), ("1P1M", "planned:max_prefill_seqs=4"), ("2C", "chunked:max_prefill_seqs=4")]]])
 def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, policy):
     path, prompts, ref = setup
     llm = LLM(path, cluster=cluster, policy=policy, profile=profile(), **ENGINE)
@@ -69,6 +70,7 @@ def test_failed_handoff_recomputes_on_the_decode_worker(setup):
     assert pages_used(llm) == 0
 
 
+@pytest.mark.slow
 def test_inlines_happen_only_when_slack_allows(setup):
     path, prompts, ref = setup
     # Decode steps of 5 ms against a 100 ms TPOT: plenty of slack, so prefer=multiplex inlines.
@@ -82,6 +84,8 @@ def test_inlines_happen_only_when_slack_allows(setup):
     assert tight.cluster.scheduler.counters["inline"] == 0 and tight.cluster.scheduler.counters["prefill"] == 6
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_profile_cli_writes_a_profile_the_simulator_accepts(tmp_path):
     out = tmp_path / "p.json"
     r = subprocess.run([sys.executable, "-m", "tropical_jax.profile", "--out", str(out), "--max-model-len", "64",

@@ -25,6 +25,7 @@ def llm():
                compilation_cache_dir=None, progress=False)
 
 
+@pytest.mark.slow
 def test_heldout_loss_far_below_uniform():
     cfg, graphdef, params, tok = load_model(None)
     model = nnx.merge(graphdef, params)

@@ -1,9 +1,12 @@
 """attention_backend="pallas" (kernels interpreted on CPU) gives the reference backend's tokens."""
 
 import numpy as np
+import pytest
 
 from model_helpers import save_tiny_hf
 from tropical_jax import LLM, SamplingParams
+
+pytestmark = [pytest.mark.slow]  # the kernels' engine adapter is checked fast in test_kernels_engine_adapter.py
 
 
 def test_pallas_backend_is_token_identical_to_reference(tmp_path):

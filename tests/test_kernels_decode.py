@@ -25,11 +25,12 @@ def _lengths(batch, page_size, pages_per_seq):
 # batch 1-16, GQA groups 1/2/4/8, head_dim 64/128, page sizes 8/16/32, f32 and bf16.
 CASES = [
     (1, 1, 8, 128, 32, 3, jnp.float32),
-    (6, 2, 4, 64, 8, 5, jnp.bfloat16),
-    (16, 2, 1, 64, 16, 4, jnp.float32),
-    (7, 4, 2, 128, 16, 3, jnp.bfloat16),
-    (4, 2, 8, 64, 32, 3, jnp.bfloat16),
-    (5, 1, 2, 128, 8, 6, jnp.float32),
+    *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (6, 2, 4, 64, 8, 5, jnp.bfloat16),
+        (16, 2, 1, 64, 16, 4, jnp.float32),
+        (7, 4, 2, 128, 16, 3, jnp.bfloat16),
+        (4, 2, 8, 64, 32, 3, jnp.bfloat16),
+        (5, 1, 2, 128, 8, 6, jnp.float32)]],
 ]
 
 
@@ -55,6 +56,7 @@ def test_decode_kernels_match_reference(batch, kvh, groups, head_dim, page_size,
         assert (out[lengths == 0] == 0).all(), name
 
 
+@pytest.mark.slow
 def test_gpu_split_k_matches_unsplit():
     """Flash-decoding splits must merge to the same result, including splits with no tokens."""
     args = decode_case([3, 40, 0, 17], kv_heads=2, groups=2, head_dim=64, page_size=8,
@@ -65,6 +67,7 @@ def test_gpu_split_k_matches_unsplit():
         np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0, err_msg=str(splits))
 
 
+@pytest.mark.slow
 def test_tpu_kv_head_blocks_and_batch_split(monkeypatch):
     """Several kv-head grid steps, and a batch split into several calls (SMEM budget)."""
     from pallas_kernels import _tpu

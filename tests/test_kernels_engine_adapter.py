@@ -69,6 +69,7 @@ def test_step_attention_matches_per_row_reference(c, chunk_starts, chunk_lens, d
     assert (np.asarray(out)[np.asarray(lengths) == 0] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,write_impl", [("gpu", "auto"), ("tpu", "tpu")])
 def test_step_attention_under_shard_map(impl, write_impl):
     """Tensor parallel as the engine runs it: heads and KV pools split over `model`, metadata

@@ -35,7 +35,7 @@ def _sds(shape, dtype):
 SHAPES = [(1, 8, 128, 32), (2, 4, 64, 8), (8, 1, 128, 16), (4, 2, 64, 16)]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kvh,groups,head_dim,page_size", SHAPES)
 @pytest.mark.parametrize("kind", ["tpu", "gpu"])
 def test_attention_kernels_cross_lower(kind, kvh, groups, head_dim, page_size, dtype):
@@ -55,6 +55,7 @@ def test_kv_write_kernel_cross_lowers(dtype):
     _export("tpu", write_kv_tpu, pool, pool, new, new, _sds((40,), jnp.int32))
 
 
+@pytest.mark.slow
 def test_tpu_batch_split_cross_lowers():
     """Block tables too big for SMEM: the decode wrapper splits the batch into several calls."""
     pool = _sds((4096, 16, 1, 128), jnp.bfloat16)

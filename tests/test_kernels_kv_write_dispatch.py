@@ -52,6 +52,7 @@ def test_resolve_by_platform():
         pk.resolve("triton")
 
 
+@pytest.mark.slow
 def test_public_entry_points_on_cpu():
     d_args = decode_case([5, 0, 19], kv_heads=2, groups=2, head_dim=64, page_size=8, pages_per_seq=3)
     ref = np.asarray(paged_decode_reference(*d_args))

@@ -30,6 +30,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kvh,groups,head_dim,page_size,pages,dtype,tokens,max_seqs,seqs", CASES)
 def test_ragged_kernels_match_reference(kvh, groups, head_dim, page_size, pages, dtype, tokens,
                                         max_seqs, seqs):

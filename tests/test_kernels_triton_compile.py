@@ -17,8 +17,9 @@ def _sds(*shape, dtype=jnp.int32):
 
 
 @pytest.mark.parametrize("capability,dtype,kvh,groups,head_dim,page_size",
-                         [(90, jnp.bfloat16, 8, 4, 128, 16), (90, jnp.float32, 1, 8, 128, 32),
-                          (90, jnp.bfloat16, 2, 1, 64, 8), (80, jnp.float32, 8, 4, 128, 16)])
+                         [pytest.param(90, jnp.bfloat16, 8, 4, 128, 16, marks=pytest.mark.slow),
+                          (90, jnp.float32, 1, 8, 128, 32), (90, jnp.bfloat16, 2, 1, 64, 8),
+                          pytest.param(80, jnp.float32, 8, 4, 128, 16, marks=pytest.mark.slow)])
 def test_gpu_kernels_compile_to_cubin(capability, dtype, kvh, groups, head_dim, page_size):
     pool = _sds(1024, page_size, kvh, head_dim, dtype=dtype)
     decode = compile_for_cuda(paged_decode_gpu, _sds(64, kvh * groups, head_dim, dtype=dtype),

@@ -37,7 +37,7 @@ def llama(tmp_path_factory):
     return hf, LLM(str(path), **ENGINE)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_greedy_matches_transformers_other_architectures(tmp_path, arch):
     hf = save_tiny_hf(tmp_path, arch, max_position_embeddings=128)
     llm = LLM(str(tmp_path), max_model_len=48, page_size=8, max_num_seqs=2, max_chunk_tokens=16,
@@ -86,6 +86,8 @@ print("compiles_after_warmup", compile_count() - before, "pages_used", llm.engin
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_no_compilation_after_warmup():
     # A fresh process (in-process caches of other engines must not hide a recompile) and the embedded
     # default model, restored from orbax straight onto its device as in serving.
@@ -118,6 +120,7 @@ def test_stop_token_ids_end_generation(llama):
     assert out.token_ids == free[: free.index(stop_at) + 1] and out.finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     hf = save_tiny_hf(tmp_path, "llama", max_position_embeddings=128)
     # 16 pages of 4 tokens: four sequences growing to ~40 tokens cannot all stay resident.
@@ -130,6 +133,7 @@ def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     assert llm.engine.allocator.num_used == 0
 
 
+@pytest.mark.slow
 def test_prompts_pack_into_one_chunk_within_tokens_and_context_pages(tmp_path):
     """Hand-computed packing: a 16-token chunk and 8 context pages (32 tokens of 4) per step."""
     hf = save_tiny_hf(tmp_path, "llama", max_position_embeddings=128)

@@ -39,6 +39,7 @@ def test_any_chunking_equals_one_shot_prefill(tiny):
     np.testing.assert_allclose(got, one, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_decode_in_a_batch_equals_alone_and_mixed_step_matches(tiny):
     _, (cfg, g, p, _) = tiny
     alone = PagedRunner(cfg, g, p, num_seqs=3, page_size=4)
@@ -52,7 +53,7 @@ def test_decode_in_a_batch_equals_alone_and_mixed_step_matches(tiny):
     np.testing.assert_allclose(out[2], ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
 def test_packed_chunk_equals_each_prompt_alone(tiny, backend):
     """One chunk packing a continued prompt (cached context) and two fresh ones gives each the
     logits it gets alone, and writes each one's K/V to its own pages (the decode after agrees)."""
@@ -108,6 +109,7 @@ def test_blocked_decode_attention_equals_one_softmax_over_scattered_pages():
     assert not got[-1].any()  # the padding row attends to nothing
 
 
+@pytest.mark.slow
 def test_bf16_stays_close_to_f32(tiny):
     path, (cfg, g, p, _) = tiny
     f32 = PagedRunner(cfg, g, p, num_seqs=1).step(chunk=(0, 0, PROMPT), chunk_bucket=32)[0]
@@ -119,7 +121,7 @@ def test_bf16_stays_close_to_f32(tiny):
     assert np.argmax(b16) == np.argmax(f32)
 
 
-@pytest.mark.parametrize("shape", ["gqa", "mqa_odd_vocab"])
+@pytest.mark.parametrize("shape", ["gqa", pytest.param("mqa_odd_vocab", marks=pytest.mark.slow)])
 def test_two_device_tensor_parallel_matches_one_device(tiny, tmp_path, shape):
     path, (cfg, g, p, _) = tiny
     if shape == "mqa_odd_vocab":
@@ -141,6 +143,8 @@ def test_two_device_tensor_parallel_matches_one_device(tiny, tmp_path, shape):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_convert_cli_then_orbax_load_gives_identical_logits(tiny, tmp_path):
     hf, (cfg, g, p, _) = tiny
     path = tmp_path / "hf"

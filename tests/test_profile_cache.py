@@ -108,6 +108,7 @@ def test_transfer_fit_recovers_latency_and_bandwidth_of_the_copy(monkeypatch):
     CostModel.from_json({**BASE, "transfer": got})  # the scheduler accepts it as it is
 
 
+@pytest.mark.slow
 def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
     cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=(8, 16),
                        batch_buckets=(1, 4), context_buckets=(32, 64))
@@ -122,6 +123,7 @@ def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
     assert not cm.mixed_derived and cm.t_mixed(16, 16, 4, 128) > 0
 
 
+@pytest.mark.slow
 def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, counting, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="tropical_jax")
     first = LLM(tiny, cluster="1P1M", **ENGINE)

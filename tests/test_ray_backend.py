@@ -40,6 +40,8 @@ def llm(setup, ray):
     llm.cluster.close()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_two_actors_give_the_single_worker_tokens(setup, llm):
     _, prompts, ref = setup
     where = {name: w.where() for name, w in llm.cluster.workers.items()}
@@ -53,6 +55,8 @@ def test_two_actors_give_the_single_worker_tokens(setup, llm):
     assert pages_used(llm) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_failed_actor_to_actor_copy_recomputes_on_the_decode_worker(setup, llm, monkeypatch):
     _, prompts, ref = setup
     p0 = llm.cluster.workers["P0"]
@@ -67,6 +71,8 @@ def test_a_failed_actor_to_actor_copy_recomputes_on_the_decode_worker(setup, llm
     assert pages_used(llm) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_tensor_parallel_actor_beside_a_single_device_one(setup, ray):
     path, prompts, ref = setup
     llm = LLM(path, cluster="P:tp2,M:tp1", policy="tropical", profile=profile(), backend="ray", **ENGINE)

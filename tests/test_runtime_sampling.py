@@ -78,6 +78,7 @@ def test_bisection_support_equals_the_sorted_rule_on_random_rows():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_a_seeded_row_draws_the_same_whatever_shares_its_step():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((4, 500)).astype(np.float32)

@@ -14,6 +14,8 @@ from model_helpers import save_tiny_hf
 from serve_helpers import ServerProcess
 from tropical_jax import LLM, SamplingParams
 
+pytestmark = [pytest.mark.subprocess]
+
 # A long context with one context bucket: few executables, and a 1000-token stream lasts long
 # enough to hang up in the middle of it.
 ENGINE = dict(max_model_len=1024, context_buckets=[1024], page_size=16, max_num_seqs=8, max_chunk_tokens=16,
@@ -158,6 +160,7 @@ def test_client_disconnect_frees_pages(server):
     assert 'tropical_requests_total{outcome="abort"} 1.0' in metrics
 
 
+@pytest.mark.slow
 def test_api_key_and_sigterm_drain(model_dir):
     s = ServerProcess("--model", str(model_dir), *ENGINE_FLAGS, "--api-key", "sekrit")
     try:

@@ -16,6 +16,8 @@ from serve_helpers import ServerProcess
 from test_serve_api import sse_events
 from tropical_jax import LLM, SamplingParams
 
+pytestmark = [pytest.mark.subprocess]
+
 # A long context with one context bucket: few executables, and a 1000-token stream lasts about 2 s,
 # long enough to hang up in the middle of it.
 ENGINE = dict(max_model_len=1024, context_buckets=[1024], page_size=16, max_num_seqs=8, max_chunk_tokens=16,
@@ -131,6 +133,7 @@ def planned(model_dir):
     s.stop()
 
 
+@pytest.mark.slow  # a second server
 def test_a_hopeless_slo_is_refused_once_not_retried_by_the_openai_client(planned):
     import openai
 
@@ -148,6 +151,7 @@ def test_a_hopeless_slo_is_refused_once_not_retried_by_the_openai_client(planned
     assert planned.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4}).status_code == 200
 
 
+@pytest.mark.slow  # a second server
 def test_drain_timeout_ends_every_request_cleanly_and_exits_3(planned):
     """Runs last: it takes the planned server down."""
     results = {}
@@ -181,6 +185,8 @@ def test_drain_timeout_ends_every_request_cleanly_and_exits_3(planned):
     assert "cut 4 unfinished request(s)" in "".join(planned.lines)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_server_on_ray_actors_gives_the_same_tokens_and_takes_its_ray_down_on_sigterm(model_dir):
     import psutil
 

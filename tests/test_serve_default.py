@@ -9,6 +9,8 @@ import pytest
 from serve_helpers import ServerProcess
 from tropical_jax import LLM, SamplingParams
 
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
 FLAGS = ["--max-model-len", "128", "--max-num-seqs", "2", "--max-chunk-tokens", "32", "--batch-buckets", "1,2"]
 
 

@@ -64,6 +64,7 @@ def test_goodput_json_with_a_cluster_per_policy_and_a_plot(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_goodput_early_stop_finds_the_same_goodput_and_marks_lower_bounds(capsys):
     args = ["goodput", *SMALL, "--num-requests", "80", "--seeds", "3", "--policies", "colocated", "--rate-lo", "0.5",
             "--rate-hi", "1", "--json"]

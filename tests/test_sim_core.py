@@ -131,6 +131,7 @@ def test_tropical_inlines_and_beats_colocated_tpot():
     assert sum(r.tpot <= r.tpot_slo for r in trop.requests) >= 0.95 * len(reqs)
 
 
+@pytest.mark.slow
 def test_md1_mean_queueing():
     """One colocated worker, constant service D, no decode tokens, Poisson arrivals (rho = 0.5):
     mean queueing must match M/D/1, Wq = rho * D / (2 (1 - rho)), within 5%."""
