@@ -3,7 +3,6 @@ single worker, per-worker state and dispatch counts in /v1/cluster and /metrics,
 
 import json
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from model_helpers import save_tiny_hf
-from serve_helpers import ServerProcess
+from serve_helpers import ServerProcess, raw_post
 from test_serve_api import sse_events
 from tropical_jax import LLM, SamplingParams
 
@@ -106,11 +105,7 @@ def test_cluster_disconnect_frees_pages_on_every_worker(server):
 
 
 def test_cluster_non_streaming_hangup_frees_pages_within_a_second(server):
-    host, port = server.url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 1000}).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = raw_post(server.url, json.dumps({"prompt": [5, 6, 7], "max_tokens": 1000}).encode())
     deadline = time.monotonic() + 10
     while pages(server)["M0"] == 0:  # decoding on M0
         assert time.monotonic() < deadline

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from model_helpers import save_tiny_hf
-from serve_helpers import ServerProcess
+from serve_helpers import ServerProcess, raw_post
 from tropical_jax.model.loader import model_path
 
 MAX_LEN = 1024
@@ -53,14 +53,6 @@ def error_of(response, status):
     return response.json()["error"]
 
 
-def raw_post(server, body: bytes) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
-
-
 def still_serves(server):
     ok = server.post("/v1/completions", {"prompt": [9, 8], "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
@@ -70,7 +62,7 @@ def test_a_non_streaming_client_that_hangs_up_is_aborted_within_a_second(server)
     aborted = metric(server, 'tropical_requests_total{outcome="abort"}')
     body = json.dumps({"prompt": "The quick brown fox", "max_tokens": 900, "ignore_eos": True,
                        "temperature": 0}).encode()
-    socks = [raw_post(server, body) for _ in range(4)]
+    socks = [raw_post(server.url, body) for _ in range(4)]
     deadline = time.monotonic() + 30
     while worker(server)["running"] < 4:  # all four decode, tokens flowing without a pause
         assert time.monotonic() < deadline
@@ -146,6 +138,12 @@ def test_huge_bodies_and_headers_get_json_errors(server):
     headers = requests.post(server.url + "/v1/completions", json={"prompt": [1]}, timeout=60,
                             headers={"X-Big": "y" * 300_000})
     assert "Header" in error_of(headers, 431)["message"]
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # malformed HTTP
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+        head, _, body = sock.makefile("rb").read().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert "Content-Length" in json.loads(body)["error"]["message"]
     still_serves(server)
 
 
