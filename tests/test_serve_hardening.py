@@ -18,6 +18,8 @@ from model_helpers import save_tiny_hf
 from serve_helpers import ServerProcess, raw_post
 from tropical_jax.model.loader import model_path
 
+pytestmark = [pytest.mark.subprocess]
+
 MAX_LEN = 1024
 # Chunks of 16 tokens, at most 2 prompts per chunk: the default TTFT SLO's floor is the time of
 # ceil(8 / 2) = 4 full chunks.
