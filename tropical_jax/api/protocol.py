@@ -64,7 +64,7 @@ class Limits:
 def prompt_char_limit(tokenizer, max_model_len: int) -> int | None:
     """max_model_len x the longest token's text: no text longer than that fits in max_model_len tokens.
     Token strings are counted as stored (byte-level or '▁' forms), which are never shorter than the
-    text they stand for. (A normalizer that deletes characters, which byte-level BPE and sentencepiece
+    text they stand for. (A normalizer that deletes characters, which byte-level BPE and Llama-style
     tokenizers do not have, could make it refuse a text that would fit.)"""
     if tokenizer is None:
         return None
