@@ -116,9 +116,12 @@ def launch(part: Part, settings: dict, parts_dir: Path, seconds: float) -> dict:
         try:
             rc = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             rc = None
+        try:  # the part and whatever it left behind (a server holding the device)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     result_file = parts_dir / f"{part.name}.json"
     data = json.loads(result_file.read_text()) if result_file.exists() else {"results": {}, "failures": []}
     status = ("timed out" if rc is None else "skipped" if data.get("skipped") else
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     if args.run_part:
         return run_part_here(args.run_part, args.settings)
     from check_parts import MODELS, pick_model
-    from check_summary import write_summary
+    from check_summary import environment_lines, write_summary
 
     mode = "smoke" if args.smoke else "full"
     chosen = set(args.parts.split(",") if args.parts else [p.name for p in PARTS])
@@ -182,6 +185,8 @@ def main(argv=None) -> int:
             results[part.name] = launch(part, settings, parts_dir, min(limit, left))
             print(f"[accelerator_check] {part.name}: {results[part.name]['status']} "
                   f"in {results[part.name]['seconds']} s", flush=True)
+            if part.name == "environment" and results[part.name]["results"].get("device"):
+                print(environment_lines(results[part.name]["results"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = shlex.join(["python", "bench/accelerator_check.py", *(argv if argv is not None else sys.argv[1:])])
@@ -189,6 +194,7 @@ def main(argv=None) -> int:
                "seconds": round(time.monotonic() - start, 1), "budget_s": BUDGET_S[mode] * args.time_scale,
                "passed": all(r["status"] in ("passed", "skipped") for r in results.values()), "parts": results}
     paths = write_summary(summary, out)
+    print(paths[1].read_text(), flush=True)
     print(f"[accelerator_check] {'passed' if summary['passed'] else 'FAILED'} in {summary['seconds']} s; "
           f"wrote {', '.join(map(str, paths))}", flush=True)
     return 0 if summary["passed"] else 1

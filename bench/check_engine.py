@@ -57,13 +57,19 @@ def _num_pages(s: dict) -> int:
 
 
 def run_engine(settings: dict, record, backend: str) -> None:
+    import jax
+
     from tropical_jax import LLM
     from tropical_jax.runtime.executor import compile_count
 
     s = shapes(settings)
+    if jax.default_backend() == "tpu" and not settings["smoke"]:
+        # The TPU ragged kernel keeps a step's block tables in SMEM (64k entries): 137 sequences (8 prompt
+        # segments, padding, 128 decodes) x 528 pages of 16 tokens exceed it; pages of 32 fit.
+        s = {**s, "page_size": 32}
     vocab = MODELS[settings["model"]]["vocab_size"]
     record["model"] = {"shape": settings["model"], "params": param_count(MODELS[settings["model"]]),
-                       "dtype": "bfloat16", "attention_backend": backend}
+                       "dtype": "bfloat16", "attention_backend": backend, "page_size": s["page_size"]}
     start = time.perf_counter()
     llm = LLM(str(checkpoint(settings)), dtype="bfloat16", attention_backend=backend,
               max_model_len=s["max_model_len"], page_size=s["page_size"], num_pages=_num_pages(s),
@@ -107,7 +113,8 @@ def run_transformers(settings: dict, record) -> None:
     model = transformers.LlamaForCausalLM.from_pretrained(checkpoint(settings), dtype=torch.bfloat16).to(device)
     model.eval()
     record["model"] = {"shape": settings["model"], "device": torch.cuda.get_device_name() if device == "cuda"
-                       else "cpu", "torch": torch.__version__, "attention": model.config._attn_implementation,
+                       else "cpu", "torch": torch.__version__,
+                       "attention": getattr(model.config, "_attn_implementation", None),
                        "load_seconds": round(time.perf_counter() - start, 1)}
     rng = np.random.default_rng(0)
     vocab = MODELS[settings["model"]]["vocab_size"]

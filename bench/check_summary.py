@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from check_parts import MODELS, param_count
+
 
 def _fmt(x, digits=3) -> str:
     if x is None:
@@ -29,19 +31,21 @@ def _results(summary: dict, part: str) -> dict:
 
 def _environment(summary) -> list[str]:
     env = _results(summary, "environment")
-    if not env:
-        return []
-    d, v = env["device"], env["versions"]
+    return ["## Environment", "", environment_lines(env), ""] if env.get("device") else []
+
+
+def environment_lines(env: dict) -> str:
+    """The devices, the peaks assumed for them, and the versions that matter, as markdown lines."""
+    d, v = env["device"], env.get("versions", {})
     memory = f"{d['memory_bytes'] / 2**30:.1f} GiB" if d["memory_bytes"] else "unknown"
-    lines = ["## Environment", "", f"{d['num_devices']} x {d['device_kind']} ({d['platform']}), "
-             f"memory per device {memory}.", ""]
+    lines = [f"{d['num_devices']} x {d['device_kind']} ({d['platform']}), memory per device {memory}.", ""]
     if d["chip"]:
         lines += [f"Peaks assumed for {d['chip']}: HBM {d['hbm_bytes_per_s'] / 1e12:g} TB/s, "
                   f"bf16 {d['bf16_flops'] / 1e12:g} TFLOP/s (dense).", ""]
     else:
         lines += ["No peak figures for this device: % of peak is not reported.", ""]
-    lines += ["Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x), ""]
-    return lines
+    lines += ["Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x)]
+    return "\n".join(lines)
 
 
 def _kernels(summary) -> list[str]:
@@ -67,8 +71,12 @@ def _kernels(summary) -> list[str]:
     if cells:
         lines += ["Paged decode over full-length sequences (bench/attention_bandwidth.py's cells):", ""]
         lines += _table(["batch", "context", "page", "GB/s", "% HBM peak", "x reference", "note"], cells)
-    if "kv_write" in k:
-        lines += [f"KV write: {json.dumps(k['kv_write'])}", ""]
+    w = k.get("kv_write")
+    if w:
+        lines += [f"KV write: {w['skipped']}" if "skipped" in w else
+                  f"KV write, TPU kernel against the jnp scatter ({w['tokens']} tokens): "
+                  f"{'exact' if w['exact'] else 'DIFFERENT'}, {w['kernel_seconds'] * 1e3:.3g} ms vs "
+                  f"{w['scatter_seconds'] * 1e3:.3g} ms{' (interpreted)' if w['interpreted'] else ''}.", ""]
     return lines
 
 
@@ -86,7 +94,26 @@ def _engines(summary) -> list[str]:
     rows = [[name] + [r.get("prefill_tokens_per_s", {}).get(n) for n in prefill] +
             [r.get("decode_tokens_per_s", {}).get(b) for b in batches] +
             [r.get("warmup", {}).get("seconds"), r.get("compiles_after_warmup")] for name, r in runs.items()]
-    return ["## Engine", "", f"Model shape {summary['model']}, random bf16 weights, one device.", ""] + \
+    lines = ["## Engine", "", f"Model shape {summary['model']}, random bf16 weights, one device.", ""] + \
+        _table(header, rows)
+    device = _results(summary, "environment").get("device", {})
+    if device.get("chip") and summary["model"] in MODELS:
+        lines += _roofline(runs, MODELS[summary["model"]], device, prefill, batches)
+    return lines
+
+
+def _roofline(runs, cfg, device, prefill, batches) -> list[str]:
+    """The same rates against the chip: prefill as matmul FLOPs (2 x weights a token, attention left out)
+    over bf16 peak; decode as weight bytes read (once a step, KV left out) over HBM peak. Both are lower
+    bounds of the hardware's real use."""
+    matmul = param_count(cfg) - cfg["vocab_size"] * cfg["hidden_size"]  # the embedding is a lookup
+    rows = [[name] + [_pct(r.get("prefill_tokens_per_s", {}).get(n, 0) * 2 * matmul / device["bf16_flops"])
+                      for n in prefill] +
+            [_pct(r.get("decode_tokens_per_s", {}).get(b, 0) / int(b) * 2 * param_count(cfg) /
+                  device["hbm_bytes_per_s"]) for b in batches] for name, r in runs.items()]
+    header = ["engine"] + [f"prefill {n}: % bf16 peak" for n in prefill] + \
+        [f"decode b{b}: % HBM peak" for b in batches]
+    return ["Against the chip's peaks (matmul FLOPs for prefill, weight bytes per step for decode):", ""] + \
         _table(header, rows)
 
 
