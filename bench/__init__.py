@@ -10,6 +10,8 @@
     serve_startup        the server's cold and warm ready times, executables per worker, memory mappings
     paper_repro          the paper's settings in the simulator
     beyond_paper         the `planned` policy against the paper's rules and the baselines, in the simulator
+    accelerator_check    everything that needs a GPU or TPU in one timed run (kernels, engine, server);
+                         --smoke runs a tiny version on any machine (docs/hardware.md)
 
 Results live in bench/results/: one JSON, PNG and .md per benchmark; each .md starts with the command that
 regenerates it. docs/benchmarks.md says what each measures and how.

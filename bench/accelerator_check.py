@@ -1,7 +1,8 @@
 """One command for everything that needs a real GPU or TPU: kernels, engine, transformers, server.
 
-    python bench/accelerator_check.py [--out DIR] [--parts kernels,server] [--model llama-3-8b]
-    python bench/accelerator_check.py --smoke      # tiny version of every part, on any machine (CI)
+    python -m bench.accelerator_check [--out DIR] [--parts kernels,server] [--model llama-3-8b]
+    python -m bench.accelerator_check --smoke      # tiny version of every part, on any machine (CI)
+    bench/accelerator_check.sh ...                 # the same from anywhere
 
 Runs each part below in its own process under its own time limit (a part that fails, or is killed at
 its limit, is recorded and the rest still run; the whole run stops starting parts at the total budget:
@@ -59,7 +60,7 @@ PARTS = [
 
 
 def run_environment(settings: dict, record) -> None:
-    from accelerators import device_info, peak_table, versions
+    from bench.accelerators import device_info, peak_table, versions
 
     info = device_info()
     record["device"] = info
@@ -74,9 +75,9 @@ def part_function(name: str):
     if name == "environment":
         return run_environment
     if name == "kernels":
-        from check_kernels import run
+        from bench.check_kernels import run
         return run
-    import check_engine
+    from bench import check_engine
 
     if name == "weights":
         return check_engine.run_weights
@@ -84,13 +85,13 @@ def part_function(name: str):
         return lambda settings, record: check_engine.run_engine(settings, record, name.split("-", 1)[1])
     if name == "transformers":
         return check_engine.run_transformers
-    from check_server import run
+    from bench.check_server import run
     return run
 
 
 def run_part_here(name: str, settings_path: str) -> int:
     """Inside a part's process: run it, recording into its results file."""
-    from check_parts import Record, Skipped, load_settings
+    from bench.check_parts import Record, Skipped, load_settings
 
     settings = load_settings(settings_path)
     record = Record(Path(settings["parts_dir"]) / f"{name}.json")
@@ -110,7 +111,7 @@ def launch(part: Part, settings: dict, parts_dir: Path, seconds: float) -> dict:
     log = parts_dir / f"{part.name}.log"
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--run-part", part.name,
+        proc = subprocess.Popen([sys.executable, "-m", "bench.accelerator_check", "--run-part", part.name,
                                  "--settings", str(settings_path)], stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT, env=env, start_new_session=True)
         try:
@@ -133,7 +134,8 @@ def launch(part: Part, settings: dict, parts_dir: Path, seconds: float) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parts = "\n".join(f"  {p.name:17s} {p.limit_s:4d} s ({p.smoke_limit_s} s with --smoke): {p.what}" for p in PARTS)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m bench.accelerator_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"parts, in order, with their time limits:\n{parts}\n"
                                        f"total budget: {BUDGET_S['full']} s ({BUDGET_S['smoke']} s with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: proves every part runs (CPU, CI)")
@@ -152,8 +154,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.run_part:
         return run_part_here(args.run_part, args.settings)
-    from check_parts import MODELS, pick_model
-    from check_summary import environment_lines, write_summary
+    from bench.check_parts import MODELS, pick_model
+    from bench.check_summary import environment_lines, write_summary
 
     mode = "smoke" if args.smoke else "full"
     chosen = set(args.parts.split(",") if args.parts else [p.name for p in PARTS])
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     if unknown or (args.model and args.model not in MODELS):
         build_parser().error(f"unknown part(s) {sorted(unknown)}" if unknown else
                              f"unknown --model {args.model!r}; choose from {sorted(MODELS)}")
-    out = Path(args.out or os.environ.get("OUT") or HERE / "results")
+    out = Path(args.out or os.environ.get("OUT") or HERE / "results").resolve()
     parts_dir = out / "accelerator_check_parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix="accelerator_check_")
@@ -189,8 +191,8 @@ def main(argv=None) -> int:
                 print(environment_lines(results[part.name]["results"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    command = shlex.join(["python", "bench/accelerator_check.py", *(argv if argv is not None else sys.argv[1:])])
-    summary = {"check": "bench/accelerator_check.py", "command": command, "mode": mode, "model": settings["model"],
+    command = shlex.join(["python", "-m", "bench.accelerator_check", *(argv if argv is not None else sys.argv[1:])])
+    summary = {"check": "python -m bench.accelerator_check", "command": command, "mode": mode, "model": settings["model"],
                "seconds": round(time.monotonic() - start, 1), "budget_s": BUDGET_S[mode] * args.time_scale,
                "passed": all(r["status"] in ("passed", "skipped") for r in results.values()), "parts": results}
     paths = write_summary(summary, out)

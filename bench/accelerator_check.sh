@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# The accelerator check (see docs/hardware.md); every argument goes to bench/accelerator_check.py.
-exec python "$(dirname "$0")/accelerator_check.py" "$@"
+# The accelerator check (docs/hardware.md) from anywhere; every argument goes to python -m bench.accelerator_check.
+PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" exec python -m bench.accelerator_check "$@"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from check_parts import MODELS, Skipped, param_count
+from bench.check_parts import MODELS, Skipped, param_count
 from bench.engine_micro import generate_s, steady_decode_s
 from bench.steps import hf_generate_s
 
@@ -39,7 +39,7 @@ def checkpoint(settings: dict, model: str | None = None) -> Path:
 
 
 def run_weights(settings: dict, record) -> None:
-    from check_weights import write_checkpoint
+    from bench.check_weights import write_checkpoint
 
     server_model = SERVER_MODEL["smoke" if settings["smoke"] else "full"]
     for name in dict.fromkeys((settings["model"], server_model)):

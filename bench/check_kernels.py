@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from accelerators import device_info
-from attention_bandwidth import bench_cell, timeit
+from bench.accelerators import device_info
+from bench.attention_bandwidth import bench_cell, timeit
 from pallas_kernels.kv_write import write_kv_reference, write_kv_tpu
 from pallas_kernels.testing import TOL, decode_case, ragged_case
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from check_engine import SERVER_MODEL, checkpoint
-from check_parts import MODELS
+from bench.check_engine import SERVER_MODEL, checkpoint
+from bench.check_parts import MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serve_helpers import ServerProcess  # noqa: E402  (the tests' server launcher, shared)
@@ -53,7 +53,7 @@ def layout(platform: str, num_devices: int) -> tuple[str, str]:
 def run(settings: dict, record) -> None:
     import openai
 
-    from accelerators import device_info
+    from bench.accelerators import device_info
 
     info = device_info()
     cluster, why = layout(info["platform"], info["num_devices"])

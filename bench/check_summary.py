@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from check_parts import MODELS, param_count
+from bench.check_parts import MODELS, param_count
 
 
 def _fmt(x, digits=3) -> str:

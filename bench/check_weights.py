@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from check_parts import MAX_POSITIONS, param_count
+from bench.check_parts import MAX_POSITIONS, param_count
 
 BLOCK = 33_554_393  # a prime number of bf16 values, ~64 MiB
 
