@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = shlex.join(["python", "-m", "bench.accelerator_check", *(argv if argv is not None else sys.argv[1:])])
-    summary = {"check": "python -m bench.accelerator_check", "command": command, "mode": mode, "model": settings["model"],
+    summary = {"check": "python -m bench.accelerator_check", "command": command, "mode": mode,
+               "model": settings["model"],
                "seconds": round(time.monotonic() - start, 1), "budget_s": BUDGET_S[mode] * args.time_scale,
                "passed": all(r["status"] in ("passed", "skipped") for r in results.values()), "parts": results}
     paths = write_summary(summary, out)

@@ -30,8 +30,13 @@ SHAPES = {
 SERVER_MODEL = {"full": "small-4layer", "smoke": "tiny"}
 
 
-def shapes(settings: dict) -> dict:
-    return SHAPES["smoke" if settings["smoke"] else "full"]
+def shapes(settings: dict, platform: str | None = None) -> dict:
+    s = SHAPES["smoke" if settings["smoke"] else "full"]
+    if platform == "tpu" and not settings["smoke"]:
+        # The TPU ragged kernel keeps a step's block tables in SMEM (64k entries): 137 sequences (8 prompt
+        # segments, padding, 128 decodes) x 528 pages of 16 tokens exceed it; pages of 32 fit.
+        s = {**s, "page_size": 32}
+    return s
 
 
 def checkpoint(settings: dict, model: str | None = None) -> Path:
@@ -62,11 +67,7 @@ def run_engine(settings: dict, record, backend: str) -> None:
     from tropical_jax import LLM
     from tropical_jax.runtime.executor import compile_count
 
-    s = shapes(settings)
-    if jax.default_backend() == "tpu" and not settings["smoke"]:
-        # The TPU ragged kernel keeps a step's block tables in SMEM (64k entries): 137 sequences (8 prompt
-        # segments, padding, 128 decodes) x 528 pages of 16 tokens exceed it; pages of 32 fit.
-        s = {**s, "page_size": 32}
+    s = shapes(settings, jax.default_backend())
     vocab = MODELS[settings["model"]]["vocab_size"]
     record["model"] = {"shape": settings["model"], "params": param_count(MODELS[settings["model"]]),
                        "dtype": "bfloat16", "attention_backend": backend, "page_size": s["page_size"]}

@@ -90,7 +90,8 @@ def run(settings: dict, record) -> None:
         with ThreadPoolExecutor(BURST) as pool:
             done = list(pool.map(one, range(BURST)))
         tokens = [n for n, _ in done]
-        record["burst"] = {"requests": BURST, "completion_tokens": tokens, "seconds": round(time.perf_counter() - start, 2),
+        record["burst"] = {"requests": BURST, "completion_tokens": tokens,
+                           "seconds": round(time.perf_counter() - start, 2),
                            "latency_s_max": round(max(s for _, s in done), 2)}
         if tokens != [NEW_TOKENS] * BURST:
             record.fail(f"expected {NEW_TOKENS} completion tokens per request, got {tokens}")

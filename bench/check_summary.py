@@ -124,7 +124,8 @@ def _server(summary) -> list[str]:
     lay, burst, m = s.get("layout", {}), s.get("burst", {}), s.get("metrics", {})
     return ["## Server", "", f"--cluster {lay.get('cluster')} ({lay.get('why')}); started in "
             f"{s.get('startup', {}).get('seconds')} s.", "",
-            f"Burst: {burst.get('requests')} requests, {burst.get('seconds')} s, tokens {burst.get('completion_tokens')}.",
+            f"Burst: {burst.get('requests')} requests in {burst.get('seconds')} s, "
+            f"completion tokens {burst.get('completion_tokens')}.",
             "", f"/metrics: workers {m.get('workers')}, generated tokens {m.get('generated_tokens')}, "
                 f"finished requests {m.get('finished_requests')}.", ""]
 

@@ -6,11 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from bench.accelerator_check import PARTS
 from bench.accelerators import peaks_for
+from bench.check_engine import shapes as engine_shapes
+from bench.check_kernels import DECODE, HEADS, PAGE_SIZES, RAGGED
 from bench.check_parts import MODELS, param_count, pick_model
+from pallas_kernels.decode_attention import paged_decode_gpu, paged_decode_tpu
+from pallas_kernels.ragged_attention import ragged_paged_attention_gpu, ragged_paged_attention_tpu
+from pallas_kernels.triton_check import TRITON_TARGET
+from tropical_jax.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = [str(ROOT / "bench" / "accelerator_check.sh")]  # the wrapper, so that it is tested too
@@ -93,3 +101,42 @@ def test_model_shapes_fit_the_device():
     assert pick_model(80 * 2**30, smoke=False) == "llama-3-8b"  # H100
     assert pick_model(16 * 2**30, smoke=False) == "llama-3.2-3b"  # TPU v5e
     assert pick_model(None, smoke=True) == "tiny"
+
+
+def _lower(platform, fn, *args):
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)] if platform == "cuda" else []
+    jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+
+
+@pytest.mark.slow
+def test_full_run_kernel_shapes_lower_for_gpu_and_tpu():
+    """What a first GPU/TPU run will compile, lowered here: the kernels part's full cases, and the engine part's
+    ragged step (2048-token chunk, 8 prompt segments, a padding row and 128 decodes) with its page size per
+    platform; with pages of 16 the TPU step would not fit its SMEM table budget."""
+    sds = jax.ShapeDtypeStruct
+    heads = HEADS["full"]
+    kvh, h, d = heads["kv_heads"], heads["kv_heads"] * heads["groups"], heads["head_dim"]
+
+    def ragged(tokens, seqs, pages, ps):
+        pool = sds((4096, ps, kvh, d), jnp.bfloat16)
+        i32 = lambda *s: sds(s, jnp.int32)  # noqa: E731
+        return sds((tokens, h, d), jnp.bfloat16), pool, pool, i32(seqs, pages), i32(seqs), i32(seqs + 1), i32(1)
+
+    def engine_step(shapes_for):
+        full = engine_shapes({"smoke": False}, shapes_for)
+        rows = EngineConfig().max_prefill_seqs + 1 + max(full["batches"])  # prompt segments, padding, decodes
+        ps = full["page_size"]
+        return ragged(full["chunk"] + max(full["batches"]), rows, -(-full["max_model_len"] // ps), ps)
+
+    for platform in ("cuda", "tpu"):
+        decode, step = (paged_decode_gpu, ragged_paged_attention_gpu) if platform == "cuda" else \
+            (paged_decode_tpu, ragged_paged_attention_tpu)
+        for ps in PAGE_SIZES["full"]:
+            for _, lengths, context in DECODE["full"]:
+                q, k_pool, v_pool, tables, lengths_arg, *_ = ragged(len(lengths), len(lengths), context // ps, ps)
+                _lower(platform, decode, q, k_pool, v_pool, tables, lengths_arg)
+            for _, _, tokens, max_seqs, context in RAGGED["full"]:
+                _lower(platform, step, *ragged(tokens, max_seqs, context // ps, ps))
+        _lower(platform, step, *engine_step("tpu" if platform == "tpu" else "gpu"))
+    with pytest.raises(ValueError, match="SMEM"):  # the GPU's pages of 16 on TPU
+        _lower("tpu", ragged_paged_attention_tpu, *engine_step("gpu"))
