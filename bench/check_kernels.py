@@ -19,7 +19,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from bench.accelerators import device_info
-from bench.attention_bandwidth import bench_cell, timeit
+from bench.attention_bandwidth import bench_cell, goal_check, timeit
 from pallas_kernels.kv_write import write_kv_reference, write_kv_tpu
 from pallas_kernels.testing import TOL, decode_case, ragged_case
 
@@ -124,6 +124,7 @@ def run(settings: dict, record) -> None:
             cell["fraction_of_peak"] = cell["kernel_bytes_per_s"] / info["hbm_bytes_per_s"]
         cells.append(cell)
         record["decode_bandwidth"] = cells
+    record["decode_goal"] = goal_check(cells, info["hbm_bytes_per_s"], info["platform"] not in ("gpu", "tpu"))
 
 
 def kv_write(record, info, heads, iters) -> dict:

@@ -71,6 +71,10 @@ def _kernels(summary) -> list[str]:
     if cells:
         lines += ["Paged decode over full-length sequences (bench/attention_bandwidth.py's cells):", ""]
         lines += _table(["batch", "context", "page", "GB/s", "% HBM peak", "x reference", "note"], cells)
+    goal = k.get("decode_goal")
+    if goal:
+        lines += [f"Decode goal (batch {goal['batch']}, context {goal['context']}: {_pct(goal['fraction_of_peak'])} "
+                  f"of HBM peak and {goal['speedup_vs_reference']}x the reference): {goal['result']}.", ""]
     w = k.get("kv_write")
     if w:
         lines += [f"KV write: {w['skipped']}" if "skipped" in w else
