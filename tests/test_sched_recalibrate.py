@@ -91,10 +91,11 @@ def workload(n, rate, tpot_slo, seed=0):
 def test_planned_on_a_machine_slower_than_its_profile_keeps_decodes_on_time_once_recalibrated():
     """Decode steps really take 1.6x the profile's time and the TPOT SLO is 40 ms (a batch's step ~35 ms
     really). Planning with the profile, inlines spend slack the decodes do not have; recalibrated, the
-    scheduler sees the real step times and stops inlining where they would be late."""
+    scheduler sees the real step times and stops inlining where they would be late. Shedding is off:
+    it would reject the requests the late decodes starve, hiding what recalibration changes."""
     machine = COST.scaled({"decode": 1.6})
     reqs = workload(200, 3.0, 0.04)
-    runs = {rs: simulate(reqs, "1P1M", f"planned:recalibrate_steps={rs}", COST, executor_cost=machine,
+    runs = {rs: simulate(reqs, "1P1M", f"planned:recalibrate_steps={rs},shed=false", COST, executor_cost=machine,
                          kv_capacity_tokens=200_000) for rs in (0, 32)}
     off, on = (summarize(runs[rs].requests) for rs in (0, 32))
     assert runs[0].counters.get("recalibrations", 0) == 0 and runs[32].counters.get("recalibrations", 0) >= 1

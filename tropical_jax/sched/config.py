@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields, replace
 
+from tropical_jax.sched.baselines import resolve
 from tropical_jax.sched.recalibrate import MIN_STEPS
 
 ROLES = ("P", "M", "D", "C")
@@ -99,8 +100,10 @@ class PolicyConfig:
     # earlier jumpers) if the overtaken on-time inlines stay on time (DESIGN §3b). Default: 2048 for
     # planned; None (no jumping, the paper's FIFO inlines) for tropical.
     jump_tokens: int | None = _UNSET
-    # Reject at once a request whose isolated prefill cannot finish by its deadline even if started now
-    # (DESIGN §3b). Default: on for planned, off for every other policy.
+    # Reject a request whose prefill has not started once, started now alone (on the worker whose queue
+    # holds it, or a prefill worker while it waits for a place), it could no longer end by its deadline:
+    # at arrival and wherever it waits, for every policy alike (a miss, never dropped from the count).
+    # Default: on for planned, off for every other policy.
     shed: bool | None = None
     # Prompts shorter than this skip the per-step slack check (their stall is below noise).
     short_prompt_tokens: int = 512
@@ -122,6 +125,10 @@ class PolicyConfig:
     handoff_guard: bool = False
     # Slack a decode must keep at each of its tokens during a planned inline (s).
     slack_margin: float = 0.0
+    # How prefill (P) workers run a prompt: "bucket", in chunks of the largest chunk bucket, the queue
+    # order applied again at every chunk boundary (with sjf a shorter prompt preempts a longer one);
+    # "whole", the whole prompt in one step, never preempted (DistServe as published).
+    chunk: str = "bucket"
     # Prefill chunk sizes the engine has executables for. P workers use the largest; M workers the
     # largest that fits the slack budget.
     chunk_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
@@ -161,6 +168,8 @@ class PolicyConfig:
             object.__setattr__(self, "recalibrate_steps", 64 if planned else 0)
         if self.prefer not in ("prefill", "multiplex", "finish"):
             raise ValueError(f"prefer must be 'prefill', 'multiplex' or 'finish', got {self.prefer!r}")
+        if self.chunk not in ("bucket", "whole"):
+            raise ValueError(f"chunk must be 'bucket' or 'whole', got {self.chunk!r}")
         if self.queue_order not in ("sjf", "edf", "fcfs"):
             raise ValueError(f"queue_order must be sjf, edf or fcfs, got {self.queue_order!r}")
         if not self.chunk_buckets or any(b <= 0 for b in self.chunk_buckets):
@@ -196,10 +205,11 @@ class PolicyConfig:
 
     @classmethod
     def parse(cls, text: str | "PolicyConfig", **overrides) -> "PolicyConfig":
-        """"tropical" or "chunked:token_budget=512,queue_order=fcfs" (knobs after a colon) -> PolicyConfig."""
+        """"tropical", "chunked:token_budget=512,queue_order=fcfs" (knobs after a colon) or a baseline's
+        name ("distserve", sched/baselines.py) -> PolicyConfig."""
         if isinstance(text, PolicyConfig):
             return replace(text, **overrides) if overrides else text
-        name, _, rest = text.partition(":")
+        name, _, rest = resolve(text).partition(":")
         kw: dict = {}
         types = {f.name: f.type for f in fields(cls)}
         for item in filter(None, (x.strip() for x in rest.split(","))):
@@ -216,7 +226,7 @@ def _parse_value(key: str, v: str):
         return None
     if key == "chunk_buckets":
         return tuple(int(x) for x in v.split("/"))
-    if key in ("prefer", "queue_order", "policy"):
+    if key in ("prefer", "queue_order", "policy", "chunk"):
         return v
     if key in ("shed", "handoff_guard"):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):

@@ -123,6 +123,8 @@ class Monitor:
         """Largest prefill chunk worker w runs alone (None: the whole rest of the prompt)."""
         if w.role == "C":
             return self.cfg.chunked_budget if self.cfg.policy == "chunked" else self.cfg.token_budget
+        if w.role == "P" and self.cfg.chunk == "whole":
+            return None
         return self.big_chunk
 
     def handoff_cap(self, w: WorkerState) -> float:
@@ -162,8 +164,10 @@ class Monitor:
             w.touch()
 
     def isolated_prefill(self, r: Request) -> float:
-        """Isolated prefill time of r on a P worker (chunks of the largest bucket), no safety factor."""
-        return self.cost.t_prefill_chunked(r.prompt_len, self.big_chunk)
+        """Isolated prefill time of r on a P worker (chunks of the largest bucket, or the whole prompt
+        with chunk=whole), no safety factor."""
+        whole = self.cfg.chunk == "whole"
+        return self.cost.t_prefill_chunked(r.prompt_len, r.prompt_len if whole else self.big_chunk)
 
     def track(self, r: Request, seq: int) -> None:
         self.seq[r] = seq

@@ -22,6 +22,7 @@ packed_steps), logged at DEBUG on the "tropical_jax.sched" logger with its reaso
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import math
 import threading
@@ -75,6 +76,7 @@ class Scheduler:
         self._timer: float | None = None
         self._seq = 0
         self._waited: set[Request] = set()  # waiting requests already counted as 'waited'
+        self._shed_at: list[tuple[float, int, Request]] = []  # shed: (when it may turn hopeless, seq, request)
         self._lock = threading.RLock()
         self.live = 0  # submitted and neither finished nor rejected
 
@@ -96,6 +98,8 @@ class Scheduler:
                 bisect.insort(self.waiting, (key, r), key=lambda e: e[0])
             else:
                 self._apply(r, self.dispatcher.decide(r, now, self._explain), now)
+            if self.cfg.shed and not r.rejected:
+                heapq.heappush(self._shed_at, (r.deadline - self._alone(r), self.mon.seq[r], r))
             # An arrival only adds load: of the waiting requests only the newcomer can be placed now.
             self._dispatch(now, only=r)
 
@@ -230,11 +234,46 @@ class Scheduler:
                 return "no prefill worker and even alone its decode step exceeds the decode latency watermark"
         return ""
 
+    def _alone(self, r: Request) -> float:
+        """r's prefill alone from token 0: on the worker whose queue holds it, or on a prefill worker
+        while it waits for a place (predicted, s)."""
+        w = self.mon.workers[r.prefill_worker] if r.prefill_worker is not None else None
+        return self.mon.iso[r] if w is None else w.rem[r]
+
     def _hopeless(self, r: Request, now: float) -> str:
-        """With shed on: a request whose isolated prefill cannot end by its deadline even if started now."""
-        if self.cfg.shed and now + self.mon.iso[r] > r.deadline:
-            return f"shed: isolated prefill {self.mon.iso[r]:.3f} s cannot end by the deadline {r.deadline:.3f}"
+        """With shed on: a request whose prefill, started now alone, cannot end by its deadline."""
+        if self.cfg.shed and now + self._alone(r) > r.deadline:
+            return f"shed: prefill alone {self._alone(r):.3f} s cannot end by the deadline {r.deadline:.3f}"
         return ""
+
+    def _shed(self, now: float) -> None:
+        """The one shedding rule, for every policy: a request whose prefill has not started is rejected
+        (a miss) once it is hopeless, wherever it waits: the dispatcher's waiting list or any worker's
+        queue. Requests are looked at only from the time they may have turned hopeless on."""
+        heap, again = self._shed_at, []
+        while heap and heap[0][0] <= now:
+            _, seq, r = heapq.heappop(heap)
+            if r.done or r.first_scheduled is not None:
+                continue
+            why = self._hopeless(r, now)
+            if not why:  # its queue's prefill time differs from the one it was filed under
+                again.append((r.deadline - self._alone(r), seq, r))
+            elif r.prefill_worker is None:
+                self.waiting = [e for e in self.waiting if e[1] is not r]
+                self._waited.discard(r)
+                self._reject(r, now, why)
+            else:
+                self._drop_queued(self.mon.workers[r.prefill_worker], r, now, why)
+        for e in again:
+            heapq.heappush(heap, e)
+
+    def _drop_queued(self, w: WorkerState, r: Request, now: float, reason: str) -> None:
+        """Reject r, queued on w and not started."""
+        w.queue.remove(r)
+        w.rem.pop(r, None)
+        w.release(r)
+        self._reject(r, now, reason)
+        w.touch()
 
     def _reject(self, r: Request, now: float, reason: str) -> None:
         r.rejected = True
@@ -330,15 +369,13 @@ class Scheduler:
             self.waiting = keep
         for w in self.mon.workers.values():
             for r in [q for q in w.queue if q.first_scheduled is None and now >= q.arrival + limit]:
-                w.queue.remove(r)
-                w.rem.pop(r, None)
-                w.release(r)
-                self._reject(r, now, f"not started within queue_timeout {limit} s")
-                w.touch()
+                self._drop_queued(w, r, now, f"not started within queue_timeout {limit} s")
 
     def _dispatch(self, now: float, only: Request | None = None) -> None:
         if self.cfg.queue_timeout is not None:
             self._timeouts(now)
+        if self.cfg.shed:
+            self._shed(now)
         self._handoffs(now)
         timer = math.inf
         if self.waiting:
@@ -352,10 +389,6 @@ class Scheduler:
                     keep.append(e)
                     if not disp.is_late(r, now):
                         timer = min(timer, disp.late_at(r))
-                    continue
-                why = self._hopeless(r, now)
-                if why:
-                    self._reject(r, now, why)
                     continue
                 d = disp.decide(r, now, explain)
                 if d.action != WAIT:

@@ -3,9 +3,14 @@
     run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
             [--requests-out FILE.jsonl] [--decisions-out FILE.jsonl]          (per-request outcomes, decision log)
     bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, DESIGN §3b)
-    goodput --workload W --profile P --policies tropical,colocated,chunked,disaggregated
+    goodput --workload W --profile P --policies planned,baselines
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
             [--early-stop]
+    every command: [--shed | --no-shed] for all policies in the call alike
+
+Policies: tropical, planned, colocated, chunked, disaggregated with knobs after a colon, or a named
+baseline (vllm, vllm-sjf, sarathi, sarathi-sjf, distserve, distserve-srpt: sched/baselines.py);
+'baselines' in --policies stands for all of them.
 
 Profiles: a name in tropical_jax/profiles (a100-llama2-70b-tp4, a100-internlm2.5-20b-tp2) or a
 JSON path (e.g. written by the engine's profiler). Times in the JSON output are seconds.
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..sched.baselines import BASELINES, resolve
 from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
@@ -44,18 +50,21 @@ def load_profile(name: str) -> CostModel:
 
 
 def split_policies(text: str) -> list[str]:
-    """'tropical,chunked:token_budget=512,queue_order=fcfs' -> ['tropical', 'chunked:token_budget=512,queue_order=fcfs']."""
+    """'tropical,chunked:token_budget=512,queue_order=fcfs' -> ['tropical', 'chunked:token_budget=512,queue_order=fcfs'];
+    the word 'baselines' stands for every named baseline (sched/baselines.py)."""
     out: list[str] = []
     for tok in (t.strip() for t in text.split(",") if t.strip()):
         if "=" in tok and ":" not in tok and out and ":" in out[-1]:
             out[-1] += "," + tok  # another knob of the previous policy
+        elif tok == "baselines":
+            out.extend(BASELINES)
         else:
             out.append(tok)
     return out
 
 
 def cluster_for(policy: str, cluster_arg: str | None) -> str:
-    name = policy.split(":")[0]
+    name = resolve(policy).split(":")[0]
     if cluster_arg and "=" not in cluster_arg:
         return cluster_arg
     mapping = dict(DEFAULT_CLUSTER)
@@ -182,34 +191,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tropical_jax.sim", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workload", required=True)
-    common.add_argument("--profile", required=True)
-    common.add_argument("--cluster")
-    common.add_argument("--num-requests", type=int, default=2000)
-    common.add_argument("--ttft-scale", type=float, default=5.0)
-    common.add_argument("--tpot-slo-ms", type=float, default=100.0)
-    common.add_argument("--max-input-len", type=int)
-    common.add_argument("--arrival", choices=ARRIVALS, default="poisson")
-    common.add_argument("--cv", type=float, default=1.0, help="burstiness (Gamma arrivals)")
-    common.add_argument("--noise", type=float, default=0.0, help="lognormal sigma on every step time")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--json", action="store_true")
+    common.add_argument("--workload", required=True,
+                        help="a named trace (mooncake-conversation, mooncake-synthetic, azure-code, azure-conv, "
+                             "arxiv-summarization, humaneval) or a JSONL file with input_length, output_length "
+                             "and optional timestamp (ms)")
+    common.add_argument("--profile", required=True,
+                        help="latency profile: a name in tropical_jax/profiles (a100-llama2-70b-tp4, "
+                             "a100-internlm2.5-20b-tp2) or a JSON path")
+    common.add_argument("--cluster", help="workers, e.g. 1P1M, 2C, 1P1D, or per policy: "
+                                          "planned=1P1M,colocated=2C (default per policy: "
+                                          + ", ".join(f"{k} {v}" for k, v in DEFAULT_CLUSTER.items()) + ")")
+    common.add_argument("--num-requests", type=int, default=2000, help="requests per run (default 2000)")
+    common.add_argument("--ttft-scale", type=float, default=5.0,
+                        help="TTFT SLO = this x the request's isolated prefill time (default 5)")
+    common.add_argument("--tpot-slo-ms", type=float, default=100.0, help="TPOT SLO in ms (default 100)")
+    common.add_argument("--max-input-len", type=int, help="cut longer prompts to this many tokens (default: no cap)")
+    common.add_argument("--arrival", choices=ARRIVALS, default="poisson",
+                        help="arrival process: poisson, gamma (bursty, see --cv) or the trace's own timestamps "
+                             "rescaled to the rate")
+    common.add_argument("--cv", type=float, default=1.0,
+                        help="coefficient of variation of gaps between Gamma arrivals (1 = Poisson-like)")
+    common.add_argument("--noise", type=float, default=0.0,
+                        help="lognormal sigma of a random factor (mean 1) on every step and transfer time")
+    common.add_argument("--seed", type=int, default=0, help="seed of the requests' lengths and arrivals (and noise)")
+    common.add_argument("--json", action="store_true", help="print one line of JSON, no progress bars")
     shed = common.add_mutually_exclusive_group()
     shed.add_argument("--shed", dest="shed", action="store_true", default=None,
-                      help="reject hopeless requests at once, for every policy in the call")
-    shed.add_argument("--no-shed", dest="shed", action="store_false")
+                      help="every policy in the call rejects a request whose prefill has not started once it can "
+                           "no longer meet its TTFT (counted as a miss)")
+    shed.add_argument("--no-shed", dest="shed", action="store_false",
+                      help="no policy in the call sheds (default: each policy's own default, on only for planned)")
     r = sub.add_parser("run", parents=[common], help="simulate one policy at one rate")
-    r.add_argument("--policy", default="tropical")
-    r.add_argument("--rate", type=float, required=True)
+    r.add_argument("--policy", default="tropical",
+                   help="a policy with optional knobs (planned, tropical:prefer=multiplex, ...) or a baseline's "
+                        "name (" + ", ".join(BASELINES) + "); default tropical")
+    r.add_argument("--rate", type=float, required=True, help="mean arrival rate (requests/s)")
     r.add_argument("--requests-out", metavar="FILE.jsonl", help="write every request's outcome, one JSON per line")
     r.add_argument("--decisions-out", metavar="FILE.jsonl", help="write every dispatch decision with its reason")
     sub.add_parser("bound", parents=[common], help="the most req/s any policy could serve within SLO")
     g = sub.add_parser("goodput", parents=[common], help="bisect each policy's goodput")
-    g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated")
-    g.add_argument("--target", type=float, default=0.9)
+    g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated",
+                   help="comma-separated policies (knobs after a colon) or baseline names; 'baselines' adds "
+                        "every named baseline")
+    g.add_argument("--target", type=float, default=0.9, help="SLO attainment the goodput must reach (default 0.9)")
     g.add_argument("--seeds", type=int, default=1, help="average attainment over this many seeds per rate")
-    g.add_argument("--rate-lo", type=float, default=0.1)
-    g.add_argument("--rate-hi", type=float, default=1.0)
+    g.add_argument("--rate-lo", type=float, default=0.1,
+                   help="lower end of the rate bracket (req/s; halved while it misses the target)")
+    g.add_argument("--rate-hi", type=float, default=1.0,
+                   help="upper end of the rate bracket (req/s; doubled while it meets the target)")
     g.add_argument("--plot", metavar="FILE.png", help="attainment against rate, with the target line")
     g.add_argument("--early-stop", action="store_true",
                    help="stop runs that certainly miss the target (faster; the curve is then a lower bound there)")
