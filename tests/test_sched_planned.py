@@ -17,9 +17,9 @@ COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 0.1, "c0
 
 def test_planned_defaults_and_paper_policy_unchanged():
     planned = PolicyConfig.parse("planned")
-    assert (planned.prefer, planned.max_multiplex_tokens, planned.shed) == ("finish", None, True)
+    assert (planned.prefer, planned.max_multiplex_tokens, planned.shed, planned.protect_queued) == ("finish", None, True, False)
     paper = PolicyConfig.parse("tropical")
-    assert (paper.prefer, paper.max_multiplex_tokens, paper.shed) == ("prefill", 8192, False)
+    assert (paper.prefer, paper.max_multiplex_tokens, paper.shed, paper.protect_queued) == ("prefill", 8192, False, True)
     assert PolicyConfig.parse("chunked:shed=true").shed is True
     with pytest.raises(ValueError, match="prefer must be"):
         PolicyConfig.parse("planned:prefer=soonest")
@@ -191,3 +191,24 @@ def test_jump_lane_is_a_knob():
     # Prompts over jump_tokens never jump.
     sched, x, j = lane(jump_tokens="999")
     assert not j.jumped and sched.workers["M0"].queue == [x, j]
+
+
+def test_planned_places_a_short_prompt_ahead_of_a_long_one_it_makes_late():
+    # P0 runs a 20k prompt (2.01 s x safety factor 1.02 = 2.05 s, from t=0); queued behind it a 10k one
+    # (1.03 s) due at 3.1 s, planned to end at 3.08. A 4k prompt arriving now (0.42 s, SJF puts it first)
+    # would push the 10k one to 3.50 s: the paper's rule 1 refuses it (it waits), planned places it (its
+    # own first token 2.47 s is before its deadline 2.5 s) and lets
+    # the 10k prompt turn late: one request late instead of one turned away, and the late one is shed
+    # once hopeless, freeing its time for others.
+    def cluster(policy):
+        sched = Scheduler("1P1M", policy + ":chunk_buckets=32768,max_multiplex_tokens=0,shed=false", COST)
+        submit_all(sched, [Request(0, 0.0, 20000, 4, ttft_slo=100.0, output_len=4)])
+        sched.next_step("P0", 0.0)
+        submit_all(sched, [Request(1, 0.0, 10000, 4, ttft_slo=3.1, output_len=4)])
+        return sched
+    for policy, placed in (("tropical", False), ("planned", True)):
+        sched = cluster(policy)
+        short = Request(2, 0.0, 4000, 4, ttft_slo=2.5, output_len=4)
+        sched.submit(short, 0.0)
+        assert (short.prefill_worker == "P0") is placed, policy
+    assert PolicyConfig.parse("planned:protect_queued=true").protect_queued

@@ -20,9 +20,9 @@ LLAMA70 = ("a100-llama2-70b-tp4", 4096)
 # (policy, cluster, (workload, profile, input cap), rate) -> attained, rejected, fingerprint,
 # request 7 and 333 (first token, finish), counters. 400 requests, seed 1.
 CASES = [
-    ("planned", "1P1M", MOONCAKE, 1.0, 373, 24, "b2dcd75404e648c0", (10.355036003682123, 40.886787938302625),
-     (319.20267939004043, 320.09805826858263),
-     {"prefill": 283, "transfers": 275, "inline": 117, "waited": 32, "late": 24, "jumped": 3, "rejected": 24}),
+    ("planned", "1P1M", MOONCAKE, 1.0, 381, 14, "0064f5d479b58df4", (10.355036003682123, 40.886787938302625),
+     (319.164866893547, 319.89952228427626),
+     {"prefill": 293, "transfers": 278, "inline": 107, "waited": 7, "late": 6, "rejected": 14}),
     ("tropical", "1P1M", MOONCAKE, 0.9, 298, 0, "ee033ee74513242f", (12.722584705026007, 27.21144995516341),
      (354.55948335793573, 355.1249148451926),
      {"prefill": 337, "transfers": 336, "waited": 117, "inline": 63, "late": 101}),
@@ -33,10 +33,10 @@ CASES = [
     ("disaggregated:queue_order=sjf", "1P1D", MOONCAKE, 0.8, 357, 0, "d4d70d0112b17837",
      (12.436427209371658, 26.667803993562924), (398.902902379264, 399.4445068647135),
      {"prefill": 400, "transfers": 399}),
-    ("planned:max_prefill_seqs=4", "1P1M", ("azure-code", *LLAMA70), 3.5, 354, 42, "d62485a1951062ea",
-     (2.488523216548774, 2.7337060479132904), (92.33928748853336, 93.09426940140278),
-     {"prefill": 236, "inline": 163, "transfers": 225, "waited": 51, "late": 40, "jumped": 33, "packed_steps": 11,
-      "rejected": 42}),
+    ("planned:max_prefill_seqs=4", "1P1M", ("azure-code", *LLAMA70), 3.5, 358, 36, "738bbbfa8d0a86d4",
+     (2.488523216548774, 2.7337060479132904), (91.89461123770623, 92.52272671450879),
+     {"prefill": 273, "inline": 127, "transfers": 245, "waited": 28, "late": 22, "rejected": 36, "jumped": 13,
+      "packed_steps": 19}),
 ]
 
 

@@ -106,7 +106,7 @@ class TropicalDispatcher:
         for w in mon.of_role("P"):
             q = self._pq(w)
             ok, finish = q.insert(key, x)
-            if not ok:
+            if not ok and (late or mon.cfg.protect_queued):  # a late request never makes another late
                 why is not None and why.append(f"{w.name}: would make a queued request late")
             elif not late and finish > r.deadline:
                 why is not None and why.append(f"{w.name}: first token {finish:.3f} > deadline {r.deadline:.3f}")
