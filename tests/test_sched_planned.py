@@ -17,9 +17,9 @@ COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 0.1, "c0
 
 def test_planned_defaults_and_paper_policy_unchanged():
     planned = PolicyConfig.parse("planned")
-    assert (planned.prefer, planned.max_multiplex_tokens, planned.shed, planned.protect_queued) == ("finish", None, True, False)
+    assert (planned.prefer, planned.max_multiplex_tokens, planned.shed, planned.protect_tokens) == ("finish", None, True, None)
     paper = PolicyConfig.parse("tropical")
-    assert (paper.prefer, paper.max_multiplex_tokens, paper.shed, paper.protect_queued) == ("prefill", 8192, False, True)
+    assert (paper.prefer, paper.max_multiplex_tokens, paper.shed, paper.protect_tokens) == ("prefill", 8192, False, 0)
     assert PolicyConfig.parse("chunked:shed=true").shed is True
     with pytest.raises(ValueError, match="prefer must be"):
         PolicyConfig.parse("planned:prefer=soonest")
@@ -72,6 +72,15 @@ def test_work_bound_by_hand():
     assert b["decode_batch"] == 80
     assert b["mean_prefill_s"] == pytest.approx(0.1) and b["mean_decode_s"] == pytest.approx(0.01125)
     assert b["bound_rps"] == pytest.approx(2 / 0.11125)
+    # The step-overhead bound: some worker steps every 100 ms at 20 ms fixed cost (0.2 of a worker),
+    # and a token costs only its own 1 ms: (2 - 0.2) / (0.1 + 9 x 0.001) s.
+    assert b["step_bound_rps"] == pytest.approx(1.8 / 0.109)
+    assert b["bound_rps_at_target"] == pytest.approx(b["bound_rps"])  # equal requests: none is cheaper to leave
+    # At 50% attainment of one 1000-token and one 3000-token request only the 1000-token one must be
+    # served: 0.1 + 0.01125 s of work per two arrivals.
+    half = work_bound([1000, 3000], [10, 10], COST, num_workers=2, tpot_slo=0.1, attainment=0.5)
+    assert half["bound_rps_at_target"] == pytest.approx(2 / (0.11125 / 2))
+    assert half["step_bound_rps_at_target"] == pytest.approx(1.8 / (0.109 / 2))
     with pytest.raises(ValueError, match="misses the TPOT SLO"):
         work_bound([10], [5], COST, 1, tpot_slo=0.01)
 
@@ -201,7 +210,8 @@ def test_planned_places_a_short_prompt_ahead_of_a_long_one_it_makes_late():
     # the 10k prompt turn late: one request late instead of one turned away, and the late one is shed
     # once hopeless, freeing its time for others.
     def cluster(policy):
-        sched = Scheduler("1P1M", policy + ":chunk_buckets=32768,max_multiplex_tokens=0,shed=false", COST)
+        sep = "," if ":" in policy else ":"
+        sched = Scheduler("1P1M", policy + sep + "chunk_buckets=32768,max_multiplex_tokens=0,shed=false", COST)
         submit_all(sched, [Request(0, 0.0, 20000, 4, ttft_slo=100.0, output_len=4)])
         sched.next_step("P0", 0.0)
         submit_all(sched, [Request(1, 0.0, 10000, 4, ttft_slo=3.1, output_len=4)])
@@ -211,4 +221,10 @@ def test_planned_places_a_short_prompt_ahead_of_a_long_one_it_makes_late():
         short = Request(2, 0.0, 4000, 4, ttft_slo=2.5, output_len=4)
         sched.submit(short, 0.0)
         assert (short.prefill_worker == "P0") is placed, policy
-    assert PolicyConfig.parse("planned:protect_queued=true").protect_queued
+    # protect_tokens=N protects queued prompts of at least N tokens only: the 10k one is protected by
+    # 8192 (the 4k newcomer waits), not by 16384.
+    for least, placed in ((8192, False), (16384, True)):
+        sched = cluster(f"planned:protect_tokens={least}")
+        short = Request(2, 0.0, 4000, 4, ttft_slo=2.5, output_len=4)
+        sched.submit(short, 0.0)
+        assert (short.prefill_worker == "P0") is placed, least

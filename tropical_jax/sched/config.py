@@ -100,11 +100,12 @@ class PolicyConfig:
     # earlier jumpers) if the overtaken on-time inlines stay on time (DESIGN §3b). Default: 2048 for
     # planned; None (no jumping, the paper's FIFO inlines) for tropical.
     jump_tokens: int | None = _UNSET
-    # Rule 1 places a prompt on a prefill worker only if no request queued there turns late (the paper's
-    # rule). Off: only the prompt's own first token must be on time; a queued request it pushes late is
-    # shed once hopeless (with shed on), so a burst of short prompts is no longer turned away to protect
-    # one long prompt (goodput counts requests). Default: off for planned, on for every other policy.
-    protect_queued: bool | None = None
+    # Rule 1 places a prompt on a prefill worker only if no request queued there of at least this many
+    # tokens turns late (0: every one, the paper's rule; None: none). A late request, placed best effort,
+    # never makes another late. Shorter queued prompts pushed late are shed once hopeless (with shed on):
+    # goodput counts requests, and protecting every queued prompt turned bursts of newcomers away.
+    # Default: None for planned, 0 for every other policy.
+    protect_tokens: int | None = _UNSET
     # Reject a request whose prefill has not started once, started now alone (on the worker whose queue
     # holds it, or a prefill worker while it waits for a place), it could no longer end by its deadline:
     # at arrival and wherever it waits, for every policy alike (a miss, never dropped from the count).
@@ -169,8 +170,8 @@ class PolicyConfig:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
         if self.shed is None:
             object.__setattr__(self, "shed", planned)
-        if self.protect_queued is None:
-            object.__setattr__(self, "protect_queued", not planned)
+        if self.protect_tokens == _UNSET:
+            object.__setattr__(self, "protect_tokens", None if planned else 0)
         if self.recalibrate_steps == _UNSET:
             object.__setattr__(self, "recalibrate_steps", 64 if planned else 0)
         if self.prefer not in ("prefill", "multiplex", "finish"):
@@ -235,11 +236,11 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy", "chunk"):
         return v
-    if key in ("shed", "handoff_guard", "protect_queued"):
+    if key in ("shed", "handoff_guard"):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")
-    if key in ("max_multiplex_tokens", "jump_tokens", "short_prompt_tokens", "token_budget", "max_batch",
+    if key in ("max_multiplex_tokens", "jump_tokens", "protect_tokens", "short_prompt_tokens", "token_budget", "max_batch",
                "max_prefill_seqs", "max_pack_pages", "recalibrate_steps"):
         return int(v)
     return float(v)

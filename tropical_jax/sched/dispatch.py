@@ -36,24 +36,28 @@ class _PQueue:
         sf = mon.cfg.safety_factor
         # The chunk in flight finishes first: its predicted time x safety factor, from its start.
         self.t0 = w.free_at(now, sf)
-        items = sorted((local_key(mon, r, rem), rem * sf, r.deadline) for r, rem in w.rem.items())
-        self.keys = [k for k, _, _ in items]
+        items = sorted((local_key(mon, r, rem), rem * sf, r.deadline, r.prompt_len) for r, rem in w.rem.items())
+        self.keys = [k for k, _, _, _ in items]
         self.prefix = [0.0]
-        for _, x, _ in items:
+        for _, x, _, _ in items:
             self.prefix.append(self.prefix[-1] + x)
         # margin[p]: how much later every protected request at position >= p may finish. A request
-        # already late in the current order cannot be saved and is not protected (DESIGN §3).
-        n = len(items)
-        self.margin = [math.inf] * (n + 1)
+        # already late in the current order cannot be saved and is not protected (DESIGN §3); nor, but
+        # for a late newcomer, one shorter than protect_tokens (`margin_all` protects every one).
+        n, least = len(items), mon.cfg.protect_tokens
+        self.margin, self.margin_all = [math.inf] * (n + 1), [math.inf] * (n + 1)
         for i in range(n - 1, -1, -1):
             m = items[i][2] - (self.t0 + self.prefix[i + 1])
-            self.margin[i] = min(self.margin[i + 1], m) if m >= 0 else self.margin[i + 1]
+            self.margin_all[i] = min(self.margin_all[i + 1], m) if m >= 0 else self.margin_all[i + 1]
+            kept = m >= 0 and least is not None and items[i][3] >= least
+            self.margin[i] = min(self.margin[i + 1], m) if kept else self.margin[i + 1]
         self.outstanding = self.t0 - now + self.prefix[-1]
 
-    def insert(self, key: tuple, x: float) -> tuple[bool, float]:
-        """(others all still on time, newcomer's predicted finish) for a newcomer taking x seconds."""
+    def insert(self, key: tuple, x: float, late: bool = False) -> tuple[bool, float]:
+        """(the protected queued requests all still on time, newcomer's predicted finish) for a newcomer
+        taking x seconds; a late newcomer may make no queued request late."""
         p = bisect.bisect_left(self.keys, key)
-        return x <= self.margin[p], self.t0 + self.prefix[p] + x
+        return x <= (self.margin_all if late else self.margin)[p], self.t0 + self.prefix[p] + x
 
 
 class TropicalDispatcher:
@@ -105,8 +109,8 @@ class TropicalDispatcher:
         out = []
         for w in mon.of_role("P"):
             q = self._pq(w)
-            ok, finish = q.insert(key, x)
-            if not ok and (late or mon.cfg.protect_queued):  # a late request never makes another late
+            ok, finish = q.insert(key, x, late)
+            if not ok:
                 why is not None and why.append(f"{w.name}: would make a queued request late")
             elif not late and finish > r.deadline:
                 why is not None and why.append(f"{w.name}: first token {finish:.3f} > deadline {r.deadline:.3f}")
