@@ -68,6 +68,15 @@ def run_environment(settings: dict, record) -> None:
     record["known_chips"] = peak_table()
     if info["chip"] is None and info["platform"] in ("gpu", "tpu"):
         record["note"] = f"unknown chip {info['device_kind']!r}: no peak figures, so no % of peak is reported"
+    if info["platform"] not in ("gpu", "tpu") and not settings["smoke"]:
+        record.fail(f"JAX sees no GPU or TPU (platform {info['platform']}): install .[cuda] or .[tpu] "
+                    "(docs/hardware.md), or run --smoke")
+
+
+def no_accelerator(results: dict, smoke: bool) -> bool:
+    """A full run found only a CPU: its parts would run for hours, so the rest is not started."""
+    device = results.get("environment", {}).get("results", {}).get("device", {})
+    return not smoke and device.get("platform") not in (None, "gpu", "tpu")
 
 
 def part_function(name: str):
@@ -180,8 +189,9 @@ def main(argv=None) -> int:
                 settings["model"] = pick_model(device.get("memory_bytes"), args.smoke)
             left = deadline - time.monotonic()
             limit = (part.smoke_limit_s if args.smoke else part.limit_s) * args.time_scale
-            if left < 1:
-                results[part.name] = {"status": "not run", "reason": "the total budget was spent", "limit_s": limit}
+            if left < 1 or no_accelerator(results, args.smoke):
+                reason = "no GPU or TPU" if left >= 1 else "the total budget was spent"
+                results[part.name] = {"status": "not run", "reason": reason, "limit_s": limit}
                 continue
             print(f"[accelerator_check] {part.name} (limit {min(limit, left):.0f} s) ...", flush=True)
             results[part.name] = launch(part, settings, parts_dir, min(limit, left))

@@ -78,6 +78,15 @@ def test_a_part_past_its_limit_is_killed_and_recorded(tmp_path):
     assert "| environment | timed out |" in (tmp_path / "accelerator_check.md").read_text()
 
 
+@pytest.mark.subprocess
+def test_a_full_run_without_an_accelerator_stops_after_the_environment(tmp_path):
+    r = run_check("--parts", "environment,kernels", "--out", str(tmp_path), timeout=120)
+    parts = json.loads((tmp_path / "accelerator_check.json").read_text())["parts"]
+    assert r.returncode == 1 and parts["environment"]["status"] == "failed"
+    assert "JAX sees no GPU or TPU" in parts["environment"]["failures"][0]
+    assert parts["kernels"] == {"status": "not run", "reason": "no GPU or TPU", "limit_s": 70}
+
+
 def test_help_names_every_part_and_its_limit():
     out = run_check("--help", timeout=60).stdout
     for part in PARTS:
