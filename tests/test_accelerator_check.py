@@ -3,7 +3,6 @@ a part past its limit is killed and recorded while the run goes on; chips and mo
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
