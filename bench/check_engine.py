@@ -79,7 +79,7 @@ def run_engine(settings: dict, record, backend: str) -> None:
               progress=True)  # the log shows how far warmup got if the part runs out of time
     warm = compile_count()
     record["warmup"] = {"seconds": round(time.perf_counter() - start, 1), "compiles": warm,
-                        "executables": len(llm.executor.step_shapes())}
+                        "executables": len(next(iter(llm.engine.workers.values())).executor.step_shapes())}
     rng = np.random.default_rng(0)
     prefill = {}
     for n in s["prefill"]:

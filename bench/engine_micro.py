@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,11 @@ def generate_s(llm, prompts, n) -> float:
     return time.perf_counter() - t0
 
 
+def set_policy(engine, policy):
+    """Plan the next steps under `policy` (the scheduler and its batcher read it per step)."""
+    engine.scheduler.cfg = engine.scheduler.mon.cfg = policy
+
+
 def steady_decode_s(llm, prompts, n) -> float:
     """Seconds of n engine steps once every request decodes (prefills done): the batch-len(prompts) decode
     rate, host work included, without the mixed steps that prefill one prompt each."""
@@ -56,17 +62,16 @@ def steady_decode_s(llm, prompts, n) -> float:
 
     eng = llm.engine
     sp = SamplingParams(max_tokens=len(prompts) + n + 2, temperature=0, ignore_eos=True)
-    seqs = [eng.add_request(p, sp) for p in prompts]
-    while eng.waiting or eng.prefilling:
-        eng.step()
-    assert len(eng.running) == len(seqs)
+    reqs = [eng.add_request(f"steady-{i}", p, sp) for i, p in enumerate(prompts)]
+    while any(r.n_out == 0 for r in reqs):
+        eng.run_once()
     t0 = time.perf_counter()
     for _ in range(n):
-        eng.step()
+        eng.run_once()
     elapsed = time.perf_counter() - t0
-    assert all(len(s.output_ids) >= n for s in seqs)
-    while eng.has_work():
-        eng.step()
+    assert all(r.n_out > n for r in reqs)
+    while not all(r.done for r in reqs):
+        eng.run_once()
     return elapsed
 
 
@@ -83,7 +88,7 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
         start = time.perf_counter()
         llm = LLM(d, max_num_seqs=max(batches), progress=True, **ENGINE)
         warmup_s = time.perf_counter() - start
-        ex = llm.executor
+        ex = next(iter(llm.engine.workers.values())).executor
         steps = {}
         for c, b, p in ex.step_shapes():
             ex.time_step(c, b, p)
@@ -109,9 +114,10 @@ def bench_config(name, cfg, batches, prompt_len, new_tokens, flops):
                         best[who][n] = min(best[who][n], run(prompts, n))
             (ours_e2e, ours_dec), (hf_e2e, hf_dec) = (
                 (t[new_tokens], t[1 + new_tokens] - t[1]) for t in (best["ours"], best["transformers"]))
-            llm.engine.max_prefill_seqs = 1  # the same engine prefilling one prompt per step
+            packed = llm.engine.scheduler.cfg
+            set_policy(llm.engine, replace(packed, max_prefill_seqs=1))  # the same engine, one prompt per step
             unpacked_e2e = best_of(2, lambda: ours_s(prompts, new_tokens))
-            llm.engine.max_prefill_seqs = llm.engine_config.max_prefill_seqs
+            set_policy(llm.engine, packed)
             pre = [rng.integers(0, cfg["vocab_size"], 256).tolist() for _ in range(4)]
             prefill_s = best_of(2, lambda: ours_s(pre, 1))
             decode_tps = b * new_tokens / ours_dec

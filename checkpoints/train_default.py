@@ -156,7 +156,7 @@ def main():
     from flax import nnx
     from tqdm import tqdm
 
-    from tropical_jax.checkpoint import save_checkpoint
+    from tropical_jax.model.checkpoint import save_checkpoint
     from tropical_jax.config import ModelConfig
     from tropical_jax.model.dense import dense_logits
     from tropical_jax.model.llama import build_model

@@ -1,81 +1,71 @@
-"""The HTTP layer in process, against a fake engine behind the real LocalWorker adapter: overload
-(429 queue full / queue timeout), warmup and broken-engine 503s, a failing step, aborts, metrics.
-No JAX: these run in about a second."""
+"""The HTTP layer in process, against the real engine and scheduler stepping a fake worker (no
+device work): overload (429 queue full / queue timeout), warmup and broken-engine 503s, a failing
+step, aborts, metrics. These run in a few seconds."""
 
 import json
 import threading
 import time
-from collections import deque
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from tropical_jax.api.app import create_app
-from tropical_jax.api.backends import LocalWorker
 from tropical_jax.api.engine_client import EngineClient
 from tropical_jax.api.metrics import ServerMetrics
 from tropical_jax.api.protocol import Limits
-from tropical_jax.runtime.sequence import Sequence
+from tropical_jax.config import EngineConfig
+from tropical_jax.engine.core import MAX_CONSECUTIVE_FAILURES, Engine, engine_policy
+from tropical_jax.sched.config import parse_cluster
+from tropical_jax.sched.cost_model import CostModel
+
+CFG = EngineConfig(max_model_len=64, page_size=16, max_num_seqs=8, max_chunk_tokens=16, max_prefill_seqs=8,
+                   compilation_cache_dir=None)
+# Every step costs 10 ms to the scheduler, so a request's default TTFT SLO is 5 x 10 ms (the queueing
+# floor too: one chunk prefills a full decode batch).
+COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0, "c1": 0, "c0": 10}, "decode": {"d0": 10, "d1": 0,
+                            "d2": 0}, "transfer": {"bandwidth_GBps": 1, "latency_ms": 1}, "kv_bytes_per_token": 1})
 
 
-class FakeEngine:
-    """The runtime Engine's surface as LocalWorker uses it. Each step admits every waiting request
-    (one page each) and gives every running request one token (id 7), while `gate` is set; `fail`
+class FakeWorker:
+    """A worker handle whose every step samples token 7 for every row, while `gate` is set; `fail`
     makes the next steps raise."""
 
     def __init__(self):
-        self.waiting, self.running, self.prefilling = deque(), [], []
-        self.allocator = SimpleNamespace(num_used=0, num_pages=100)
-        self.num_preemptions = 0
         self.gate = threading.Event()
         self.gate.set()
         self.fail = 0
-        self._aborted = set()
 
-    @property
-    def num_active(self):
-        return len(self.running)
-
-    def add_request(self, prompt_ids, params, request_id=None, on_output=None):
-        seq = Sequence(list(prompt_ids), params, request_id=request_id, on_output=on_output)
-        self.waiting.append(seq)
-        return seq
-
-    def abort(self, request_id):
-        self._aborted.add(request_id)
-
-    def has_work(self):
-        return bool(self.waiting or self.running) and self.gate.is_set()
-
-    def _end(self, seq, reason, token=None):
-        seq.finish_reason = reason
-        if seq.num_cached:
-            self.allocator.num_used -= 1
-        seq.on_output(seq, [] if token is None else [token], "" if token is None else "x")
-
-    def step(self):
-        gone, self._aborted = self._aborted, set()
-        for seq in [s for s in list(self.waiting) + self.running if s.request_id in gone]:
-            (self.waiting if seq in self.waiting else self.running).remove(seq)
-            self._end(seq, "abort")
-        if not self.gate.is_set():
-            return
-        while self.waiting:
-            seq = self.waiting.popleft()
-            seq.num_cached = len(seq.prompt_ids)
-            self.allocator.num_used += 1
-            self.running.append(seq)
-        if self.fail and self.running:  # like a failing device step: its requests were planned (and hold pages)
+    def step(self, inputs):
+        self.gate.wait()
+        if self.fail:
             self.fail -= 1
             raise RuntimeError("device exploded")
         time.sleep(0.002)
-        for seq in list(self.running):
-            seq.output_ids.append(7)
-            if len(seq.output_ids) >= seq.params.max_tokens:
-                self.running.remove(seq)
-                self._end(seq, "length", 7)
-            else:
-                seq.on_output(seq, [7], "x")
+        return np.full(len(inputs.temperature), 7, np.int32)
+
+
+class FakeEngine(Engine):
+    """The real engine on one fake worker: its scheduler, policy and pages are the real ones."""
+
+    def __init__(self, queue_timeout=None):
+        policy = engine_policy(f"chunked:shed=true,queue_timeout={queue_timeout}", CFG)
+        self.worker = FakeWorker()
+        super().__init__({"C0": self.worker}, parse_cluster("1C"), policy, COST, CFG, None, (), vocab_size=100)
+        self.gate = self.worker.gate
+
+    def run_once(self):
+        # A closed gate holds the next step back on the engine thread, as a long device step would:
+        # requests then wait in the scheduler's queue.
+        if not self.gate.is_set() and not self.worker.fail:
+            time.sleep(0.005)
+            self.scheduler.tick(self.now())
+            return True
+        return super().run_once()
+
+    @property
+    def pages(self):
+        return self.pages_used()
 
 
 CLIENTS = []
@@ -88,15 +78,13 @@ def stop_engine_threads():
         CLIENTS.pop().shutdown()
 
 
-def make(max_queue=8, queue_timeout=None, ready=True, worker=LocalWorker):
-    engine = FakeEngine()
-    backend = worker(engine, {16: 0.01}, ttft_scale=5.0, queue_timeout=queue_timeout)
-    server = SimpleNamespace(client=None, backend=backend, warmup="compiling", tokenizer=None,
-                             limits=Limits("fake", 64, 100), api_key=None, tpot_slo=0.1,
-                             default_ttft_slo=backend.default_ttft_slo, max_body_bytes=1 << 16, started=0)
+def make(max_queue=8, queue_timeout=None, ready=True):
+    engine = FakeEngine(queue_timeout)
+    server = SimpleNamespace(client=None, engine=engine, warmup="compiling", tokenizer=None,
+                             limits=Limits("fake", 64, 100), api_key=None, max_body_bytes=1 << 16, started=0)
     server.metrics = ServerMetrics(state=lambda: server.client.state() if server.client else None)
     if ready:
-        server.client = EngineClient(backend, max_queue=max_queue, on_finish=server.metrics.finished)
+        server.client = EngineClient(engine, max_queue=max_queue, on_finish=server.metrics.finished)
         CLIENTS.append(server.client)
     return server, engine, create_app(server).test_client()
 
@@ -121,7 +109,7 @@ def test_warming_up_answers_503_then_serves():
     r = http.post("/v1/completions", json={"prompt": [1, 2]})
     assert r.status_code == 503 and r.json["error"]["code"] == "warming_up" and r.headers["Retry-After"] == "5"
     assert http.get("/metrics").status_code == 200  # scrapes work before the engine exists
-    server.client = EngineClient(server.backend, on_finish=server.metrics.finished)
+    server.client = EngineClient(server.engine, on_finish=server.metrics.finished)
     CLIENTS.append(server.client)
     assert http.get("/health").json == {"status": "ok"}
     r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 3})
@@ -168,15 +156,12 @@ def test_queue_timeout_is_429_with_retry_after_whole_or_streamed():
 
 
 def test_a_request_whose_slo_cannot_be_met_is_a_503_not_to_be_retried():
-    class Refusing(LocalWorker):  # as the cluster's scheduler does when it sheds a request
-        def add(self, handle, client):
-            client.end(handle.request_id, "rejected")
-
-    _, _, http = make(worker=Refusing)
+    _, engine, http = make()  # the scheduler sheds it: its 10 ms prefill cannot end within 1 us
     for stream in (False, True):
-        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4, "stream": stream})
+        r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 4, "stream": stream, "ttft_slo_ms": 1e-3})
         assert r.status_code == 503 and r.json["error"]["code"] == "slo_unattainable"
         assert r.headers["x-should-retry"] == "false" and "TTFT SLO" in r.json["error"]["message"]
+    assert engine.scheduler.counters["rejected"] == 2
 
 
 def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
@@ -190,7 +175,7 @@ def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
     threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(engine.running) == 2)
+    wait_for(lambda: len(engine.scheduler.workers["C0"].decoding) == 2)
     engine.gate.clear()  # both are mid-generation
     for rid in list(server.client.handles):
         server.client.abort(rid, "shutdown")
@@ -201,7 +186,7 @@ def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
     status, body, _ = results[True]
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert status == 200 and json.loads(events[-2])["error"]["code"] == "shutdown" and events[-1] == "[DONE]"
-    wait_for(lambda: engine.allocator.num_used == 0)
+    wait_for(lambda: engine.pages == 0)
     assert 'tropical_requests_total{outcome="shutdown"} 2.0' in http.get("/metrics").get_data(as_text=True)
 
 
@@ -225,15 +210,15 @@ def test_a_stream_that_fails_midway_still_ends_with_an_error_and_done():
 
 def test_a_failing_step_fails_its_requests_only_until_the_engine_is_broken():
     server, engine, http = make()
-    engine.fail = 1
+    engine.worker.fail = 1
     r = http.post("/v1/completions", json={"prompt": [1], "max_tokens": 3})
     assert r.status_code == 500 and r.json["error"]["code"] == "engine_error"
     ok = http.post("/v1/completions", json={"prompt": [2], "max_tokens": 3})
     assert ok.status_code == 200 and ok.json["usage"]["completion_tokens"] == 3
     assert http.get("/health").json["status"] == "ok"
-    wait_for(lambda: engine.allocator.num_used == 0)  # the failed request's page came back
-    engine.fail = LocalWorker.MAX_CONSECUTIVE_FAILURES
-    for _ in range(LocalWorker.MAX_CONSECUTIVE_FAILURES):
+    wait_for(lambda: engine.pages == 0)  # the failed request's page came back
+    engine.worker.fail = MAX_CONSECUTIVE_FAILURES
+    for _ in range(MAX_CONSECUTIVE_FAILURES):
         assert http.post("/v1/completions", json={"prompt": [1], "max_tokens": 3}).status_code == 500
     wait_for(lambda: http.get("/health").status_code == 503)
     h = http.get("/health")
@@ -249,9 +234,9 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_pages():
     body = r.response  # the SSE generator
     first = next(iter(body))
     assert b"token_ids" in first
-    wait_for(lambda: engine.allocator.num_used == 1)
+    wait_for(lambda: engine.pages == 1)
     r.close()  # what waitress does when the client has gone
-    wait_for(lambda: engine.allocator.num_used == 0 and not server.client.handles)
+    wait_for(lambda: engine.pages == 0 and not server.client.handles)
     assert server.client.state()["workers"][0]["kv_pages_used"] == 0
 
 

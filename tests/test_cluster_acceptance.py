@@ -34,6 +34,7 @@ for cluster, policy in [("1P1M", "tropical"), ("1P1M", "planned"), ("2C", "coloc
                         ("1P1D", "disaggregated")]:
     llm = LLM(path, cluster=cluster, policy=policy, profile=profile, **engine)
     before = compile_count()
+    finished = 0
     for part in range(2):  # two waves of 50: the second finds workers that have served and freed
         lengths = rng.integers(1, 40, 50)
         params = [SamplingParams(max_tokens=int(rng.integers(1, 8)), temperature=float(rng.choice([0, 0.8])),
@@ -41,10 +42,11 @@ for cluster, policy in [("1P1M", "tropical"), ("1P1M", "planned"), ("2C", "coloc
         prompts = [list(map(int, rng.integers(0, 128, n))) for n in lengths]
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
         assert all(len(o.token_ids) == p.max_tokens for o, p in zip(outs, params) if o.token_ids), cluster
-    sched = llm.cluster.scheduler
+        finished += sum(o.finish_reason in ("stop", "length") for o in outs)
+    sched = llm.engine.scheduler
     out[f"{cluster} {policy}"] = {"compiles": compile_count() - before,
                                   "pages_used": {n: w.alloc.num_used for n, w in sched.workers.items()},
-                                  "finished": sum(r.finish_time is not None for r in llm.cluster.seqs),
+                                  "finished": finished,
                                   "rejected": sched.counters["rejected"], "live": sched.live}
 print("RESULT " + json.dumps(out))
 """
@@ -79,8 +81,8 @@ def test_larger_and_tensor_parallel_layouts_give_the_single_worker_tokens(tiny, 
     llm = LLM(tiny, cluster=cluster, policy="tropical", profile=PROFILE, **ENGINE)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
     assert [o.token_ids for o in outs] == ref
-    sched = llm.cluster.scheduler
+    sched = llm.engine.scheduler
     assert all(w.alloc.num_used == 0 for w in sched.workers.values())
     if cluster == "2P2M":  # both prefill workers and both decode workers served
-        used = {r.prefill_worker for r in llm.cluster.seqs} | {r.decode_worker for r in llm.cluster.seqs}
+        used = {o.request.prefill_worker for o in outs} | {o.request.decode_worker for o in outs}
         assert {"P0", "P1", "M0", "M1"} <= used, used

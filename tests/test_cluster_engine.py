@@ -39,7 +39,7 @@ def setup(tmp_path_factory):
 
 
 def pages_used(llm):
-    return sum(w.alloc.num_used for w in llm.cluster.scheduler.workers.values())
+    return sum(w.alloc.num_used for w in llm.engine.scheduler.workers.values())
 
 
 # Every prompt must finish here: planned runs without shedding (on a slow or busy host a queued prompt would
@@ -53,7 +53,7 @@ def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, 
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
     assert pages_used(llm) == 0
-    sched = llm.cluster.scheduler
+    sched = llm.engine.scheduler
     if "max_prefill_seqs" in policy:  # prompts arrive together: some steps pack several (counted per step)
         assert sched.counters["packed_steps"] >= 1
     c = sched.counters
@@ -64,10 +64,10 @@ def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, 
 def test_failed_handoff_recomputes_on_the_decode_worker(setup):
     path, prompts, ref = setup
     llm = LLM(path, cluster="1P1M", policy="tropical", profile=profile(), **ENGINE)
-    llm.cluster.fail_transfers = True
+    llm.engine.handoffs.fail = True
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
-    c = llm.cluster.scheduler.counters
+    c = llm.engine.scheduler.counters
     assert c["transfer_failures"] >= 1 and c["recomputes"] == c["transfer_failures"]
     assert pages_used(llm) == 0
 
@@ -78,12 +78,12 @@ def test_inlines_happen_only_when_slack_allows(setup):
     # Decode steps of 5 ms against a 100 ms TPOT: plenty of slack, so prefer=multiplex inlines.
     roomy = LLM(path, cluster="1P1M", policy="tropical:prefer=multiplex", profile=profile(5.0), **ENGINE)
     outs = roomy.generate(prompt_token_ids=prompts, sampling_params=SP)
-    assert [o.token_ids for o in outs] == ref and roomy.cluster.scheduler.counters["inline"] >= 1
+    assert [o.token_ids for o in outs] == ref and roomy.engine.scheduler.counters["inline"] >= 1
     # Decode steps of 95 ms: over the 0.85 x TPOT watermark, so nothing may be inlined.
     tight = LLM(path, cluster="1P1M", policy="tropical:prefer=multiplex", profile=profile(95.0), **ENGINE)
     outs = tight.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
-    assert tight.cluster.scheduler.counters["inline"] == 0 and tight.cluster.scheduler.counters["prefill"] == 6
+    assert tight.engine.scheduler.counters["inline"] == 0 and tight.engine.scheduler.counters["prefill"] == 6
 
 
 @pytest.mark.slow

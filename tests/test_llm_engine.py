@@ -55,7 +55,7 @@ def test_greedy_batch_matches_transformers_and_frees_pages(llama):
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(hf, p, 32)
         assert o.finish_reason == "length" and o.prompt_token_ids == p
-    assert llm.engine.allocator.num_used == 0
+    assert llm.engine.pages_used() == 0
 
 
 def test_request_in_a_batch_equals_alone(llama):
@@ -82,7 +82,7 @@ params = [SamplingParams(max_tokens=int(rng.integers(1, 12)), temperature=float(
 prompts = [list(map(int, rng.integers(0, 4096, n))) for n in lengths]
 outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
 assert [len(o.token_ids) for o in outs] == [min(p.max_tokens, 64 - n) for p, n in zip(params, lengths)]
-print("compiles_after_warmup", compile_count() - before, "pages_used", llm.engine.allocator.num_used)
+print("compiles_after_warmup", compile_count() - before, "pages_used", llm.engine.pages_used())
 """
 
 
@@ -127,35 +127,53 @@ def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     llm = LLM(str(tmp_path), **{**ENGINE, "num_pages": 16})
     prompts = prompts_of([10, 12, 9, 14], seed=4)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=28, **GREEDY))
-    assert llm.engine.num_preemptions > 0
+    assert llm.engine.scheduler.counters["preemptions"] > 0
     for p, o in zip(prompts, outs):
         assert o.token_ids == hf_greedy(hf, p, 28)
-    assert llm.engine.allocator.num_used == 0
+    assert llm.engine.pages_used() == 0
+
+
+# A cost model with round numbers (ms) for tests that plan by hand: no profiling at startup.
+PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.25, "c0": 10.0}, "decode": {"d0": 20.0, "d1": 0.0, "d2": 0.0},
+           "kv_bytes_per_token": 1000, "transfer": {"bandwidth_GBps": 1.0, "latency_ms": 1.0}}
 
 
 @pytest.mark.slow
-def test_prompts_pack_into_one_chunk_within_tokens_and_context_pages(tmp_path):
-    """Hand-computed packing: a 16-token chunk and 8 context pages (32 tokens of 4) per step."""
+def test_the_single_worker_steps_are_the_schedulers_plans(tmp_path):
+    """Hand-computed: the default policy (chunked, shortest prompt first) packs prompts into a
+    16-token chunk within 8 context pages (32 tokens of 4) and cuts the last one short."""
     hf = save_tiny_hf(tmp_path, "llama", max_position_embeddings=128)
     llm = LLM(str(tmp_path), max_model_len=32, page_size=4, max_num_seqs=4, max_chunk_tokens=16,
-              context_buckets=[16], compilation_cache_dir=None, progress=False, warmup=False)
-    eng = llm.engine
+              context_buckets=[16], compilation_cache_dir=None, progress=False, warmup=False, profile=PROFILE)
+    eng, plans = llm.engine, []
+    assert eng.inline and eng.snapshot()["cluster"] == "1C" and eng.snapshot()["policy"] == "chunked"
+    next_step = eng.scheduler.next_step
+    eng.scheduler.next_step = lambda *a: plans.append(next_step(*a)) or plans[-1]
     prompts = prompts_of([26, 3, 2, 5], seed=6)
-    sp = SamplingParams(max_tokens=4, **GREEDY)
-    a, b, c, d = (eng.add_request(p, sp) for p in prompts)
-    assert eng.plan_step() == ([(a, 0, 16)], [])  # the long prompt fills the chunk
-    eng.step()
-    # a's rest (7 pages) and b (1 page) fill the 8 pages; c would be a 9th: it waits at the head.
-    chunks, decodes = eng.plan_step()
-    assert (chunks, decodes) == ([(a, 16, 10), (b, 0, 3)], [])
-    assert list(eng.waiting) == [c, d] and c.block_table.pages == []
-    eng.step()
-    assert eng.plan_step() == ([(c, 0, 2), (d, 0, 5)], [a, b])  # a mixed step: two prompts, two decodes
-    while eng.has_work():
-        eng.step()
-    for p, seq in zip(prompts, (a, b, c, d)):
-        assert seq.output_ids == hf_greedy(hf, p, 4)
-    assert eng.allocator.num_used == 0
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=4, **GREEDY))
+    steps = [([(c.request.id, c.start, c.length) for c in p.chunks], [r.id for r in p.decodes]) for p in plans[:3]]
+    a, b, c, d = (o.request.id for o in outs)
+    assert steps == [([(c, 0, 2), (b, 0, 3), (d, 0, 5), (a, 0, 6)], []),
+                     ([(a, 6, 13)], [c, b, d]),  # 16 tokens less the three decodes
+                     ([(a, 19, 7)], [c, b, d])]
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 4)
+    assert eng.pages_used() == 0
+
+
+def test_the_default_engine_sheds_a_request_whose_ttft_slo_cannot_be_met(llama):
+    """The single worker decides through the shared scheduler: a deadline shorter than the prompt's
+    isolated prefill is refused at once ("rejected", with the scheduler's reason), the rest served."""
+    hf, llm = llama
+    shed_before = llm.engine.scheduler.counters["rejected"]
+    prompts = prompts_of([20, 7], seed=8)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=6, **GREEDY),
+                        ttft_slo=[1e-6, None])
+    assert outs[0].finish_reason == "rejected" and outs[0].token_ids == [] and "shed" in outs[0].reason
+    assert outs[0].request.status.value == "rejected"
+    assert outs[1].finish_reason == "length" and outs[1].token_ids == hf_greedy(hf, prompts[1], 6)
+    assert outs[1].request.ttft_slo == pytest.approx(llm.engine.default_ttft_slo(7))
+    assert llm.engine.scheduler.counters["rejected"] == shed_before + 1 and llm.engine.pages_used() == 0
 
 
 def test_bad_input_is_refused_clearly(llama):
@@ -171,4 +189,4 @@ def test_bad_input_is_refused_clearly(llama):
                      (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids")]:
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**bad)
-    assert llm.engine.allocator.num_used == 0 and not llm.engine.has_work()
+    assert llm.engine.pages_used() == 0 and llm.engine.scheduler.live == 0

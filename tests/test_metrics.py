@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tropical_jax.sched.metrics import goodput, length_class, mean_sd, miss_breakdown, record, summarize
-from tropical_jax.sched.request import Request
+from tropical_jax.sched.request import Request, RequestStatus
 
 
 def done(i, arrival, first, last, n_out, prompt=100, ttft_slo=1.0, tpot_slo=0.1, scheduled=None, path="prefill"):
@@ -21,7 +21,7 @@ def hand_built():
         done(2, 2.0, 2.2, 4.2, 11, prompt=9000),                 # tpot 2.0/10 = 0.2 > 0.1 -> missed
     ]
     rejected = Request(3, 3.0, 20000, 5, 1.0, 0.1, 5)
-    rejected.rejected, rejected.path = True, "rejected"
+    rejected.status, rejected.path = RequestStatus.REJECTED, "rejected"  # a status, no longer a flag
     return reqs + [rejected]
 
 

@@ -132,9 +132,9 @@ def test_second_startup_reuses_the_cached_profile_and_new_buckets_miss(tiny, cou
     second = LLM(tiny, cluster="2C", policy="chunked", **ENGINE)
     assert counting == [1], "the second startup timed the buckets again"
     assert "reusing the cached profile" in caplog.text
-    assert second.cluster.scheduler.cost.mixed == first.cluster.scheduler.cost.mixed
+    assert second.engine.scheduler.cost.mixed == first.engine.scheduler.cost.mixed
     # 1P1M timed its own P -> M page copy; 2C has no handoff and keeps the profile's constant.
-    assert first.cluster.scheduler.cost.bandwidth_Bps != second.cluster.scheduler.cost.bandwidth_Bps == 5e9
+    assert first.engine.scheduler.cost.bandwidth_Bps != second.engine.scheduler.cost.bandwidth_Bps == 5e9
     # Colocated C workers compile no mixed steps, so their profile (without mixed points) is another entry.
     first.close(), second.close()
     LLM(tiny, cluster="2C", policy="colocated", **ENGINE).close()

@@ -30,27 +30,27 @@ def setup(ray, tmp_path_factory):  # Ray first: it starts its processes before J
 
 
 def pages_used(llm):
-    return sum(w.alloc.num_used for w in llm.cluster.scheduler.workers.values())
+    return sum(w.alloc.num_used for w in llm.engine.scheduler.workers.values())
 
 
 @pytest.fixture(scope="module")
 def llm(setup, ray):
     llm = LLM(setup[0], cluster="1P1M", policy="tropical", profile=profile(), backend="ray", **ENGINE)
     yield llm
-    llm.cluster.close()
+    llm.engine.close()
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_actors_give_the_single_worker_tokens(setup, llm):
     _, prompts, ref = setup
-    where = {name: w.where() for name, w in llm.cluster.workers.items()}
+    where = {name: w.where() for name, w in llm.engine.workers.items()}
     pids = {w["pid"] for w in where.values()}
     assert len(pids) == 2 and os.getpid() not in pids  # each worker in its own process
     assert all(len(w["devices"]) == 1 for w in where.values())
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
-    c = llm.cluster.scheduler.counters
+    c = llm.engine.scheduler.counters
     assert c["transfers"] >= 1 and c["transfer_failures"] == 0  # prefills ran on P0 and moved their KV to M0
     assert pages_used(llm) == 0
 
@@ -59,13 +59,13 @@ def test_two_actors_give_the_single_worker_tokens(setup, llm):
 @pytest.mark.ray
 def test_a_failed_actor_to_actor_copy_recomputes_on_the_decode_worker(setup, llm, monkeypatch):
     _, prompts, ref = setup
-    p0 = llm.cluster.workers["P0"]
+    p0 = llm.engine.workers["P0"]
     # The source actor raises while reading; the destination's write sees the failed object ref.
     monkeypatch.setattr(p0, "read_pages", lambda pages: p0.actor.read_pages.remote(None))
-    before = dict(llm.cluster.scheduler.counters)
+    before = dict(llm.engine.scheduler.counters)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
-    c = llm.cluster.scheduler.counters
+    c = llm.engine.scheduler.counters
     failures = c["transfer_failures"] - before.get("transfer_failures", 0)
     assert failures >= 1 and c["recomputes"] - before.get("recomputes", 0) == failures
     assert pages_used(llm) == 0
@@ -77,12 +77,12 @@ def test_a_tensor_parallel_actor_beside_a_single_device_one(setup, ray):
     path, prompts, ref = setup
     llm = LLM(path, cluster="P:tp2,M:tp1", policy="tropical", profile=profile(), backend="ray", **ENGINE)
     try:
-        assert [len(w.where()["devices"]) for w in llm.cluster.workers.values()] == [2, 1]
+        assert [len(w.where()["devices"]) for w in llm.engine.workers.values()] == [2, 1]
         outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=SP)
         assert [o.token_ids for o in outs] == ref[:3]
-        assert llm.cluster.scheduler.counters["transfers"] >= 1 and pages_used(llm) == 0
+        assert llm.engine.scheduler.counters["transfers"] >= 1 and pages_used(llm) == 0
     finally:
-        llm.cluster.close()
+        llm.engine.close()
 
 
 def test_actor_options_give_each_actor_its_devices():

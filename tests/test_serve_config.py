@@ -9,7 +9,9 @@ from tropical_jax.serve import parse_args
 
 def test_defaults_serve_the_embedded_model_on_loopback():
     a = parse_args([])
-    assert (a.model, a.host, a.port, a.cluster, a.policy) == (None, "127.0.0.1", 8000, None, None)
+    assert (a.model, a.host, a.port, a.cluster) == (None, "127.0.0.1", 8000, None)
+    # The single worker runs the shared scheduler too: chunked steps, hopeless requests shed.
+    assert a.policy.policy == "chunked" and a.policy.shed and a.policy.max_prefill_seqs == a.max_prefill_seqs
     assert a.ttft_scale == 5.0 and a.tpot_slo_ms == 100.0 and a.api_key is None
     assert a.threads >= a.max_num_seqs + a.max_queue  # every admitted request gets a thread
 
@@ -23,7 +25,8 @@ def test_config_file_sets_options_and_flags_win(tmp_path, suffix):
     else:
         path.write_text(json.dumps(options))
     a = parse_args(["--config", str(path), "--port", "9002"])
-    assert (a.port, a.max_model_len, a.batch_buckets, a.api_key, a.tpot_slo_ms) == (9002, 512, [1, 4], "k", 50.0)
+    assert (a.port, a.max_model_len, a.batch_buckets, a.api_key, a.tpot_slo_ms) == (9002, 512, (1, 4), "k", 50.0)
+    assert a.engine.batch_buckets == (1, 4) and a.server.port == 9002  # one dataclass per section
 
 
 def test_api_key_from_a_file_or_the_environment_never_needs_the_command_line(tmp_path, monkeypatch, capsys):
@@ -51,7 +54,7 @@ def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--policy", "tropical"], "need --cluster"),
+    (["--policy", "tropical"], "runs on roles"),  # the single worker is one C worker
     (["--cluster", "2C", "--policy", "tropical"], "runs on roles"),
     (["--cluster", "3X"], "bad cluster"),
     (["--batch-buckets", "1,x"], "comma-separated integers"),

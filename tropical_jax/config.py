@@ -1,9 +1,14 @@
-"""Configuration dataclasses: the model's shape (read from Hugging Face configs)."""
+"""Configuration dataclasses: the model's shape (read from Hugging Face configs), how a worker runs
+it (EngineConfig) and which workers run under which scheduling policy (ClusterConfig). Their option
+fields are LLM(...)'s keyword arguments and the server's flags (options.py); the server adds its own
+(serve/cli.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .options import option
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -120,22 +125,32 @@ def make_buckets(maximum: int, minimum: int = 1, linear_from: int = 256) -> tupl
 class EngineConfig:
     """How one worker runs the model: cache geometry, the closed set of step shapes, numerics."""
 
-    max_model_len: int = 1024
-    page_size: int = 16
-    num_pages: int | None = None  # None: room for max_num_seqs sequences of max_model_len tokens
-    max_num_seqs: int = 32  # largest decode batch
-    max_chunk_tokens: int = 256  # largest prefill chunk
-    max_prefill_seqs: int = 8  # prompts one chunk may pack (each gets a sampled row in chunk steps)
-    chunk_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_chunk_tokens, 16)
-    batch_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_num_seqs, 1)
+    max_model_len: int = option(1024, "context length, prompt plus output", positive=True)
+    page_size: int = option(16, "tokens per KV page", positive=True)
+    num_pages: int | None = option(None, "KV pages per worker", positive=True,
+                                   shown_default="max-num-seqs full contexts")
+    max_num_seqs: int = option(32, "largest decode batch per worker", positive=True)
+    max_chunk_tokens: int = option(256, "largest prefill chunk", positive=True)
+    max_prefill_seqs: int = option(8, "prompts one prefill chunk may pack (each gets a sampled row)", positive=True)
+    chunk_buckets: tuple[int, ...] | None = option(None, "prefill chunk buckets, e.g. 16,64,256",
+                                                   shown_default="doubling from 16 to max-chunk-tokens")
+    batch_buckets: tuple[int, ...] | None = option(None, "decode batch buckets, e.g. 1,8,32 (fewer: faster warmup)",
+                                                   shown_default="doubling from 1 to max-num-seqs")
     # Attention reads (and the reference backend gathers) only up to the step's context bucket.
-    context_buckets: tuple[int, ...] | None = None  # None: make_buckets(max_model_len, 256, 1024)
+    context_buckets: tuple[int, ...] | None = option(None, "context buckets in tokens",
+                                                     shown_default="256, 512, then steps of 1024 to max-model-len")
     mixed_steps: bool = True  # compile chunk x batch executables (needed for inline prefills)
-    dtype: str = "float32"
-    attention_backend: str = "reference"
-    compilation_cache_dir: str | None = "~/.cache/tropical_jax/xla"  # None disables the persistent cache
+    dtype: str = option("float32", "weights and KV cache", choices=("float32", "bfloat16"))
+    attention_backend: str = option("reference", "attention implementation", choices=("reference", "pallas"))
+    compilation_cache_dir: str | None = option("~/.cache/tropical_jax/xla", "persistent XLA compilation cache "
+                                               "('' or None disables)")
 
     def __post_init__(self):
+        for name in ("chunk_buckets", "batch_buckets", "context_buckets"):  # lists welcome, kept as tuples
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.compilation_cache_dir:
+            object.__setattr__(self, "compilation_cache_dir", None)
         for name in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens", "max_prefill_seqs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -144,6 +159,16 @@ class EngineConfig:
         if self.num_pages is not None and self.num_pages < self.pages_per_seq:
             raise ValueError(f"num_pages={self.num_pages} cannot hold even one sequence of max_model_len="
                              f"{self.max_model_len} ({self.pages_per_seq} pages of {self.page_size})")
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> int:
+        """The one place a request's length is checked: ValueError if the prompt is empty or leaves no
+        room for a generated token; returns max_tokens cut to the context's room."""
+        if prompt_len < 1:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if prompt_len >= self.max_model_len:
+            raise ValueError(f"prompt of {prompt_len} tokens does not fit max_model_len={self.max_model_len} "
+                             f"(the prompt plus at least one generated token must fit)")
+        return min(max_tokens, self.max_model_len - prompt_len)
 
     @property
     def pages_per_seq(self) -> int:
@@ -166,3 +191,75 @@ class EngineConfig:
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(self.batch_buckets or make_buckets(self.max_num_seqs, 1))
+
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Which workers run the engine, under which scheduling policy, with which default SLOs."""
+
+    cluster: str | None = option(None, "worker layout, e.g. 1P1M, 2C, 1P1D, 'P:tp2,M:tp2'",
+                                 shown_default="one in-process colocated worker, 1C")
+    policy: str | None = option(None, "tropical, planned, colocated, chunked or disaggregated, with knobs after a "
+                                "colon ('tropical:prefer=multiplex')", shown_default="chunked with shedding on the "
+                                "single worker, else by the cluster's roles: planned for P+M, colocated for C, "
+                                "disaggregated for P+D")
+    profile: str | None = option(None, "cost-model JSON for the scheduler (python -m tropical_jax.profile)",
+                                 shown_default="cached for this model and buckets, else measured at startup")
+    backend: str = option("local", "where the workers run: local (this process) or ray (one Ray actor each)",
+                          choices=BACKENDS)
+    ray_address: str | None = option(None, "Ray cluster to join with backend ray",
+                                     shown_default="$RAY_ADDRESS, else start a local Ray")
+    tensor_parallel: int = option(1, "devices of the single worker (clusters say it per worker: 'P:tp2,M:tp2')",
+                                  positive=True)
+    ttft_scale: float = option(5.0, "the default TTFT SLO (requests that name none) is scale x the prompt's isolated "
+                               "prefill time, and at least a queueing allowance: scale x the time to prefill a full "
+                               "decode batch of prompts (ceil(max-num-seqs / max-prefill-seqs) full chunks of "
+                               "max-chunk-tokens), so a burst of short prompts can meet it", positive=True)
+    tpot_slo_ms: float = option(100.0, "default TPOT SLO (ms)", positive=True)
+    queue_timeout: float | None = option(None, "seconds a request may wait for its prefill before it is refused "
+                                         "(HTTP 429)", positive=True, shown_default="no limit")
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "ray" and self.cluster is None:
+            raise ValueError("--backend ray (backend='ray') runs a cluster's workers as Ray actors: give --cluster "
+                             "(or pass cluster=), e.g. 1P1M; the single worker runs in-process")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ValueError("--ray-address needs --backend ray (ray_address needs backend='ray')")
+        if self.cluster is not None and self.tensor_parallel != 1:
+            raise ValueError("--tensor-parallel (tensor_parallel) is for the single worker; give clusters tp per "
+                             "worker ('P:tp2,M:tp2')")
+
+    def spec(self):
+        """The workers (sched.config.ClusterSpec); the single worker is "1C" (or "C:tpN")."""
+        from .sched.config import parse_cluster
+
+        single = "1C" if self.tensor_parallel == 1 else f"C:tp{self.tensor_parallel}"
+        return parse_cluster(self.cluster or single)
+
+    def policy_config(self, max_prefill_seqs: int):
+        """The policy the scheduler runs, checked against the workers' roles. The single worker's
+        default packs up to `max_prefill_seqs` prompts a step, decodes and prefill chunks sharing each
+        step as continuous batching does, and sheds a request whose TTFT SLO cannot be met. ttft_scale
+        and queue_timeout set those knobs unless the policy string names them."""
+        from .sched.config import PolicyConfig, default_policy
+
+        spec = self.spec()
+        text = self.policy or (default_policy(spec) if self.cluster else
+                               f"chunked:shed=true,max_prefill_seqs={max_prefill_seqs}")
+        policy = PolicyConfig.parse(text)
+        if "ttft_scale=" not in text:
+            policy = replace(policy, ttft_scale=self.ttft_scale)
+        if "queue_timeout=" not in text:
+            policy = replace(policy, queue_timeout=self.queue_timeout)
+        policy.check_cluster(spec)
+        return policy
+
+    @property
+    def devices_needed(self) -> int:
+        """Devices of this process the workers use (Ray actors get their own)."""
+        return sum(w.tp for w in self.spec().workers) if self.backend == "local" else 1

@@ -48,7 +48,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tropical_jax.cluster.engine import engine_policy  # noqa: E402
+from tropical_jax.engine.core import engine_policy  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import summarize  # noqa: E402
 from tropical_jax.sched.request import Request  # noqa: E402
@@ -72,26 +72,24 @@ def machine() -> dict:
 def run_real(eng, reqs, bar) -> list[Request]:
     """Submit each request at its arrival time (open loop, real clock); wait for all to finish."""
     from tropical_jax import SamplingParams
-    from tropical_jax.runtime.sequence import Sequence
 
     rng = np.random.default_rng(0)
-    vocab = eng.model_config.vocab_size
-    seqs = [Sequence(list(map(int, rng.integers(0, vocab, r.prompt_len))),
-                     SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)) for r in reqs]
+    prompts = [list(map(int, rng.integers(0, eng.vocab_size, r.prompt_len))) for r in reqs]
     start = time.monotonic()
     submitted = []
-    for r, seq in zip(reqs, seqs):
+    for i, (r, prompt) in enumerate(zip(reqs, prompts)):
         wait = start + r.arrival - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        submitted.append(eng.submit(seq, r.ttft_slo, r.tpot_slo))
+        sp = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+        submitted.append(eng.add_request(f"bench-{i}", prompt, sp, r.ttft_slo, r.tpot_slo))
         bar.set_postfix_str(f"submitted {len(submitted)}/{len(reqs)}")
     eng.run_until_done(submitted, timeout=600)
     return submitted
 
 
 def first_worker(llm):
-    return next(iter(llm.cluster.workers.values()))
+    return next(iter(llm.engine.workers.values()))
 
 
 def main(argv=None) -> int:
@@ -183,19 +181,19 @@ def main(argv=None) -> int:
         text = policy_text(cal_policy, argparse.Namespace(**{**vars(args), "recalibrate_steps": 0}))
         llm = LLM(None, cluster=cal_cluster, policy=text, profile=measured, progress=False, **ENGINE)
         if cal_cluster == "1P1D":  # the handoff the cluster really makes, timed on its own workers
-            transfer = llm.cluster.measure_handoff(raw.kv_bytes_per_token)
-        part = StepWatch(llm.cluster)
+            transfer = llm.engine.measure_handoff(raw.kv_bytes_per_token)
+        part = StepWatch(llm.engine)
         if not speeds:  # the machine's speed as the calibration starts (and as it ends, below)
             speeds.append(machine_speed(first_worker(llm), raw, slo_batch(cfg)))
-        llm.cluster.start()
+        llm.engine.start()
         try:
             rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
                 poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
             reqs = scaled_requests(poisson, max(16, round(rate * args.calibrate)), rate, 99, raw, tpot_slo,
                                    dilation(speeds[0]))
-            run_real(llm.cluster, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
+            run_real(llm.engine, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
-            llm.cluster.stop()
+            llm.engine.stop()
         seen += part
         gaps += part.gaps
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
@@ -263,9 +261,9 @@ def main(argv=None) -> int:
     for name, cluster in chosen:
         llm = LLM(None, cluster=cluster, policy=policy_text(name, args), profile=profile, progress=False, **ENGINE)
         policy = engine_policy(policy_text(name, args), cfg)
-        assert llm.cluster.policy == policy, (llm.cluster.policy, policy)
+        assert llm.engine.policy == policy, (llm.engine.policy, policy)
         # Steps against the profile as measured, whatever the policy planned with (planned recalibrates).
-        engines[name] = (llm, StepWatch(llm.cluster, reference=raw), policy)
+        engines[name] = (llm, StepWatch(llm.engine, reference=raw), policy)
         results[name] = [{"real": [], "sim": [], "sim_raw": [], "sim_run_speed": [], "steps": [], "gaps": [],
                           "per_seed": []} for _ in rates]
     bar = tqdm(total=args.seeds * len(chosen) * len(rates), desc="real engine runs", unit="run")
@@ -279,7 +277,7 @@ def main(argv=None) -> int:
             block += 1
             for name, cluster in chosen[k:] + chosen[:k]:
                 llm, seen, policy = engines[name]
-                eng = llm.cluster
+                eng = llm.engine
                 if args.speed_blocks:
                     eng.scheduler.set_profile(planned_with)
                 bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")

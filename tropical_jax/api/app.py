@@ -26,8 +26,8 @@ def _json(body, status=200, headers=None) -> Response:
 
 def create_app(server) -> Flask:
     """`server` (serve.Server) holds: client (EngineClient; None while warming up), warmup (progress
-    text), tokenizer, limits (protocol.Limits), api_key, tpot_slo (s), default_ttft_slo(prompt_len),
-    metrics (ServerMetrics), max_body_bytes, started (unix time)."""
+    text), tokenizer, limits (protocol.Limits), api_key, metrics (ServerMetrics), max_body_bytes,
+    started (unix time)."""
     app = Flask("tropical_jax")
     app.config["MAX_CONTENT_LENGTH"] = server.max_body_bytes
 
@@ -108,10 +108,8 @@ def create_app(server) -> Flask:
             raise APIError(400, "the request body is not valid JSON") from None
         req = parse(body, chat=chat, tokenizer=server.tokenizer, limits=server.limits)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        ttft_slo = req.ttft_slo if req.ttft_slo is not None else server.default_ttft_slo(len(req.prompt_ids))
-        tpot_slo = req.tpot_slo if req.tpot_slo is not None else server.tpot_slo
-        try:
-            handle = client.submit(rid, req.prompt_ids, req.params, ttft_slo, tpot_slo)
+        try:  # SLOs the request does not name: the engine's defaults
+            handle = client.submit(rid, req.prompt_ids, req.params, req.ttft_slo, req.tpot_slo)
         except QueueFull as e:
             server.metrics.requests.labels("rejected").inc()
             raise APIError(429, str(e), code="queue_full") from None

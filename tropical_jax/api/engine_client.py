@@ -1,11 +1,11 @@
-"""The engine on its own thread; HTTP threads talk to it only through queues.
+"""The server's side of the engine: an inbox, one engine thread, and a stream handle per request.
 
 An HTTP thread validates a request, then `submit` puts it on the inbox and returns a
-`RequestHandle`; token events come back on the handle's queue. Aborts go through the inbox too.
-Only the engine thread calls into the backend (the single-worker engine or the multi-worker
-cluster, see backends.py), and it publishes a snapshot of the engine's state after every step, so
-/metrics and /v1/cluster never touch engine objects either. A step that raises fails the requests
-it involved, not the server.
+`RequestHandle`; its events come back on the handle's queue. Aborts go through the inbox too. The
+engine thread admits and aborts, and runs the steps itself when the engine is `inline` (the single
+worker); a cluster's own worker threads run theirs. Every change of a request arrives through the
+engine's one callback (`_on_event`, engine/protocol.py), on whichever thread made it: nothing polls.
+The api talks to the engine only through that protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..engine.protocol import EngineEvent, ServingEngine
+
 log = logging.getLogger(__name__)
 
 
@@ -25,39 +27,38 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class RequestHandle:
+    """What an HTTP thread holds of a request: its events, and its sched.Request (timings, SLOs, path)
+    once the engine admitted it."""
     request_id: str
     prompt_ids: list[int]
     params: object  # SamplingParams
-    ttft_slo: float
-    tpot_slo: float
+    asked_ttft_slo: float | None  # s; None: the engine's default
+    asked_tpot_slo: float | None
     events: queue.Queue = field(default_factory=queue.Queue)  # (token_ids, text_delta, finish_reason|None)
-    arrival: float = field(default_factory=time.monotonic)
-    first_scheduled: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
+    arrival: float = field(default_factory=time.monotonic)  # the engine's clock
+    request: object = None  # sched.Request
     n_out: int = 0
-    path: str | None = None            # where its prefill ran: colocated / prefill / inline
-    transfer: float | None = None      # KV handoff seconds (prefill path only)
     finish_reason: str | None = None
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def _of_request(self, name):
+        return None if self.request is None else getattr(self.request, name)
 
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival
+    prompt_len = property(lambda self: len(self.prompt_ids))
+    ttft = property(lambda self: self._of_request("ttft"))
+    queueing = property(lambda self: self._of_request("queueing"))
+    path = property(lambda self: self._of_request("path"))
+    ttft_slo = property(lambda self: self._of_request("ttft_slo") or self.asked_ttft_slo)
+    tpot_slo = property(lambda self: self._of_request("tpot_slo") or self.asked_tpot_slo)
 
     @property
     def tpot(self) -> float:
-        """DESIGN §5: (last - first) / (n_out - 1); one token: 0 (met)."""
-        if self.n_out <= 1:
-            return 0.0
-        return (self.last_token_time - self.first_token_time) / (self.n_out - 1)
+        return self._of_request("tpot") or 0.0
 
     @property
-    def queueing(self) -> float | None:
-        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+    def transfer(self) -> float | None:
+        """KV handoff seconds (requests prefilled on a P worker)."""
+        r = self.request
+        return r.transfer_time if r is not None and r.path == "prefill" and r.n_out >= 1 else None
 
     @property
     def slo_met(self) -> bool:
@@ -65,25 +66,23 @@ class RequestHandle:
 
 
 class EngineClient:
-    """Owns the engine thread. `backend` follows the interface of backends.LocalWorker."""
-
-    def __init__(self, backend, max_queue: int = 256, on_finish=None):
-        self.backend = backend
+    def __init__(self, engine: ServingEngine, max_queue: int = 256, on_finish=None):
+        self.engine = engine
         self.max_queue = max_queue
         self.on_finish = on_finish  # callable(handle, finish_reason), for metrics
-        self.handles: dict[str, RequestHandle] = {}  # in flight (the engine thread removes finished ones)
+        self.handles: dict[str, RequestHandle] = {}  # in flight
         self.unscheduled: set[str] = set()  # submitted, prefill not started: the queue max_queue bounds
         self.draining = False
         self.broken: str | None = None  # set when the engine can no longer serve (health turns 503)
         self._inbox: list[tuple[str, object]] = []
         self._wake = threading.Condition()
         self._stop = False
-        self._snapshot = self._publish()
+        engine.on_event = self._on_event
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
     # -- HTTP threads -----------------------------------------------------------------------
-    def submit(self, request_id, prompt_ids, params, ttft_slo, tpot_slo) -> RequestHandle:
+    def submit(self, request_id, prompt_ids, params, ttft_slo=None, tpot_slo=None) -> RequestHandle:
         handle = RequestHandle(request_id, list(prompt_ids), params, ttft_slo, tpot_slo)
         with self._wake:
             if len(self.unscheduled) >= self.max_queue:
@@ -102,8 +101,11 @@ class EngineClient:
             self._wake.notify()
 
     def state(self) -> dict:
-        """The latest snapshot (a fresh dict per publish; never mutated afterwards)."""
-        return self._snapshot
+        """The engine's workers and counters, and this client's queue."""
+        state = self.engine.snapshot()
+        state.update(in_flight=len(self.handles), queued=len(self.unscheduled), draining=self.draining,
+                     broken=self.broken)
+        return state
 
     def idle(self) -> bool:
         return not self.handles
@@ -114,36 +116,30 @@ class EngineClient:
             self._wake.notify()
         self._thread.join(timeout=10)
 
-    # -- engine thread: called by the backend -----------------------------------------------
-    def deliver(self, request_id, token_ids, text, reason) -> None:
-        """Tokens (and/or the end) of one request. Backends call this from their engine threads."""
-        h = self.handles.get(request_id)
+    # -- events (any engine thread) ---------------------------------------------------------
+    def _on_event(self, event: EngineEvent) -> None:
+        if event.kind == "failed":
+            self.broken = event.text
+            for rid in list(self.handles):
+                self._end(self.handles.get(rid), "error")
+            return
+        r = event.request
+        h = self.handles.get(r.id)
         if h is None:
-            return  # already finished (e.g. aborted, then the engine emitted its last token)
-        now = time.monotonic()
-        if token_ids:
-            if h.first_token_time is None:
-                h.first_token_time = now
-            h.last_token_time = now
-            h.n_out += len(token_ids)
-        if reason is not None:  # bookkeeping first: a client that has its answer sees it in /metrics
-            self._finish(h, reason)
-        h.events.put((list(token_ids), text, reason))
+            return  # already ended (e.g. the engine failed it)
+        h.request = r
+        if event.kind == "scheduled":
+            self.unscheduled.discard(h.request_id)
+            return
+        h.n_out += len(event.token_ids)
+        if r.done:  # bookkeeping first: a client that has its answer sees it in /metrics
+            self._end(h, r.finish_reason, event.token_ids, event.text)
+        else:
+            h.events.put((list(event.token_ids), event.text, None))
 
-    def scheduled(self, handle: RequestHandle, when: float) -> None:
-        """The request's prefill started (for queueing time and the max_queue bound). Backends call
-        this before the request's first token is delivered."""
-        if handle.first_scheduled is None:
-            handle.first_scheduled = when
-        self.unscheduled.discard(handle.request_id)
-
-    def end(self, request_id, reason: str) -> None:
-        """Finish a request with no more tokens (timeout, rejection, error, abort)."""
-        self.deliver(request_id, [], "", reason)
-
-    def _finish(self, h: RequestHandle, reason: str) -> None:
-        if self.handles.pop(h.request_id, None) is None:
-            return  # finished twice (an abort racing a cluster worker's last token): count it once
+    def _end(self, h: RequestHandle | None, reason: str, token_ids=(), text: str = "") -> None:
+        if h is None or self.handles.pop(h.request_id, None) is None:
+            return  # ended twice: counted once
         h.finish_reason = reason
         self.unscheduled.discard(h.request_id)
         if self.on_finish is not None:
@@ -151,44 +147,35 @@ class EngineClient:
                 self.on_finish(h, reason)
             except Exception:
                 log.exception("on_finish failed for %s", h.request_id)
+        h.events.put((list(token_ids), text, reason))
 
     # -- the loop -------------------------------------------------------------------------------
-    def _publish(self) -> dict:
-        state = self.backend.snapshot()
-        state.update(in_flight=len(self.handles), queued=len(self.unscheduled), draining=self.draining,
-                     broken=self.broken)
-        self._snapshot = state
-        return state
-
     def _loop(self):
+        ready = False  # an inline engine may have a step to run
+        e = self.engine
         while True:
             with self._wake:
-                if not self._inbox and not self._stop and (self.broken or not self.backend.busy()):
-                    self._wake.wait(timeout=self.backend.poll_interval)
+                if not self._inbox and not self._stop and not (ready and e.inline and not self.broken):
+                    self._wake.wait(timeout=e.seconds_to_timer() if e.inline and not self.broken else None)
                 if self._stop:
                     return
                 inbox, self._inbox = self._inbox, []
-            if self.broken is not None:  # nothing can run: end whatever slipped in before 503s began
-                for rid in list(self.handles):
-                    self.end(rid, "error")
-                self._publish()
-                continue
             for kind, item in inbox:
-                if kind == "add":
+                if kind == "abort":
+                    rid, reason = item
+                    self._end(self.handles.get(rid), reason)  # first: the engine ends it as a plain "abort"
+                    e.abort(rid)
+                elif self.broken:  # nothing can run: end what slipped in before 503s began
+                    self._end(item, "error")
+                else:
                     try:
-                        self.backend.add(item, self)
+                        item.request = e.add_request(item.request_id, item.prompt_ids, item.params,
+                                                     item.asked_ttft_slo, item.asked_tpot_slo, item.arrival)
                     except Exception:  # validated already, so this is a bug: fail this request only
                         log.exception("could not admit %s", item.request_id)
-                        self.end(item.request_id, "error")
-                elif item[0] in self.handles:
-                    rid, reason = item
-                    self.end(rid, reason)  # first: the backend may end it as a plain "abort"
-                    self.backend.abort(rid, self)
-            try:
-                self.backend.run_once(self)
-            except Exception as e:
-                log.exception("engine step failed; failing the requests in it")
-                self.broken = self.backend.recover(self, e)
-                if self.broken:
-                    log.error("the engine cannot serve any more: %s", self.broken)
-            self._publish()
+                        self._end(item, "error")
+            if e.inline and not self.broken:
+                try:
+                    ready = e.run_once()
+                except Exception:  # the step's requests ended with "error"; the engine logged it
+                    ready = True

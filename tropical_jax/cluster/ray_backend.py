@@ -1,6 +1,6 @@
 """Ray backend (`backend="ray"`): each cluster worker a Ray actor owning its devices and mesh.
 
-The scheduler and the worker loops stay on the driver (cluster/engine.py); a RayWorker handle
+The scheduler and the worker loops stay on the driver (engine/core.py); a RayWorker handle
 forwards the loop's calls to its actor, which runs an InProcessWorker (model, KV pools, page
 copies) in its own process and JAX runtime. What crosses: a step's padded int32 metadata and
 sampling arrays (runtime.executor.StepInputs), the sampled ids, and on a KV handoff the request's

@@ -30,7 +30,7 @@ from ..model.sharding import make_mesh
 from ..runtime import map_budget
 from ..runtime.executor import BUCKET_ADVICE, STEP_KINDS, ModelExecutor, StepInputs, step_shapes
 
-PAGE_COPIES = 2  # the gather and the scatter: executables of every worker besides its steps
+PAGE_COPIES = 2  # the gather and the scatter: executables of every worker that hands KV over (not C)
 
 
 def step_kinds(role: str, policy=None) -> tuple[str, ...]:
@@ -46,7 +46,8 @@ def step_kinds(role: str, policy=None) -> tuple[str, ...]:
 
 def cluster_executables(cluster, engine_cfg: EngineConfig, policy=None) -> dict[str, int]:
     """Executables each worker of the cluster compiles at warmup."""
-    return {w.name: len(step_shapes(engine_cfg, step_kinds(w.role, policy))) + PAGE_COPIES for w in cluster.workers}
+    return {w.name: len(step_shapes(engine_cfg, step_kinds(w.role, policy))) + (PAGE_COPIES if w.role != "C" else 0)
+            for w in cluster.workers}
 
 
 def carve_devices(cluster, devices=None) -> dict[str, list]:
@@ -91,18 +92,22 @@ class InProcessWorker:
     """One worker in this process: its mesh, model, KV pools and page copies. One call at a time
     touches its pools (steps donate them; a handoff may write them from another worker's thread)."""
 
-    def __init__(self, model, dtype, engine_cfg: EngineConfig, devices, kinds=STEP_KINDS, name: str = "worker"):
-        self.mesh = make_mesh(devices)
+    def __init__(self, model, dtype, engine_cfg: EngineConfig, devices, kinds=STEP_KINDS, name: str = "worker",
+                 copies: bool = True):
+        # One worker on the default device (the single worker at tp=1) needs no mesh: its arrays and
+        # executables are those of a plain single-device program.
+        self.mesh = None if list(devices) == jax.devices()[:1] else make_mesh(devices)
         model_config, graphdef, params, _ = load_model(model, dtype, self.mesh, with_tokenizer=False)
         self.executor = ModelExecutor(model_config, graphdef, params, engine_cfg, self.mesh)
         self.copier = PageCopier(engine_cfg.pages_per_seq, engine_cfg.total_pages)
         self.lock = threading.Lock()
-        self.kinds, self.name = tuple(kinds), name
+        self.kinds, self.name, self.copies = tuple(kinds), name, copies
 
     def warmup(self, progress: bool = True) -> None:
         with self.lock:
             self.executor.warmup(progress, self.kinds, f"worker {self.name}")
-        self.write_pages([], self.read_pages([]))  # compiles the gather and the scatter
+        if self.copies:  # a colocated worker never hands KV over: no page copies to compile
+            self.write_pages([], self.read_pages([]))  # compiles the gather and the scatter
 
     def step(self, inputs: StepInputs) -> np.ndarray:
         # The lock covers the launch, not the wait for the result: a KV handoff to or from this
@@ -150,5 +155,5 @@ def local_workers(model, cluster, engine_cfg: EngineConfig, dtype, policy=None,
     map_budget.check(sum(per_worker.values()), read_config(model).num_layers,
                      f"cluster {cluster} ({counts} executables)",
                      BUCKET_ADVICE + ", fewer workers in one process (or --backend ray: a process each)")
-    return {w.name: InProcessWorker(model, dtype, engine_cfg, slices[w.name], step_kinds(w.role, policy), w.name)
-            for w in cluster.workers}
+    return {w.name: InProcessWorker(model, dtype, engine_cfg, slices[w.name], step_kinds(w.role, policy), w.name,
+                                    copies=w.role != "C") for w in cluster.workers}

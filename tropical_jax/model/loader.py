@@ -16,11 +16,11 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from ..config import ModelConfig
+from .checkpoint import OURS_CONFIG, restore_params
 from .llama import build_model
 from .sharding import check_tensor_parallel, param_shardings
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "default"
-OURS_CONFIG = "tropical_config.json"
 
 
 def abstract_state(cfg: ModelConfig, dtype):
@@ -126,8 +126,6 @@ def load_model(path=None, dtype=jnp.float32, mesh=None, with_tokenizer: bool = T
         check_tensor_parallel(cfg, mesh.shape["model"])
     graphdef, state = abstract_state(cfg, dtype)
     if is_orbax_checkpoint(path):
-        from ..checkpoint import restore_params
-
         params = restore_params(path / "params", state, mesh, dtype, cfg)
     else:
         params = _place(hf_to_pure_dict(cfg, _hf_tensors(path)), state, mesh, dtype, cfg)

@@ -1,31 +1,23 @@
-"""One request inside an engine: its tokens, pages, progress and stop conditions."""
+"""A request's tokens inside the engine: prompt, sampled ids, text, and the block table of the
+worker running its step. The request itself (identity, status, timings) is its sched.Request, which
+keys this state (engine/core.py)."""
 
 from __future__ import annotations
 
-import itertools
 import random
-import time
 from dataclasses import dataclass, field
 
 from ..kv.allocator import BlockTable
 from ..sampling_params import SamplingParams
 
-_ids = itertools.count()
 
-
-@dataclass(eq=False)  # identity: the engine's `seq in running` checks must not compare every field
+@dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
-    arrival: float = field(default_factory=time.monotonic)
-    on_output: object = None  # callable(seq, new_token_ids, new_text) for streaming; called on the engine thread
     output_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in this sequence's pages
-    block_table: BlockTable = field(default_factory=BlockTable)
+    block_table: BlockTable = field(default_factory=BlockTable)  # the scheduler's, on the worker stepping it
     text: str = ""
-    finish_reason: str | None = None
-    num_preemptions: int = 0
     seed: int = 0
     # Incremental detokenization: output_ids[prefix_offset:read_offset] is the window last decoded.
     prefix_offset: int = 0
@@ -49,19 +41,6 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def in_prefill(self) -> bool:
-        """True until every token but the last sampled one is cached (decode caches one per step)."""
-        return self.num_cached < self.num_tokens - (1 if self.output_ids else 0)
-
-    @property
-    def prefill_remaining(self) -> int:
-        return self.num_tokens - self.num_cached
 
 
 def append_token(seq: Sequence, token: int, tokenizer, eos_token_ids, max_model_len: int) -> tuple[str | None, str]:

@@ -4,11 +4,33 @@ Times are seconds on the scheduler's clock (virtual in the simulator, wall time 
 Decisions may read the prompt, `max_tokens`, the SLOs and the recorded history; they must never
 read `output_len`, which only the simulator's executor uses to decide when a request stops (a
 server does not know it). Metrics (sched/metrics.py) read the recorded outcome.
+
+A request's life (`status`): WAITING (submitted, or preempted and waiting to be recomputed) ->
+PREFILLING (a chunk of its prompt ran) -> DECODING (its first token came) -> FINISHED, with
+`finish_reason` "stop" (the engine saw EOS or a stop sequence) or "length" (max_tokens). It may end
+early instead: REJECTED (finish_reason "rejected": shed, or no worker can hold it; "queue_timeout":
+not started in time) or ABORTED (finish_reason "abort": the client went away). `status_reason` says
+why, in words, for the last two.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    REJECTED = "rejected"
+    ABORTED = "aborted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.ABORTED)
+
 
 # Where a request's prefill ran ("path"):
 PATH_PREFILL = "prefill"      # on a prefill (P) worker, then KV handed to a multiplexing/decode worker
@@ -27,6 +49,7 @@ class Request:
     tpot_slo: float = 0.1           # s
     output_len: int | None = None   # simulator only: tokens this request will generate (1 <= output_len)
     prompt_token_ids: list[int] | None = field(default=None, repr=False)  # real engine only
+    sheddable: bool = True  # False: its TTFT SLO is a server default the client never asked for: not shed for it
 
     # ---- recorded outcome (written by the scheduler) ----
     first_scheduled: float | None = None   # first time any of its prefill ran
@@ -35,7 +58,9 @@ class Request:
     n_out: int = 0                          # tokens generated, the first included
     transfer_time: float = 0.0              # KV handoff P -> M (s), 0 for inline/colocated
     finish_time: float | None = None
-    rejected: bool = False
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None        # stop | length | rejected | queue_timeout | abort
+    status_reason: str = ""                 # why it was rejected or aborted
     path: str | None = None                 # PATH_* above
     prefill_worker: str | None = None       # worker name, e.g. "P0", "M1", "C0"
     decode_worker: str | None = None
@@ -58,8 +83,12 @@ class Request:
         return self.arrival + self.ttft_slo
 
     @property
+    def rejected(self) -> bool:
+        return self.status is RequestStatus.REJECTED
+
+    @property
     def done(self) -> bool:
-        return self.finish_time is not None or self.rejected
+        return self.status.terminal
 
     @property
     def ttft(self) -> float | None:

@@ -2,6 +2,8 @@
 
 Calls (every one takes `now`, seconds on the caller's clock, and must not go back in time):
     submit(request, now)                 a request arrives; dispatch runs
+    abort(request_id, now)               stop a request wherever it is and free its pages (a request in
+                                         a step or handoff in flight stops when that ends)
     next_step(worker, now) -> StepPlan   an idle worker asks for its next step (None: nothing to do)
     step_done(worker, plan, now, finished)   the step ran; `finished` = requests that stopped at the
                                          token this step produced (EOS). max_tokens is enforced here.
@@ -17,6 +19,11 @@ Every dispatch decision is counted (`counters`: prefill / inline / colocated / w
 late, jumped (short-prompt lane), plus transfers, transfer_failures, recomputes, preemptions,
 packed_steps), logged at DEBUG on the "tropical_jax.sched" logger with its reason, and recorded in
 `decisions` when asked.
+
+Every change of a request's status (sched/request.py) is reported to `listener(kind, request, now)`,
+with kind "scheduled" (its first prefill chunk is planned), "finished", "rejected" or "aborted", on
+the thread that made the call that caused it, under the scheduler's lock (a listener must not call
+back into the scheduler).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from tropical_jax.sched.dispatch import WAIT, Decision, make_dispatcher
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
 from tropical_jax.sched.plan import StepPlan, Transfer
 from tropical_jax.sched.recalibrate import Recalibrator
-from tropical_jax.sched.request import PATH_INLINE, PATH_PREFILL, PATH_REJECTED, Request
+from tropical_jax.sched.request import PATH_INLINE, PATH_PREFILL, PATH_REJECTED, Request, RequestStatus
 
 log = logging.getLogger("tropical_jax.sched")
 
@@ -53,7 +60,8 @@ class DecisionRecord:
 
 class Scheduler:
     def __init__(self, cluster: str | ClusterSpec, policy: str | PolicyConfig, cost_model: CostModel, *,
-                 kv_capacity_tokens: int | None = None, page_size: int = 16, record_decisions: bool = False):
+                 kv_capacity_tokens: int | None = None, page_size: int = 16, record_decisions: bool = False,
+                 listener=None):
         self.cluster = parse_cluster(cluster)
         self.cfg = PolicyConfig.parse(policy)
         self.cfg.check_cluster(self.cluster)
@@ -79,6 +87,9 @@ class Scheduler:
         self._shed_at: list[tuple[float, int, Request]] = []  # shed: (when it may turn hopeless, seq, request)
         self._lock = threading.RLock()
         self.live = 0  # submitted and neither finished nor rejected
+        self.listener = listener  # callable(kind, request, now), see the module docstring
+        self._by_id: dict = {}  # live requests by id (abort)
+        self._aborting: dict[Request, str] = {}  # to abort -> its finish reason (deferred while in flight)
 
     # ================= public API =================
     def submit(self, r: Request, now: float) -> None:
@@ -87,9 +98,12 @@ class Scheduler:
                 raise ValueError(f"request {r.id}: prompt_len and max_tokens must be >= 1")
             if r.ttft_slo is None:
                 r.ttft_slo = self.cfg.ttft_scale * self.cost.t_prefill(r.prompt_len)
+            if r.id in self._by_id:
+                raise ValueError(f"request id {r.id!r} is already live")
             self.mon.track(r, self._seq)
             self._seq += 1
             self.live += 1
+            self._by_id[r.id] = r
             why = self._never_fits(r) or self._hopeless(r, now)
             if why:
                 self._reject(r, now, why)
@@ -98,7 +112,7 @@ class Scheduler:
                 bisect.insort(self.waiting, (key, r), key=lambda e: e[0])
             else:
                 self._apply(r, self.dispatcher.decide(r, now, self._explain), now)
-            if self.cfg.shed and not r.rejected:
+            if self.cfg.shed and r.sheddable and not r.rejected:
                 heapq.heappush(self._shed_at, (r.deadline - self._alone(r), self.mon.seq[r], r))
             # An arrival only adds load: of the waiting requests only the newcomer can be placed now.
             self._dispatch(now, only=r)
@@ -115,9 +129,13 @@ class Scheduler:
             if len(plan.chunks) > 1:
                 self.counters["packed_steps"] += 1
             for c in plan.chunks:
-                if c.request.first_scheduled is None:
-                    c.request.first_scheduled = now
-                w.rem[c.request] = self.mon.remaining_time(w, c.request)
+                r = c.request
+                if r.status is RequestStatus.WAITING:
+                    r.status = RequestStatus.PREFILLING
+                if r.first_scheduled is None:
+                    r.first_scheduled = now
+                    self._emit("scheduled", r, now)
+                w.rem[r] = self.mon.remaining_time(w, r)
             w.touch()
             return plan
 
@@ -145,6 +163,7 @@ class Scheduler:
                         w.decoding.append(r)
                     else:
                         self._first_token(w, r, now, id(r) in stop)
+            self._apply_aborts(now)
             if self.recalibrator is not None:
                 model = self.recalibrator.observe(plan, now - plan.start)
                 if model is not None:
@@ -187,7 +206,22 @@ class Scheduler:
                 dst.queue.insert(sum(1 for q in dst.queue if q.recompute_len), r)
                 dst.rem[r] = self.mon.remaining_time(dst, r)
                 self._record(now, r, "transfer_failed", dst.name, "recompute the prefill on the destination")
+            self._apply_aborts(now)
             self._dispatch(now)
+
+    def abort(self, request_id, now: float, reason: str = "aborted by the client",
+              finish_reason: str = "abort") -> bool:
+        """Stop a live request and free its pages; False if no live request has this id. One in a step
+        or a KV handoff in flight is stopped when that ends (its pages are being written)."""
+        with self._lock:
+            r = self._by_id.get(request_id)
+            if r is None:
+                return False
+            r.status_reason = reason
+            self._aborting[r] = finish_reason
+            self._apply_aborts(now)
+            self._dispatch(now)
+            return True
 
     def tick(self, now: float) -> None:
         with self._lock:
@@ -241,8 +275,9 @@ class Scheduler:
         return self.mon.iso[r] if w is None else w.rem[r]
 
     def _hopeless(self, r: Request, now: float) -> str:
-        """With shed on: a request whose prefill, started now alone, cannot end by its deadline."""
-        if self.cfg.shed and now + self._alone(r) > r.deadline:
+        """With shed on: a request whose prefill, started now alone, cannot end by its deadline (never
+        one whose TTFT SLO is a server default: Request.sheddable)."""
+        if self.cfg.shed and r.sheddable and now + self._alone(r) > r.deadline:
             return f"shed: prefill alone {self._alone(r):.3f} s cannot end by the deadline {r.deadline:.3f}"
         return ""
 
@@ -267,21 +302,53 @@ class Scheduler:
         for e in again:
             heapq.heappush(heap, e)
 
-    def _drop_queued(self, w: WorkerState, r: Request, now: float, reason: str) -> None:
+    def _drop_queued(self, w: WorkerState, r: Request, now: float, reason: str,
+                     finish_reason: str = "rejected") -> None:
         """Reject r, queued on w and not started."""
         w.queue.remove(r)
         w.rem.pop(r, None)
         w.release(r)
-        self._reject(r, now, reason)
+        self._reject(r, now, reason, finish_reason)
         w.touch()
 
-    def _reject(self, r: Request, now: float, reason: str) -> None:
-        r.rejected = True
-        r.path = PATH_REJECTED
-        self.counters["rejected"] += 1
+    def _emit(self, kind: str, r: Request, now: float) -> None:
+        if self.listener is not None:
+            self.listener(kind, r, now)
+
+    def _end(self, r: Request, now: float, status: RequestStatus, finish_reason: str) -> None:
+        """r leaves the scheduler: its status and reason recorded, the listener told."""
+        r.status, r.finish_reason = status, finish_reason
         self.live -= 1
         self.mon.forget(r)
+        self._by_id.pop(r.id, None)
+        self._aborting.pop(r, None)
+        self._emit(status.value, r, now)
+
+    def _reject(self, r: Request, now: float, reason: str, finish_reason: str = "rejected") -> None:
+        r.path = PATH_REJECTED
+        r.status_reason = reason
+        self.counters["rejected"] += 1
         self._record(now, r, "rejected", None, reason)
+        self._end(r, now, RequestStatus.REJECTED, finish_reason)
+
+    def _apply_aborts(self, now: float) -> None:
+        """End the requests marked for abort that no step or handoff in flight touches."""
+        for r in list(self._aborting):
+            if any(r in w.incoming or (w.busy is not None and (r in w.busy.decodes or any(
+                    c.request is r for c in w.busy.chunks))) for w in self.mon.workers.values()):
+                continue  # its pages are being written: stopped when that ends
+            self.waiting = [e for e in self.waiting if e[1] is not r]
+            self._waited.discard(r)
+            for w in self.mon.workers.values():
+                for where in (w.queue, w.decoding, w.handoff):
+                    if r in where:
+                        where.remove(r)
+                w.rem.pop(r, None)
+                w.release(r)
+                w.touch()
+            self.counters["aborted"] += 1
+            self._record(now, r, "aborted", None, r.status_reason)
+            self._end(r, now, RequestStatus.ABORTED, self._aborting[r])
 
     def _apply(self, r: Request, d: Decision, now: float) -> None:
         w = self.mon.workers[d.worker]
@@ -310,25 +377,26 @@ class Scheduler:
         r.last_token_time = now
         if stop or r.n_out >= r.max_tokens:
             w.decoding.remove(r)
-            self._finish(w, r, now)
+            self._finish(w, r, now, stop)
 
     def _first_token(self, w: WorkerState, r: Request, now: float, stop: bool) -> None:
         r.n_out = 1
         r.first_token_time = r.last_token_time = now
+        r.status = RequestStatus.DECODING
         if stop or r.max_tokens <= 1:
-            self._finish(w, r, now)
+            self._finish(w, r, now, stop)
         elif w.role == "P":
             w.handoff.append(r)
         else:
             w.decoding.append(r)
 
-    def _finish(self, w: WorkerState, r: Request, now: float) -> None:
+    def _finish(self, w: WorkerState, r: Request, now: float, stop: bool) -> None:
         r.finish_time = now
         w.release(r)
-        self.live -= 1
-        self.mon.forget(r)
+        self._end(r, now, RequestStatus.FINISHED, "stop" if stop else "length")
 
     def _preempted(self, w: WorkerState, r: Request, now: float) -> None:
+        r.status = RequestStatus.WAITING
         self.counters["preemptions"] += 1
         self.counters["recomputes"] += 1
         r.recomputed = True
@@ -363,13 +431,13 @@ class Scheduler:
             for e in self.waiting:
                 if now >= e[1].arrival + limit:
                     self._waited.discard(e[1])
-                    self._reject(e[1], now, f"not started within queue_timeout {limit} s")
+                    self._reject(e[1], now, f"not started within queue_timeout {limit} s", "queue_timeout")
                 else:
                     keep.append(e)
             self.waiting = keep
         for w in self.mon.workers.values():
             for r in [q for q in w.queue if q.first_scheduled is None and now >= q.arrival + limit]:
-                self._drop_queued(w, r, now, f"not started within queue_timeout {limit} s")
+                self._drop_queued(w, r, now, f"not started within queue_timeout {limit} s", "queue_timeout")
 
     def _dispatch(self, now: float, only: Request | None = None) -> None:
         if self.cfg.queue_timeout is not None:

@@ -1,0 +1,60 @@
+"""The engine as the api layer sees it: one small protocol, and the events it calls back with.
+
+The api never touches scheduler queues, workers or token state: it submits, aborts, drives the
+engine on its own thread when the engine asks for that (`inline`), and reads `snapshot()`. Every
+change of a request reaches it as an EngineEvent through the one `on_event` callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from ..sampling_params import SamplingParams
+from ..sched.request import Request
+
+# Event kinds: the prefill started; tokens came; the request ended (the last tokens, if any, ride on
+# the "finished" event, whose request.finish_reason is "stop" or "length"); it was refused
+# ("rejected": shed or queue timeout) or stopped ("aborted": the client left, or its step failed);
+# the engine can serve no more ("failed": request is None, text says why).
+EVENT_KINDS = ("scheduled", "token", "finished", "rejected", "aborted", "failed")
+
+
+@dataclass
+class EngineEvent:
+    kind: str
+    request: Request | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class ServingEngine(Protocol):
+    on_event: Callable[[EngineEvent], None] | None  # called on whichever thread made the change
+    inline: bool  # True: the owner's thread runs the steps (run_once); False: the engine's threads do
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    ttft_slo: float | None = None, tpot_slo: float | None = None,
+                    arrival: float | None = None) -> Request:
+        """Validate and submit (ValueError on bad input, nothing admitted). None SLOs: the defaults."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop the request and free its pages (an "aborted" event follows); unknown ids are ignored."""
+
+    def has_step(self) -> bool:
+        """Inline engines: a step is ready to run now."""
+
+    def run_once(self) -> None:
+        """Inline engines: run one step (or let time pass). Raises if the step failed; its requests
+        have ended with finish_reason "error" by then."""
+
+    def seconds_to_timer(self) -> float | None:
+        """When the engine next needs run_once though nothing happens (a queue timeout): seconds, or None."""
+
+    def default_ttft_slo(self, prompt_len: int) -> float:
+        """The TTFT SLO a request without one gets (s)."""
+
+    def snapshot(self) -> dict:
+        """Workers (role, queue, running, KV pages, banked slack), policy, dispatch counts."""
+
+    def close(self) -> None:
+        """Stop the engine's threads and release its workers."""
