@@ -11,7 +11,7 @@ import pytest
 from model_helpers import save_tiny_hf
 from tropical_jax import LLM, SamplingParams
 from tropical_jax.cluster.workers import cluster_executables
-from tropical_jax.config import EngineConfig
+from tropical_jax.config import ClusterConfig, EngineConfig
 from tropical_jax.runtime import map_budget
 from tropical_jax.runtime.executor import compile_count
 from tropical_jax.runtime.map_budget import MappingBudgetError, mappings_in_use
@@ -39,8 +39,11 @@ def limit_leaving(monkeypatch, executables: float):
 def test_each_role_compiles_only_the_steps_it_runs():
     cfg = EngineConfig()  # default buckets: 5 chunk x 6 batch x 3 context
     assert cluster_executables(parse_cluster("1P1M"), cfg, PolicyConfig.parse("planned")) == {"P0": 17, "M0": 125}
-    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("colocated")) == {"C0": 35, "C1": 35}
-    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("chunked")) == {"C0": 125, "C1": 125}
+    # C workers never hand KV over, so they compile no page copies (the gather and the scatter).
+    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("colocated")) == {"C0": 33, "C1": 33}
+    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("chunked")) == {"C0": 123, "C1": 123}
+    # The default single worker (1C under chunked) compiles what the engine it replaced did: 123.
+    assert cluster_executables(parse_cluster("1C"), cfg, ClusterConfig().policy_config(8)) == {"C0": 123}
     assert cluster_executables(parse_cluster("1P1D"), cfg, PolicyConfig.parse("disaggregated")) == {"P0": 17,
                                                                                                    "D0": 125}
 
