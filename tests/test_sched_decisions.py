@@ -448,8 +448,8 @@ def test_inline_frontier_equals_step_by_step_plan():
             ok = plan_prefill(s.mon, st, r, 0, strict=True)
             assert got.ok == ok, (trial, L)
             if ok:
-                assert got.end == pytest.approx(st.t0 + st.S, abs=1e-9)
-                assert got.steps == st.j - base.j
+                assert got.end == pytest.approx(st.t0 + st.elapsed, abs=1e-9)
+                assert got.steps == st.steps - base.steps
                 assert got.min_slack_left == pytest.approx(st.min_slack_left(), abs=1e-9)
                 checked += 1
     assert checked > 200
@@ -466,14 +466,14 @@ def test_pick_chunk_matches_a_scan_of_the_buckets():
         cost = CostModel.from_json({**prof, "mixed": mixed} if mixed else prof)
         s = make("1M", cost=cost, safety_factor=1.03, chunk_buckets=(64, 128, 256, 512, 1024, 2048))
         for _ in range(400):
-            st = PlanState(t0=0.0, B=rng.randint(0, 40), T=rng.randint(0, 200_000), S=rng.uniform(0, 0.3),
-                           j=rng.randint(0, 5), min_a={0.1: rng.uniform(0, 0.8)})
+            st = PlanState(t0=0.0, num_decodes=rng.randint(0, 40), decode_tokens=rng.randint(0, 200_000),
+                           elapsed=rng.uniform(0, 0.3), steps=rng.randint(0, 5), min_a={0.1: rng.uniform(0, 0.8)})
             R, ctx = rng.randint(1, 5000), rng.randint(0, 20_000)
             budget = st.budget(0.0)
             want = 0
             for b in reversed(s.cfg.chunk_buckets):
                 c = min(b, R)
-                if cost.t_mixed(c, ctx, st.B, st.T) * 1.03 <= budget:
+                if cost.t_mixed(c, ctx, st.num_decodes, st.decode_tokens) * 1.03 <= budget:
                     want = c
                     break
             assert pick_chunk(s.mon, st, R, ctx, True)[0] == want

@@ -169,7 +169,7 @@ def test_short_prompt_jumps_a_long_inline_that_stays_on_time():
     from tropical_jax.sched.multiplex import QueuedPlan
     sched.dispatcher.begin_pass(0.0)
     after = QueuedPlan(sched.mon, w, 0.0)
-    assert after.full.t0 + after.full.S <= x.deadline
+    assert after.full.t0 + after.full.elapsed <= x.deadline
     # A second short prompt goes behind the first jumper, still ahead of X.
     j2 = Request("J2", 0.0, 500, 4, ttft_slo=2.0, output_len=4)
     sched.submit(j2, 0.0)

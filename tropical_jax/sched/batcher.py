@@ -171,12 +171,12 @@ class Batcher:
                     st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
                 for d in w.incoming:  # they get their next token after this step at the earliest
                     st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
-                st.B, st.T = len(decodes), sum(decode_ctx(d) for d in decodes)
+                st.num_decodes, st.decode_tokens = len(decodes), sum(decode_ctx(d) for d in decodes)
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
                 head = self._chunk(r, c) if c else None
                 if head and head.last:  # other inlines that finish here may join it, decodes kept on time
                     chunks = self._pack(w, now, w.queue[1:], self.mon.big_chunk - c, (head,),
-                                        lambda C, ctx: self.mon.cost.t_mixed(C, ctx, st.B, st.T),
+                                        lambda C, ctx: self.mon.cost.t_mixed(C, ctx, st.num_decodes, st.decode_tokens),
                                         st.budget(self.mon.cfg.slack_margin))
                 elif head:
                     chunks = [head]

@@ -135,7 +135,7 @@ class TropicalDispatcher:
             queued, front = self._mf(w)
             base = front.base
             tpot = min([r.tpot_slo, *base.min_a])
-            step = mon.cost.t_decode(base.B + 1, base.T + L + 1) * cfg.safety_factor
+            step = mon.cost.t_decode(base.num_decodes + 1, base.decode_tokens + L + 1) * cfg.safety_factor
             if step > cfg.decode_latency_watermark * tpot:
                 why is not None and why.append(
                     f"{w.name}: decode step {step * 1e3:.1f} ms > {cfg.decode_latency_watermark} x TPOT {tpot * 1e3:.0f} ms")

@@ -31,49 +31,53 @@ _MAX_IDLE_STEPS = 64
 
 @dataclass
 class PlanState:
+    """A plan of mixed steps on one worker so far: what its decodes read and the slack they keep
+    (min_a: the smallest A_r per TPOT SLO, in the notation above)."""
+
     t0: float                     # when the plan's first step starts (the step in flight ends)
-    B: int = 0                    # decodes in each planned step (in-transit ones included)
-    T: int = 0                    # KV tokens they read
-    S: float = 0.0                # planned time so far (safety factor included)
-    j: int = 0                    # steps planned so far
+    num_decodes: int = 0          # decodes in each planned step (in-transit ones included)
+    decode_tokens: int = 0        # KV tokens they read
+    elapsed: float = 0.0          # planned time so far, S_j above (safety factor included)
+    steps: int = 0                # steps planned so far, j above
     min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
     cap: float = math.inf         # longest any one step may be (Monitor.handoff_cap)
 
     def copy(self) -> "PlanState":
-        return PlanState(self.t0, self.B, self.T, self.S, self.j, dict(self.min_a), self.cap)
+        return PlanState(self.t0, self.num_decodes, self.decode_tokens, self.elapsed, self.steps, dict(self.min_a),
+                         self.cap)
 
     def add_decode(self, a: float, tpot: float, ctx: int) -> None:
         if a < self.min_a.get(tpot, math.inf):
             self.min_a[tpot] = a
-        self.B += 1
-        self.T += ctx
+        self.num_decodes += 1
+        self.decode_tokens += ctx
 
     def budget(self, margin: float) -> float:
         """Longest next step (s) that keeps every decode's token of that step on time (and the cap)."""
-        return step_budget(self.min_a, self.j, self.S, self.cap, margin)
+        return step_budget(self.min_a, self.steps, self.elapsed, self.cap, margin)
 
     def min_slack_left(self) -> float:
         """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
         if not self.min_a:
             return math.inf
-        return min(a + self.j * tp for tp, a in self.min_a.items()) - self.S
+        return min(a + self.steps * tp for tp, a in self.min_a.items()) - self.elapsed
 
     def advance(self, seconds: float) -> None:
-        self.S += seconds
-        self.j += 1
-        self.T += self.B  # every decode cached one more token
+        self.elapsed += seconds
+        self.steps += 1
+        self.decode_tokens += self.num_decodes  # every decode cached one more token
 
 
-def step_budget(min_a: dict[float, float], j: int, S: float, cap: float, margin: float) -> float:
-    """PlanState.budget of a plan with j steps taking S seconds so far."""
+def step_budget(min_a: dict[float, float], steps: int, elapsed: float, cap: float, margin: float) -> float:
+    """PlanState.budget of a plan with `steps` steps taking `elapsed` seconds so far (j and S_j above)."""
     if not min_a:
         return cap
     least = math.inf
     for tp, a in min_a.items():
-        v = a + j * tp  # A_r + (next step - 1)·tpot
+        v = a + steps * tp  # A_r + (next step - 1)·tpot
         if v < least:
             least = v
-    return min(cap, least - margin - S)
+    return min(cap, least - margin - elapsed)
 
 
 def bucket_floor(buckets: tuple[int, ...], n: int) -> int:
@@ -91,13 +95,14 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
     sf = cfg.safety_factor
     top = mon.big_chunk
     if check_slack:
-        cmax = cost.max_chunk(ctx, st.B, st.T, step_budget(st.min_a, st.j, st.S, st.cap, cfg.slack_margin) / sf, top)
+        budget = step_budget(st.min_a, st.steps, st.elapsed, st.cap, cfg.slack_margin)
+        cmax = cost.max_chunk(ctx, st.num_decodes, st.decode_tokens, budget / sf, top)
     else:
         cmax = top
     c = remaining if remaining <= cmax else bucket_floor(cfg.chunk_buckets, cmax)
     if c == 0:
         return 0, 0.0
-    return c, cost.t_mixed(c, ctx, st.B, st.T) * sf
+    return c, cost.t_mixed(c, ctx, st.num_decodes, st.decode_tokens) * sf
 
 
 def is_short(mon: Monitor, r: Request) -> bool:
@@ -139,16 +144,16 @@ def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bo
             if strict:
                 return False
             idle += 1
-            if idle > _MAX_IDLE_STEPS or st.B == 0:
+            if idle > _MAX_IDLE_STEPS or st.num_decodes == 0:
                 c = min(mon.cfg.chunk_buckets[0], target - ctx)
-                s = mon.cost.t_mixed(c, ctx, st.B, st.T) * sf
+                s = mon.cost.t_mixed(c, ctx, st.num_decodes, st.decode_tokens) * sf
             else:
-                st.advance(mon.cost.t_decode(st.B, st.T) * sf)
+                st.advance(mon.cost.t_decode(st.num_decodes, st.decode_tokens) * sf)
                 continue
         idle = 0
         st.advance(s)
         ctx += c
-        if strict and st.t0 + st.S > deadline:
+        if strict and st.t0 + st.elapsed > deadline:
             return False
     return True
 
@@ -157,10 +162,10 @@ def join(st: PlanState, r: Request) -> None:
     """r, whose prefill the plan just finished, decodes from now on: a new request has one TPOT of
     slack at its first token; a recompute keeps the slack it had (its tokens were due all along)."""
     if r.recompute_len:
-        a = r.first_token_time + r.tpot_slo * r.n_out - st.t0 - st.j * r.tpot_slo
+        a = r.first_token_time + r.tpot_slo * r.n_out - st.t0 - st.steps * r.tpot_slo
         st.add_decode(a, r.tpot_slo, decode_ctx(r))
     else:
-        st.add_decode(st.S - (st.j - 1) * r.tpot_slo, r.tpot_slo, r.prompt_len + 1)
+        st.add_decode(st.elapsed - (st.steps - 1) * r.tpot_slo, r.tpot_slo, r.prompt_len + 1)
 
 
 def jump_position(w: WorkerState) -> int:
@@ -193,7 +198,7 @@ class QueuedPlan:
                 self.ahead = st.copy()
             plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
             if i >= self.position:
-                m = q.deadline - (st.t0 + st.S)
+                m = q.deadline - (st.t0 + st.elapsed)
                 self.on_time.append(m >= 0)
                 if m >= 0:
                     self.margin = min(self.margin, m)
@@ -208,14 +213,14 @@ class QueuedPlan:
         mon, a = self.mon, self.ahead
         st = a.copy()
         if not plan_prefill(mon, st, r, 0, strict=True, deadline=deadline):
-            return InlinePlan(False, math.inf, -math.inf, st.j - a.j, "jump: no plan by the deadline")
-        end, left, steps = st.t0 + st.S, st.min_slack_left(), st.j - a.j
-        if end - (a.t0 + a.S) > self.margin:
+            return InlinePlan(False, math.inf, -math.inf, st.steps - a.steps, "jump: no plan by the deadline")
+        end, left, steps = st.t0 + st.elapsed, st.min_slack_left(), st.steps - a.steps
+        if end - (a.t0 + a.elapsed) > self.margin:
             return InlinePlan(False, end, left, steps, f"jump: delays a queued inline past its margin {self.margin:.3f} s")
         join(st, r)
         for q, on_time in zip(self.overtaken, self.on_time):  # replanned behind r
             plan_prefill(mon, st, q, 0, strict=False)
-            if on_time and st.t0 + st.S > q.deadline:
+            if on_time and st.t0 + st.elapsed > q.deadline:
                 return InlinePlan(False, end, left, steps, f"jump: queued inline {q.id} would turn late")
             join(st, q)
         return InlinePlan(True, end, left, steps)
@@ -232,14 +237,14 @@ class InlinePlan:
 
 class InlineFrontier:
     """Strict plans (rule 2) for newcomers of any length on one M worker state (`base`: after the
-    inlines already queued). Step j of the shared sequence starts with N[j-1] tokens done at planned
-    time S[j-1]; reach[j-1] is the longest prompt that can finish by step j (a running maximum)."""
+    inlines already queued). Step j of the shared sequence starts with tokens_done[j-1] tokens done at
+    planned_time[j-1]; reach[j-1] is the longest prompt that can finish by step j (a running maximum)."""
 
     def __init__(self, mon: Monitor, base: PlanState):
         self.mon = mon
         self.base = base
-        self.N = [0]
-        self.S = [base.S]
+        self.tokens_done = [0]
+        self.planned_time = [base.elapsed]
         self.reach: list[int] = []
         self.stuck = False  # a step fits no bucket: the shared sequence ends there
 
@@ -247,23 +252,23 @@ class InlineFrontier:
         mon, b = self.mon, self.base
         sf, top = mon.cfg.safety_factor, mon.big_chunk
         j = len(self.reach) + 1
-        ctx, T = self.N[-1], b.T + (j - 1) * b.B
-        budget = step_budget(b.min_a, b.j + j - 1, self.S[-1], b.cap, mon.cfg.slack_margin)
-        cmax = mon.cost.max_chunk(ctx, b.B, T, budget / sf, top)
+        ctx, T = self.tokens_done[-1], b.decode_tokens + (j - 1) * b.num_decodes
+        budget = step_budget(b.min_a, b.steps + j - 1, self.planned_time[-1], b.cap, mon.cfg.slack_margin)
+        cmax = mon.cost.max_chunk(ctx, b.num_decodes, T, budget / sf, top)
         self.reach.append(max(ctx + cmax, self.reach[-1] if self.reach else 0))
         c = bucket_floor(mon.cfg.chunk_buckets, cmax)
         if c == 0:
             self.stuck = True
             return
-        self.N.append(ctx + c)
-        self.S.append(self.S[-1] + mon.cost.t_mixed(c, ctx, b.B, T) * sf)
+        self.tokens_done.append(ctx + c)
+        self.planned_time.append(self.planned_time[-1] + mon.cost.t_mixed(c, ctx, b.num_decodes, T) * sf)
 
     def plan(self, r: Request, deadline: float = math.inf) -> InlinePlan:
         b = self.base
         if is_short(self.mon, r):  # no slack check: plan it directly
             st = b.copy()
             plan_prefill(self.mon, st, r, 0, strict=True)
-            steps, end, left = st.j - b.j, st.t0 + st.S, st.min_slack_left()
+            steps, end, left = st.steps - b.steps, st.t0 + st.elapsed, st.min_slack_left()
         else:
             L = r.prefill_target
             while (not self.reach or self.reach[-1] < L) and not self.stuck:
@@ -272,10 +277,11 @@ class InlineFrontier:
                 return InlinePlan(False, math.inf, -math.inf, len(self.reach),
                                   f"no chunk keeps every decode on time (step {len(self.reach)})")
             j = bisect.bisect_left(self.reach, L) + 1
-            ctx, T = self.N[j - 1], b.T + (j - 1) * b.B
-            s_end = self.S[j - 1] + self.mon.cost.t_mixed(L - ctx, ctx, b.B, T) * self.mon.cfg.safety_factor
+            ctx, T = self.tokens_done[j - 1], b.decode_tokens + (j - 1) * b.num_decodes
+            last = self.mon.cost.t_mixed(L - ctx, ctx, b.num_decodes, T) * self.mon.cfg.safety_factor
+            s_end = self.planned_time[j - 1] + last
             steps, end = j, b.t0 + s_end
-            left = min(a + (b.j + j) * tp for tp, a in b.min_a.items()) - s_end if b.min_a else math.inf
+            left = min(a + (b.steps + j) * tp for tp, a in b.min_a.items()) - s_end if b.min_a else math.inf
         if end > deadline:
             return InlinePlan(False, end, left, steps, f"plan ends {end:.3f} > deadline {deadline:.3f}")
         return InlinePlan(True, end, left, steps)
