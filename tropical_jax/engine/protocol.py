@@ -40,12 +40,9 @@ class ServingEngine(Protocol):
     def abort(self, request_id: str) -> None:
         """Stop the request and free its pages (an "aborted" event follows); unknown ids are ignored."""
 
-    def has_step(self) -> bool:
-        """Inline engines: a step is ready to run now."""
-
-    def run_once(self) -> None:
-        """Inline engines: run one step (or let time pass). Raises if the step failed; its requests
-        have ended with finish_reason "error" by then."""
+    def run_once(self) -> bool:
+        """Inline engines: run the next step; False if none could run (wait for a request or the
+        timer). Raises if the step failed; its requests have ended with finish_reason "error" by then."""
 
     def seconds_to_timer(self) -> float | None:
         """When the engine next needs run_once though nothing happens (a queue timeout): seconds, or None."""
