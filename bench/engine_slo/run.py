@@ -48,7 +48,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tropical_jax.engine.core import engine_policy  # noqa: E402
+from tropical_jax.engine.build import engine_policy  # noqa: E402
 from tropical_jax.sched.cost_model import CostModel  # noqa: E402
 from tropical_jax.sched.metrics import summarize  # noqa: E402
 from tropical_jax.sched.request import Request  # noqa: E402
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         part = StepWatch(llm.engine)
         if not speeds:  # the machine's speed as the calibration starts (and as it ends, below)
             speeds.append(machine_speed(first_worker(llm), raw, slo_batch(cfg)))
-        llm.engine.start()
+        llm.engine.threads.start()
         try:
             rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
                 poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                                    dilation(speeds[0]))
             run_real(llm.engine, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
-            llm.engine.stop()
+            llm.engine.threads.stop()
         seen += part
         gaps += part.gaps
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
@@ -283,11 +283,11 @@ def main(argv=None) -> int:
                 bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")
                 seen.clear()
                 reqs = run_requests(args, seed, i, rate, raw, tpot_slo, d)
-                eng.start()
+                eng.threads.start()
                 try:
                     done = run_real(eng, reqs, bar)
                 finally:
-                    eng.stop()
+                    eng.threads.stop()
                 assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
                 acc = results[name][i]
                 acc["real"] += done

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .sim import ENGINE, policy_text, sim_goodput, slo_batch, tpot_slo_for
 from .report import BASELINES, POLICIES, command_line
 
-from tropical_jax.engine.core import engine_policy
+from tropical_jax.engine.build import engine_policy
 from tropical_jax.config import EngineConfig
 from tropical_jax.sched.cost_model import CostModel
 

@@ -18,7 +18,20 @@ from ..config import ClusterConfig, EngineConfig
 from ..model.loader import load_tokenizer, model_path, read_config
 from ..model.sharding import check_tensor_parallel
 from ..sched.cost_model import CostModel
-from .core import Engine, engine_policy
+from ..sched.config import PolicyConfig
+from .core import Engine
+
+
+def engine_policy(policy: str | PolicyConfig, engine_cfg: EngineConfig) -> PolicyConfig:
+    """The policy as this engine runs it: the scheduler may only plan steps the engine has executables
+    for (chunk and batch buckets, segment slots, context pages)."""
+    policy = PolicyConfig.parse(policy)
+    top = engine_cfg.chunk_sizes[-1]
+    budget = top if policy.token_budget is None else min(policy.token_budget, top)
+    return replace(policy, chunk_buckets=engine_cfg.chunk_sizes, token_budget=budget,
+                   max_batch=engine_cfg.batch_sizes[-1],
+                   max_prefill_seqs=min(policy.max_prefill_seqs, engine_cfg.max_prefill_seqs),
+                   max_pack_pages=engine_cfg.context_pages[-1])
 
 
 def build_engine(model, cfg: EngineConfig, cluster: ClusterConfig = ClusterConfig(), warmup: bool = True,

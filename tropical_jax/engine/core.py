@@ -4,7 +4,7 @@ each request's tokens (runtime/sequence.py), keyed by its sched.Request.
 One worker on this process's devices (the default single worker, a "1C" cluster) is stepped on the
 caller's thread (`inline`: LLM.generate's loop, or the server's engine thread calls run_once);
 several workers, or workers that are Ray actors, each get a thread that asks the scheduler for its
-next step, and a thread runs their KV handoffs (handoff.py). Either way a step is: the scheduler's
+next step, and a thread runs their KV handoffs (threads.py, handoff.py). Either way a step is: the scheduler's
 StepPlan -> host metadata (runtime.executor.step_inputs) -> the worker's device step -> tokens
 appended and detokenized -> scheduler.step_done with the requests that hit a stop -> events.
 
@@ -16,9 +16,7 @@ its page accounting is the device layout.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import replace
 
 from ..config import EngineConfig
 from ..runtime.executor import split_tokens, step_inputs
@@ -28,23 +26,12 @@ from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler
 from .handoff import Handoffs
 from .protocol import EngineEvent
+from .threads import WorkerThreads
 
 log = logging.getLogger(__name__)
 
 ROLE_NAMES = {"P": "prefill", "M": "multiplexing", "D": "decode", "C": "colocated"}
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row, then the device state (donated KV pools) is assumed lost
-
-
-def engine_policy(policy: str | PolicyConfig, engine_cfg: EngineConfig) -> PolicyConfig:
-    """The policy as this engine runs it: the scheduler may only plan steps the engine has executables
-    for (chunk and batch buckets, segment slots, context pages)."""
-    policy = PolicyConfig.parse(policy)
-    top = engine_cfg.chunk_sizes[-1]
-    budget = top if policy.token_budget is None else min(policy.token_budget, top)
-    return replace(policy, chunk_buckets=engine_cfg.chunk_sizes, token_budget=budget,
-                   max_batch=engine_cfg.batch_sizes[-1],
-                   max_prefill_seqs=min(policy.max_prefill_seqs, engine_cfg.max_prefill_seqs),
-                   max_pack_pages=engine_cfg.context_pages[-1])
 
 
 class Engine:
@@ -62,10 +49,7 @@ class Engine:
         self.handoffs = Handoffs(self.scheduler, workers, self.now)
         self.error: str | None = None  # set when the engine can serve no more
         self._failures = 0
-        self._wake = threading.Condition()
-        self._events = 0  # notifications so far: a loop sleeps only if none came since it looked
-        self._threads: list[threading.Thread] = []
-        self._stop = False
+        self.threads = WorkerThreads(self)  # several workers, or Ray's: a thread each
 
     now = staticmethod(time.monotonic)
 
@@ -84,7 +68,7 @@ class Engine:
         except ValueError:
             self.tokens.pop(r, None)
             raise
-        self._notify()
+        self.threads.notify()
         return r
 
     def validate(self, prompt_ids, params) -> int:
@@ -96,7 +80,7 @@ class Engine:
 
     def abort(self, request_id, reason: str = "aborted by the client") -> None:
         self.scheduler.abort(request_id, self.now(), reason)
-        self._notify()
+        self.threads.notify()
 
     def default_ttft_slo(self, prompt_len: int) -> float:
         """The TTFT SLO of a request that names none: ttft_scale x its isolated prefill time, and at least
@@ -117,7 +101,7 @@ class Engine:
 
     def _scheduler_event(self, kind: str, r: Request, now: float) -> None:
         if kind == "finished":
-            return  # the step that finished it sends "finished" with its last token (_run_step)
+            return  # the step that finished it sends "finished" with its last token (run_step)
         if kind in ("rejected", "aborted"):
             self.tokens.pop(r, None)
         self._emit(EngineEvent(kind, r))
@@ -134,7 +118,7 @@ class Engine:
         if plan is None:
             self.scheduler.tick(self.now())
             return False
-        self._run_step(name, plan)
+        self.run_step(name, plan)
         return True
 
     def seconds_to_timer(self) -> float | None:
@@ -145,9 +129,9 @@ class Engine:
         """Drive (inline) or wait for (threads, started here unless running already) until every request
         has ended."""
         deadline = time.monotonic() + timeout
-        started_here = not self.inline and not self._threads
+        started_here = not self.inline and not self.threads.running
         if started_here:
-            self.start()
+            self.threads.start()
         try:
             while not all(r.done for r in requests):
                 if self.error:
@@ -155,15 +139,15 @@ class Engine:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the engine did not finish its requests in time")
                 if not self.inline:
-                    self._sleep_unless_notified(self._events, 0.05)
+                    self.threads.wait(0.05)
                 elif not self.run_once():
                     time.sleep(min(0.05, self.seconds_to_timer() or 0.001))
         finally:
             if started_here:
-                self.stop()
+                self.threads.stop()
 
     # -- one step ---------------------------------------------------------------------------
-    def _run_step(self, name: str, plan) -> None:
+    def run_step(self, name: str, plan) -> None:
         def bound(r: Request) -> Sequence:  # r's tokens, with its block table on this worker
             seq = self.tokens[r]
             seq.block_table = self.scheduler.block_table(name, r)
@@ -208,87 +192,25 @@ class Engine:
                 self._emit(EngineEvent("finished", r))
         self._failures += 1
         if self._failures >= MAX_CONSECUTIVE_FAILURES:
-            self._give_up(f"{self._failures} steps failed in a row (last: {type(error).__name__}: {error})")
+            self.give_up(f"{self._failures} steps failed in a row (last: {type(error).__name__}: {error})")
 
-    def _give_up(self, why: str) -> None:
+    def give_up(self, why: str) -> None:
         self.error = why
         log.error("the engine cannot serve any more: %s", why)
         for r in list(self.tokens):
             self.scheduler.abort(r.id, self.now(), why, "error")
         self._emit(EngineEvent("failed", None, text=why))
-        self._notify()
-
-    # -- worker threads ---------------------------------------------------------------------
-    def start(self) -> None:
-        self._stop = False
-        self._threads = [threading.Thread(target=self._worker_loop, args=(name,), name=f"worker-{name}", daemon=True)
-                         for name in self.workers]
-        if len(self.workers) > 1:
-            self._threads.append(threading.Thread(target=self._handoff_loop, name="kv-handoffs", daemon=True))
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._notify()
-        for t in self._threads:
-            t.join(timeout=30)
-        self._threads = []
+        self.threads.notify()
 
     def close(self) -> None:
         """Stop the threads and release the workers (Ray: kill the actors)."""
-        self.stop()
+        self.threads.stop()
         for w in self.workers.values():
             w.close()
         if self.backend == "ray":
             from ..cluster.ray_backend import disconnect
 
             disconnect()
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._events += 1
-            self._wake.notify_all()
-
-    def _sleep_unless_notified(self, seen: int, timeout: float | None = None) -> None:
-        """Wait for a notification (or the scheduler's next timer), unless one came after the caller
-        read `seen`: a loop that found nothing to do must not sleep through the handoff or step end
-        that arrived meanwhile."""
-        timer = self.seconds_to_timer()
-        timeout = min(t for t in (timeout, timer, 1.0) if t is not None)
-        with self._wake:
-            if self._events == seen and not self._stop:
-                self._wake.wait(timeout=max(timeout, 1e-3))
-
-    def _worker_loop(self, name: str) -> None:
-        while not self._stop and not self.error:
-            seen = self._events
-            plan = self.scheduler.next_step(name, self.now())
-            if plan is None:
-                self._sleep_unless_notified(seen)
-                self.scheduler.tick(self.now())
-                continue
-            try:
-                self._run_step(name, plan)
-            except Exception:
-                pass  # its requests have ended with "error"; _step_failed counted it
-            if self.backend == "local":
-                # The reads of the handoffs this step started go before this worker's next step:
-                # launched by the handoff thread they could land behind that step on the device.
-                self.handoffs.stage_reads()
-            self._notify()
-
-    def _handoff_loop(self) -> None:
-        try:
-            while not self._stop:
-                seen = self._events
-                if self.handoffs.run():
-                    self._notify()
-                else:
-                    self._sleep_unless_notified(seen)
-        except BaseException as e:
-            log.exception("the KV handoff thread failed")
-            self._give_up(f"KV handoffs failed: {type(e).__name__}: {e}")
 
     # -- state ------------------------------------------------------------------------------
     def snapshot(self) -> dict:
