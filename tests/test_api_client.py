@@ -15,7 +15,8 @@ from tropical_jax.api.engine_client import EngineClient
 from tropical_jax.api.metrics import ServerMetrics
 from tropical_jax.api.protocol import Limits
 from tropical_jax.config import EngineConfig
-from tropical_jax.engine.core import MAX_CONSECUTIVE_FAILURES, Engine, engine_policy
+from tropical_jax.engine.build import engine_policy
+from tropical_jax.engine.core import MAX_CONSECUTIVE_FAILURES, Engine
 from tropical_jax.sched.config import parse_cluster
 from tropical_jax.sched.cost_model import CostModel
 
