@@ -257,6 +257,8 @@ def test_metrics_and_cluster_state_have_their_shapes():
         assert line in text, line
     state = http.get("/v1/cluster").json
     assert state["workers"][0]["name"] == "C0" and state["in_flight"] == 0 and state["draining"] is False
+    # The single worker is a one-worker cluster under the shared scheduler's policy.
+    assert (state["cluster"], state["policy"], state["workers"][0]["role"]) == ("1C", "chunked", "colocated")
     assert set(state["workers"][0]) >= {"role", "queue", "running", "kv_pages_used", "kv_pages_total", "min_slack_s"}
 
 
