@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         part = StepWatch(llm.engine)
         if not speeds:  # the machine's speed as the calibration starts (and as it ends, below)
             speeds.append(machine_speed(first_worker(llm), raw, slo_batch(cfg)))
-        llm.engine.threads.start()
+        llm.engine.start()
         try:
             rate = args.calibrate_rate or (float(np.median(given)) if given else round(0.12 * sim_goodput(
                 poisson, cal_cluster, engine_policy(text, cfg), raw, raw, tpot_slo, 0.5, 4.0)[0], 2))
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                                    dilation(speeds[0]))
             run_real(llm.engine, reqs, tqdm(desc=f"calibration run {cal_policy} {cal_cluster}", total=0))
         finally:
-            llm.engine.threads.stop()
+            llm.engine.stop()
         seen += part
         gaps += part.gaps
         cal.append({"policy": cal_policy, "cluster": cal_cluster, "arrival": "poisson", "rate": rate,
@@ -283,11 +283,11 @@ def main(argv=None) -> int:
                 bar.set_description(f"seed {seed}: real {name} on {cluster} at {rate} req/s (x {d:.2f})")
                 seen.clear()
                 reqs = run_requests(args, seed, i, rate, raw, tpot_slo, d)
-                eng.threads.start()
+                eng.start()
                 try:
                     done = run_real(eng, reqs, bar)
                 finally:
-                    eng.threads.stop()
+                    eng.stop()
                 assert all(w.alloc.num_used == 0 for w in eng.scheduler.workers.values()), "pages left in use"
                 acc = results[name][i]
                 acc["real"] += done

@@ -78,6 +78,7 @@ class EngineClient:
         self._wake = threading.Condition()
         self._stop = False
         engine.on_event = self._on_event
+        engine.start()  # a cluster's worker threads; the single worker is stepped by our thread
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 

@@ -130,8 +130,7 @@ class Engine:
         has ended."""
         deadline = time.monotonic() + timeout
         started_here = not self.inline and not self.threads.running
-        if started_here:
-            self.threads.start()
+        self.start()
         try:
             while not all(r.done for r in requests):
                 if self.error:
@@ -144,7 +143,7 @@ class Engine:
                     time.sleep(min(0.05, self.seconds_to_timer() or 0.001))
         finally:
             if started_here:
-                self.threads.stop()
+                self.stop()
 
     # -- one step ---------------------------------------------------------------------------
     def run_step(self, name: str, plan) -> None:
@@ -202,9 +201,19 @@ class Engine:
         self._emit(EngineEvent("failed", None, text=why))
         self.threads.notify()
 
+    def start(self) -> None:
+        """Start the workers' threads, unless the owner steps the engine (inline) or they run already;
+        until close() they serve whatever is added."""
+        if not self.inline and not self.threads.running:
+            self.threads.start()
+
+    def stop(self) -> None:
+        """Stop the workers' threads (start() again later)."""
+        self.threads.stop()
+
     def close(self) -> None:
         """Stop the threads and release the workers (Ray: kill the actors)."""
-        self.threads.stop()
+        self.stop()
         for w in self.workers.values():
             w.close()
         if self.backend == "ray":

@@ -40,6 +40,9 @@ class ServingEngine(Protocol):
     def abort(self, request_id: str) -> None:
         """Stop the request and free its pages (an "aborted" event follows); unknown ids are ignored."""
 
+    def start(self) -> None:
+        """Engines that are not inline start their own threads (once, before serving)."""
+
     def run_once(self) -> bool:
         """Inline engines: run the next step; False if none could run (wait for a request or the
         timer). Raises if the step failed; its requests have ended with finish_reason "error" by then."""
