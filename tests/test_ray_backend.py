@@ -119,7 +119,7 @@ def test_serve_flags_choose_the_backend(capsys):
 
 
 def test_a_ray_the_engine_started_is_shut_down_with_it(monkeypatch):
-    """connect() starts a local Ray only when none is up; disconnect() (ClusterEngine.close, the
+    """connect() starts a local Ray only when none is up; disconnect() (Engine.close, the
     server's drain) shuts down only a Ray that connect() started, never the user's own."""
     from tropical_jax.cluster import ray_backend
 
