@@ -70,7 +70,7 @@ def test_cluster_checks_every_workers_steps_before_loading_any(tiny, monkeypatch
 
 def test_the_profile_is_timed_on_the_warmed_decode_worker_compiling_nothing_more(tiny, monkeypatch, tmp_path):
     monkeypatch.setenv("TROPICAL_JAX_PROFILE_CACHE", str(tmp_path))
-    before = compile_count()
+    before, base = compile_count(), mappings_in_use()
     llm = LLM(tiny, cluster="1P1M", policy="planned", **ENGINE)  # no profile: timed now, then cached
     steps = 4 + 10
     # Besides the steps and page copies, only a few tiny helpers compile (pool zeros, the copy's timing).
@@ -78,7 +78,9 @@ def test_the_profile_is_timed_on_the_warmed_decode_worker_compiling_nothing_more
     assert len(list(tmp_path.glob("*.json"))) == 1
     out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0].token_ids) == 4
-    llm.close()
+    held = mappings_in_use() - base
+    llm.close()  # both workers' steps and page copies are given back
+    assert mappings_in_use() - base < held / 4
 
 
 def test_close_gives_the_mappings_back_and_a_second_engine_fits_or_fails_up_front(tiny, monkeypatch):
