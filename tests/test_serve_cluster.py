@@ -141,6 +141,7 @@ def test_a_hopeless_slo_is_refused_once_not_retried_by_the_openai_client(planned
         client.completions.create(model=planned.get("/v1/models").json()["data"][0]["id"], prompt=[1, 2, 3],
                                   max_tokens=4, extra_body={"ttft_slo_ms": 0.001})
     assert e.value.status_code == 503 and e.value.body["code"] == "slo_unattainable"
+    assert "(scheduler: shed" in e.value.body["message"]  # the scheduler's reason
     assert e.value.response.headers["x-should-retry"] == "false"
     assert rejected() == before + 1  # sent once: the client believed the header
     assert planned.post("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 4}).status_code == 200

@@ -31,11 +31,14 @@ _FAILURES = {
 DISCONNECT_CHECK_S = 0.1  # how often a request checks that its client is still there
 
 
-def failure(reason) -> APIError | None:
-    if reason in _FAILURES:
-        status, message, code, retry = _FAILURES[reason]
-        return APIError(status, message, code=code, retry=retry)
-    return None
+def failure(reason, handle) -> APIError | None:
+    """The error that ends a request finished for `reason`, or None (it finished normally). A refusal
+    ends with the scheduler's own words."""
+    if reason not in _FAILURES:
+        return None
+    status, message, code, retry = _FAILURES[reason]
+    why = getattr(handle.request, "status_reason", "") if reason in ("rejected", "queue_timeout") else ""
+    return APIError(status, f"{message} (scheduler: {why})" if why else message, code=code, retry=retry)
 
 
 def events(client, handle, disconnected=lambda: False):
@@ -66,7 +69,7 @@ def start(client, handle, disconnected):
     first = next(rest, None)
     if first is None:  # the client hung up while waiting; nobody reads this answer
         raise APIError(499, "the client closed the connection", code="client_closed")
-    err = failure(first[2])
+    err = failure(first[2], handle)
     if err is not None:
         raise err
     return first, rest
@@ -91,7 +94,7 @@ def complete(handle, first, rest, meta: dict, chat: bool) -> dict:
         text.append(delta)
     if reason is None:  # the client hung up
         raise APIError(499, "the client closed the connection", code="client_closed")
-    err = failure(reason)
+    err = failure(reason, handle)
     if err is not None:
         raise err
     choice = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -131,7 +134,7 @@ def stream(handle, first, rest, meta: dict, chat: bool, include_usage: bool):
                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None, "logprobs": None}]})
         for ids, text, reason in itertools.chain([first], rest):
-            err = failure(reason)
+            err = failure(reason, handle)
             if err is not None:
                 yield sse(err.body())
                 break
