@@ -9,5 +9,5 @@ from tropical_jax.sched.plan import Chunk, StepPlan, Transfer
 from tropical_jax.sched.request import Request, RequestStatus
 from tropical_jax.sched.scheduler import DecisionRecord, Scheduler
 
-__all__ = ["Chunk", "ClusterSpec", "CostModel", "DecisionRecord", "PolicyConfig", "ProfileError", "Request", "RequestStatus",
-           "Scheduler", "StepPlan", "Transfer", "WorkerSpec", "parse_cluster"]
+__all__ = ["Chunk", "ClusterSpec", "CostModel", "DecisionRecord", "PolicyConfig", "ProfileError", "Request",
+           "RequestStatus", "Scheduler", "StepPlan", "Transfer", "WorkerSpec", "parse_cluster"]
