@@ -86,7 +86,7 @@ class WorkerActor:
         import socket
 
         return {"host": socket.gethostname(), "pid": os.getpid(),
-                "devices": [str(d) for d in self.worker.mesh.devices.flat]}
+                "devices": [str(d) for d in self.worker.devices]}
 
     def warmup(self, progress: bool) -> None:
         self.worker.warmup(progress)

@@ -96,7 +96,8 @@ class InProcessWorker:
                  copies: bool = True):
         # One worker on the default device (the single worker at tp=1) needs no mesh: its arrays and
         # executables are those of a plain single-device program.
-        self.mesh = None if list(devices) == jax.devices()[:1] else make_mesh(devices)
+        self.devices = list(devices)
+        self.mesh = None if self.devices == jax.devices()[:1] else make_mesh(devices)
         model_config, graphdef, params, _ = load_model(model, dtype, self.mesh, with_tokenizer=False)
         self.executor = ModelExecutor(model_config, graphdef, params, engine_cfg, self.mesh)
         self.copier = PageCopier(engine_cfg.pages_per_seq, engine_cfg.total_pages)
