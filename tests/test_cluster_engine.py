@@ -44,9 +44,10 @@ def pages_used(llm):
 
 # Every prompt must finish here: planned runs without shedding (on a slow or busy host a queued prompt would
 # turn hopeless against the profile's step times and be rejected).
-@pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), ("1P1D", "disaggregated"), *[
+@pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), *[
     pytest.param(*case, marks=pytest.mark.slow) for case in [
-        ("2C", "colocated"), ("1P1M", "planned:max_prefill_seqs=4,shed=false"), ("2C", "chunked:max_prefill_seqs=4")]]])
+        ("1P1D", "disaggregated"), ("2C", "colocated"), ("1P1M", "planned:max_prefill_seqs=4,shed=false"),
+        ("2C", "chunked:max_prefill_seqs=4")]]])
 def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, policy):
     path, prompts, ref = setup
     llm = LLM(path, cluster=cluster, policy=policy, profile=profile(), **ENGINE)
@@ -61,6 +62,7 @@ def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, 
         assert c["transfers"] >= 1  # prefills ran on P and moved their KV
 
 
+@pytest.mark.slow
 def test_failed_handoff_recomputes_on_the_decode_worker(setup):
     path, prompts, ref = setup
     llm = LLM(path, cluster="1P1M", policy="tropical", profile=profile(), **ENGINE)
