@@ -225,7 +225,7 @@ class Engine:
     def snapshot(self) -> dict:
         """Workers (role, queue, running, KV pages, smallest banked TPOT slack), policy, dispatch counts."""
         s, now = self.scheduler, self.now()
-        with s._lock:
+        with s.lock:
             workers = []
             for name, w in s.workers.items():
                 slacks = [r.first_token_time + r.tpot_slo * r.n_out - now for r in w.decoding

@@ -231,6 +231,11 @@ class Scheduler:
         with self._lock:
             return self._timer
 
+    @property
+    def lock(self):
+        """Held by every call; a driver holds it to read several workers' state consistently."""
+        return self._lock
+
     def block_table(self, worker: str, r: Request):
         """r's BlockTable on worker (the real engine builds device metadata from it)."""
         return self.mon.workers[worker].tables[r]
