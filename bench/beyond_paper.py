@@ -1,4 +1,5 @@
-"""Policy `planned` (DESIGN §3b) against the paper's rules and the strongest baselines, in the simulator.
+"""Policy `planned` against the paper's rules and the strongest baselines, in the simulator
+(docs/algorithm.md, The planned policy).
 
     python bench/beyond_paper.py [--settings mooncake,arxiv] [--seeds 3] [--num-requests 2000] [--jobs 2]
                                  [--shed both|on] [--cache DIR]
@@ -7,7 +8,7 @@ Per setting (workload, profile, input cap, arrivals) and per policy, with sheddi
 (the same knob as `planned` has by default) and, with --shed both, off for every policy: one goodput
 search per seed (bisection to 2%, runs stopped once they certainly miss), then one run at that seed's
 goodput for P90 TTFT/TPOT and misses by prompt length. Reported: goodput mean ± sd over the seeds,
-ratio to the strongest baseline given the same shed knob, fraction of the work bound (DESIGN §3b),
+ratio to the strongest baseline given the same shed knob, fraction of the work bound (docs/algorithm.md),
 curves (seed 0; hollow markers: lower bounds where runs stopped early).
 
 Every (setting, policy, shed, seed) result is cached as JSON in --cache, so a run can be extended with
@@ -119,13 +120,13 @@ def _ratio(x) -> str:
 
 
 def write_markdown(out: dict, path: Path) -> None:
-    lines = ["# Beyond the paper: `planned` (DESIGN §3b) in the simulator", "",
+    lines = ["# Beyond the paper: `planned` (docs/algorithm.md) in the simulator", "",
              f"Goodput = highest rate with SLO attainment ≥ 90%, searched per seed ({out['num_requests']} requests "
              f"each) and reported as mean ± sd over the seeds; TTFT SLO 5× isolated prefill, TPOT SLO 100 ms. "
              "`shed` is the same knob for every policy in a table (strongest baseline chosen under it). "
              "P90 latencies and misses by prompt length are measured at each seed's own goodput (worst seed "
              "shown for misses). Fraction of bound: goodput / the work bound for the cluster's two workers "
-             f"(DESIGN §3b). Machine: {out['machine']}; {out['wall_s']} s of runs in all "
+             f"(docs/algorithm.md, The work bound). Machine: {out['machine']}; {out['wall_s']} s of runs in all "
              f"(`python bench/beyond_paper.py {out['argv']}`).", ""]
     lines += ["| setting (shed on) | planned (req/s) | strongest baseline | planned / strongest | planned / tropical | "
               "planned of bound | planned's worst class miss rate |", "|---|---|---|---|---|---|---|"]

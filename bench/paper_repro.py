@@ -2,7 +2,7 @@
 
     python bench/paper_repro.py [--seeds 3] [--num-requests 2000] [--jobs 2]
 
-Settings (DESIGN §1, issue 3 item 5): InternLM2.5-20B TP2 on the Mooncake conversation trace
+Settings (docs/algorithm.md, The problem): InternLM2.5-20B TP2 on the Mooncake conversation trace
 (inputs capped at 32k), Llama-2-70B TP4 on arXiv summarization (LongBench-like, Vidur's copy:
 prompt + output <= 4096); TPOT SLO 100 ms, TTFT SLO 5x the isolated prefill. Tropical with
 prefer=prefill (the paper's order) and prefer=multiplex on 1P1M; baselines at their strongest:
@@ -56,8 +56,8 @@ BASELINES = ["colocated", "chunked:token_budget=512", "chunked:token_budget=2048
 POLICIES = TROPICAL + BASELINES
 SWEEP_POLICIES = ["tropical", "chunked:token_budget=2048", "disaggregated:queue_order=sjf"]
 SWEEPS = [(3.0, 100.0), (10.0, 100.0), (5.0, 50.0), (5.0, 200.0)]
-# What the paper claims beside goodput (DESIGN §1): against DistServe 9x better P90 TTFT for 15% worse
-# P90 TPOT; against colocated (vLLM) 2.8x better P90 TPOT at the same P90 TTFT.
+# What the paper claims beside goodput (docs/algorithm.md, The problem): against DistServe 9x better P90 TTFT
+# for 15% worse P90 TPOT; against colocated (vLLM) 2.8x better P90 TPOT at the same P90 TTFT.
 PAPER_LATENCY = {"ttft_p90_disagg_over_tropical": 9.0, "tpot_p90_tropical_over_disagg": 1.15,
                  "tpot_p90_colocated_over_tropical": 2.8}
 

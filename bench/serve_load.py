@@ -10,8 +10,8 @@ file of {input_length, output_length[, timestamp ms]}. Requests are sent at thei
 whatever the server's state (open loop), streaming. Prompts are synthetic text of about the
 workload's input length (the server's tokenizer decides the exact count, which `usage` reports).
 TTFT and TPOT are measured here, on the client: TTFT to the first chunk carrying text or tokens,
-TPOT = (last - first) / (completion tokens - 1) (DESIGN §5). A request that fails (HTTP error,
-429 included) counts as a miss. Prints a JSON summary (and writes it with --out).
+TPOT = (last - first) / (completion tokens - 1) (docs/algorithm.md, Metrics and goodput). A request
+that fails (HTTP error, 429 included) counts as a miss. Prints a JSON summary (and writes it with --out).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Dispatch and batching decisions on hand-built monitor states, one test per condition of DESIGN §3.
+"""Dispatch and batching decisions on hand-built monitor states, one test per condition of docs/algorithm.md
+(Dispatch, Per-worker batching).
 
 Cost model with round numbers (ms):  t_prefill(L) = t_chunk(L) = 0.25·L + 10,  t_decode = 20,
 mixed (derived, shared overhead min(c0, d0) = 10) = 0.25·C + 20  ->  C=128: 52, 256: 84, 512: 148,

@@ -1,4 +1,5 @@
-"""Policy `planned` (DESIGN §3b): defaults, earliest-first-token routing, shedding; the work bound."""
+"""Policy `planned` (docs/algorithm.md, The planned policy): defaults, earliest-first-token routing, shedding;
+the work bound."""
 
 import pytest
 

@@ -36,10 +36,10 @@ ERROR_KEYS = ("ttft_p90", "tpot_p90", "attainment")  # what the simulator's repl
 
 
 def crossing(curve, target: float):
-    """Goodput from a measured curve, as DESIGN §5 defines it: the highest rate whose attainment meets the
-    target, linearly interpolated toward the next rate (which misses it). None when no rate meets it. A real
-    curve is not monotone (each rate draws its own bursts): a miss at a lower rate does not cap the goodput,
-    it is reported beside it (`dips`)."""
+    """Goodput from a measured curve, as docs/algorithm.md (Metrics and goodput) defines it: the highest rate
+    whose attainment meets the target, linearly interpolated toward the next rate (which misses it). None when
+    no rate meets it. A real curve is not monotone (each rate draws its own bursts): a miss at a lower rate
+    does not cap the goodput, it is reported beside it (`dips`)."""
     meets = [i for i, (_, a) in enumerate(curve) if a >= target]
     if not meets:
         return None
@@ -188,7 +188,8 @@ def summarize_result(out: dict) -> None:
 
     errs, own = errors("rel_error"), errors("rel_error_run_speed")
     out["summary"] = {
-        "goodput_definition": "the highest rate meeting the target, interpolated toward the next (DESIGN §5)",
+        "goodput_definition": "the highest rate meeting the target, interpolated toward the next "
+                              "(docs/algorithm.md, Metrics and goodput)",
         "best_baseline_real": best_real, "best_baseline_sim": best_sim,
         "ratio_real": {n: (pol[n]["goodput_real"] / pol[best_real]["goodput_real"]
                            if best_real and pol[n]["goodput_real"] and pol[best_real]["goodput_real"] else None)

@@ -1,4 +1,5 @@
-"""The real engine against its SLOs on this machine, then the simulator on the same workload (DESIGN §5).
+"""The real engine against its SLOs on this machine, then the simulator on the same workload
+(docs/benchmarks.md, engine_slo).
 
     python -m bench.engine_slo [--duration 16] [--rates auto] [--out bench/results/engine_slo.json]
     python -m bench.engine_slo --resummarize bench/results/engine_slo.json   # goodputs and summary again

@@ -1,4 +1,4 @@
-"""Where does the simulator predict a win on this machine? A sweep of scaled workloads (DESIGN §5).
+"""Where does the simulator predict a win on this machine? A sweep of scaled workloads (docs/benchmarks.md, engine_slo).
 
     python -m bench.engine_slo.workloads --profile-from RUN.json --out SWEEP.json
         [--cvs 1,1.5,2,2.5,3] [--input-scales 0.015625,0.03125] [--tpot-scales 6] [--ttft-scale 10]

@@ -1,4 +1,4 @@
-"""Profile this engine's own steps on its devices and fit the scheduler's cost model (DESIGN §5).
+"""Profile this engine's own steps on its devices and fit the scheduler's cost model (docs/algorithm.md, Cost model).
 
     python -m tropical_jax.profile --model PATH --cluster 1P1M --out FILE.json [--max-model-len N ...]
 

@@ -1,4 +1,4 @@
-"""The work bound (DESIGN §3b): the most requests per second any policy could serve within SLO.
+"""The work bound (docs/algorithm.md, The work bound): the most requests per second any policy could serve within SLO.
 
 A request costs at least its prefill compute, c2·L² + c1·L (the fixed per-step overhead c0 can be
 shared), plus its share of decode steps at the largest batch B* whose step still fits the TPOT SLO:

@@ -1,8 +1,8 @@
 """Scheduler settings: the cluster layout (`parse_cluster`) and the policy with its knobs (`PolicyConfig`).
 
-Cluster strings (DESIGN §3): a count and a role, repeated — "1P1M", "2P2M", "2C", "1P1D" — or the
-explicit form with tensor parallelism per worker, "P:tp2,M:tp2,M:tp2" (the simulator ignores tp; the
-real engine carves meshes from it). Roles:
+Cluster strings (docs/algorithm.md, Roles and clusters): a count and a role, repeated — "1P1M", "2P2M",
+"2C", "1P1D" — or the explicit form with tensor parallelism per worker, "P:tp2,M:tp2,M:tp2" (the simulator
+ignores tp; the real engine carves meshes from it). Roles:
     P  prefill worker: prefills only, hands the KV cache to an M or D worker
     M  multiplexing worker: decodes, and runs inline prefills in mixed steps (tropical)
     D  decode worker: decodes only (disaggregated)
@@ -81,24 +81,26 @@ def parse_cluster(text: str | ClusterSpec) -> ClusterSpec:
 
 
 def default_policy(cluster: str | ClusterSpec) -> str:
-    """The policy a cluster runs when none is named: by its roles. P+M clusters get `planned` (DESIGN
-    §3b), which beat the paper's `tropical` rules in bench/results/beyond_paper.md."""
+    """The policy a cluster runs when none is named: by its roles. P+M clusters get `planned`
+    (docs/algorithm.md, The planned policy), which beat the paper's `tropical` rules in
+    bench/results/beyond_paper.md."""
     roles = {w.role for w in parse_cluster(cluster).workers}
     return "colocated" if roles == {"C"} else "disaggregated" if "D" in roles else "planned"
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """A dispatch policy and every knob of DESIGN §3. Times in seconds."""
+    """A dispatch policy and every knob of docs/algorithm.md. Times in seconds."""
     policy: str = "tropical"
     # Order of rules 1 and 2: try a prefill worker first, a multiplexing worker first, or ("finish",
-    # DESIGN §3b) whichever gives the earlier first token, ties to P. Default: finish for planned, else prefill.
+    # docs/algorithm.md, Earliest first token) whichever gives the earlier first token, ties to P.
+    # Default: finish for planned, else prefill.
     prefer: str = ""
     # Longest prompt that may be inlined on an M worker (None: no cap). Default: 8192; None for planned.
     max_multiplex_tokens: int | None = _UNSET
     # A prompt of at most this many tokens may be planned ahead of inlines queued on an M worker (behind
-    # earlier jumpers) if the overtaken on-time inlines stay on time (DESIGN §3b). Default: 2048 for
-    # planned; None (no jumping, the paper's FIFO inlines) for tropical.
+    # earlier jumpers) if the overtaken on-time inlines stay on time (docs/algorithm.md, The short-prompt
+    # lane). Default: 2048 for planned; None (no jumping, the paper's FIFO inlines) for tropical.
     jump_tokens: int | None = _UNSET
     # Rule 1 places a prompt on a prefill worker only if no request queued there of at least this many
     # tokens turns late (0: every one, the paper's rule; None: none). A late request, placed best effort,
@@ -148,7 +150,8 @@ class PolicyConfig:
     max_batch: int | None = None
     # Prefill segments one step may pack, back to back (P workers, and C workers of the colocated and
     # chunked baselines, as vLLM and Sarathi-Serve batch prefills); M workers inline one at a time.
-    # 1: one prefill at a time (DESIGN §3). The real engine caps it at its compiled segment slots.
+    # 1: one prefill at a time (docs/algorithm.md, Per-worker batching). The real engine caps it at its
+    # compiled segment slots.
     max_prefill_seqs: int = 1
     # Running recalibration (sched/recalibrate.py): plan with each kind of step's time scaled by the median
     # real/predicted time of the last this-many steps of its kind. 0: plan with the profile as it is.

@@ -2,7 +2,7 @@
 
 All methods return **seconds**; profiles are written in **milliseconds**.
 
-Forms (DESIGN §3):
+Forms (docs/algorithm.md, Cost model):
     t_prefill(L)            = c2·L² + c1·L + c0                        one request alone
     t_chunk(C, ctx)         = k2·C² + kx·C·ctx + k1·C + k0             C new tokens on top of ctx cached ones
     t_decode(B, T)          = d0 + d1·B + d2·T                         B requests reading T KV tokens in all

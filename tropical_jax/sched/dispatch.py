@@ -1,4 +1,4 @@
-"""Dispatch: where does a waiting request's prefill run (DESIGN §3).
+"""Dispatch: where does a waiting request's prefill run (docs/algorithm.md, Dispatch).
 
 `TropicalDispatcher` applies rules 1-3 to one waiting request at a time; `BaselineDispatcher`
 places every request at once by least outstanding work (colocated, chunked, disaggregated).
@@ -42,7 +42,7 @@ class _PQueue:
         for _, x, _, _ in items:
             self.prefix.append(self.prefix[-1] + x)
         # margin[p]: how much later every protected request at position >= p may finish. A request
-        # already late in the current order cannot be saved and is not protected (DESIGN §3); nor, but
+        # already late in the current order cannot be saved and is not protected (docs/algorithm.md, Rule 1); nor, but
         # for a late newcomer, one shorter than protect_tokens (`margin_all` protects every one).
         n, least = len(items), mon.cfg.protect_tokens
         self.margin, self.margin_all = [math.inf] * (n + 1), [math.inf] * (n + 1)
@@ -179,8 +179,8 @@ class TropicalDispatcher:
                         late=True, position=pos)
 
     def _earliest_first_token(self, r: Request, why) -> Decision:
-        """prefer=finish (DESIGN §3b): the best P (rule 1) and the best M (rule 2) compared by
-        predicted first token; ties go to P (no decode is stalled)."""
+        """prefer=finish (docs/algorithm.md, Earliest first token): the best P (rule 1) and the best M (rule 2)
+        compared by predicted first token; ties go to P (no decode is stalled)."""
         p, m = self._p_choice(r, why), self._m_choice(r, why)
         if p is None or m is None:
             return p or m or Decision(WAIT, None, "; ".join(why) if why else "")

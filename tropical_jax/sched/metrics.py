@@ -1,8 +1,8 @@
 """Serving metrics over finished requests, and goodput by bisection over the arrival rate.
 
-Attainment counts every request: rejected and unfinished ones are misses (DESIGN §5). Goodput is
-the highest rate whose attainment is >= the target (DistServe's convention), found by bisection
-on a monotone-ish curve; the whole attainment-vs-rate curve is returned with it.
+Attainment counts every request: rejected and unfinished ones are misses (docs/algorithm.md, Metrics and
+goodput). Goodput is the highest rate whose attainment is >= the target (DistServe's convention), found by
+bisection on a monotone-ish curve; the whole attainment-vs-rate curve is returned with it.
 """
 
 from __future__ import annotations

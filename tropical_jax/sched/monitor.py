@@ -2,7 +2,7 @@
 
 Per worker: its local prefill queue, the step in flight and its predicted end, the decode batch,
 requests whose KV is in transit to it, and its KV pages (a PageAllocator and one BlockTable per
-request). Banked TPOT slack is a function of a request and the time (DESIGN §3).
+request). Banked TPOT slack is a function of a request and the time (docs/algorithm.md, Banked slack).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tropical_jax.sched.request import Request
 
 
 def slack(r: Request, now: float) -> float:
-    """Time left before r's next token is due if r is to stay on track (DESIGN §3)."""
+    """Time left before r's next token is due if r is to stay on track (docs/algorithm.md, Banked slack)."""
     return r.first_token_time + r.tpot_slo * r.n_out - now
 
 
@@ -47,7 +47,8 @@ class WorkerState:
         self.busy: StepPlan | None = None
         # Prefills assigned here and not finished. P and C: served in the local order. M and D:
         # recomputes first, then inlines in the order they were admitted (their plans assume it), except
-        # that short prompts may jump the ones not yet started (DESIGN §3b, multiplex.jump_position).
+        # that short prompts may jump the ones not yet started (docs/algorithm.md, The short-prompt lane;
+        # multiplex.jump_position).
         self.queue: list[Request] = []
         self.decoding: list[Request] = []   # decode batch, in the order requests joined it
         self.incoming: list[Request] = []   # KV in transit to this worker

@@ -1,4 +1,4 @@
-"""Planning inline prefills on a multiplexing worker (DESIGN §3 rule 2) without letting a decode fall behind.
+"""Planning inline prefills on a multiplexing worker (docs/algorithm.md, Rule 2) without letting a decode fall behind.
 
 An inline runs as k mixed steps (decode batch + one prefill chunk) with predicted times ŝ_1..ŝ_k
 (cost model x safety factor). A decode r keeps every token on time iff, for each planned step j,
@@ -12,7 +12,7 @@ The same `pick_chunk` decides the chunk of the next real step (batcher), so plan
 `InlineFrontier` plans a newcomer of any length on one worker state in O(log steps): while the
 prompt has more left than a step can take, every prompt gets the same chunk at that step, so the
 plan is one shared sequence of steps, cut at the step where the rest fits. `QueuedPlan` plans the
-inlines already queued on a worker, and a short prompt's jump ahead of them (DESIGN §3b).
+inlines already queued on a worker, and a short prompt's jump ahead of them (docs/algorithm.md, The short-prompt lane).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
 
 
 def is_short(mon: Monitor, r: Request) -> bool:
-    """Short prompts skip the slack check (DESIGN §3): their stall is below noise."""
+    """Short prompts skip the slack check (docs/algorithm.md, Rule 2): their stall is below noise."""
     return r.prefill_target < mon.cfg.short_prompt_tokens
 
 
@@ -182,7 +182,7 @@ class QueuedPlan:
     """w's queued prefills planned in order (non-strict), each joining the batch when done.
 
     `full`: the state after all of them (where a newcomer's plan starts). For the short-prompt lane
-    (DESIGN §3b): `ahead`, the state after the first `position` entries, which a jumper may not
+    (docs/algorithm.md): `ahead`, the state after the first `position` entries, which a jumper may not
     overtake; `overtaken`, the rest; `margin`, the smallest deadline margin (deadline - planned
     end) among the overtaken inlines that are on time (inf if none)."""
 

@@ -70,7 +70,8 @@ class Request:
     # ---- scheduler bookkeeping (not outcome) ----
     prefilled: int = field(default=0, repr=False)      # tokens of the current prefill already in a KV cache
     recompute_len: int = field(default=0, repr=False)  # > 0 while a recompute (lost KV) is pending: tokens to redo
-    jumped: bool = field(default=False, repr=False)    # an inline planned ahead of queued inlines (DESIGN §3b)
+    # an inline planned ahead of queued inlines (docs/algorithm.md, The short-prompt lane)
+    jumped: bool = field(default=False, repr=False)
 
     @property
     def prefill_target(self) -> int:
@@ -109,7 +110,7 @@ class Request:
 
     @property
     def attained(self) -> bool:
-        """Both SLOs met (DESIGN §5). Rejected or unfinished requests never attain."""
+        """Both SLOs met (docs/algorithm.md, Metrics and goodput). Rejected or unfinished requests never attain."""
         if self.rejected or self.finish_time is None:
             return False
         return self.ttft <= self.ttft_slo and self.tpot <= self.tpot_slo

@@ -366,7 +366,7 @@ class Scheduler:
         r.late = d.late
         if d.position is None:
             w.queue.append(r)
-        else:  # the short-prompt lane (DESIGN §3b): ahead of the queued inlines it overtakes
+        else:  # the short-prompt lane (docs/algorithm.md): ahead of the queued inlines it overtakes
             w.queue.insert(d.position, r)
             r.jumped = True
             self.counters["jumped"] += 1

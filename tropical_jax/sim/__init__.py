@@ -1,1 +1,1 @@
-"""Simulator: the real scheduler with a virtual clock and a cost-model executor (DESIGN §2)."""
+"""Simulator: the real scheduler with a virtual clock and a cost-model executor (docs/architecture.md)."""

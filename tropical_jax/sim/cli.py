@@ -2,7 +2,7 @@
 
     run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
             [--requests-out FILE.jsonl] [--decisions-out FILE.jsonl]          (per-request outcomes, decision log)
-    bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, DESIGN §3b)
+    bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, docs/algorithm.md)
     goodput --workload W --profile P --policies planned,baselines
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
             [--early-stop]
