@@ -24,12 +24,14 @@ def profile(decode_ms=5.0):
 
 
 def make_setup(tmp_path_factory, engine):
-    """A tiny HF llama on disk, six prompts, and the single in-process worker's greedy tokens for them."""
+    """A tiny HF llama on disk, six prompts, and the single in-process worker's greedy tokens for them (planned
+    with the hand-made profile: the tokens do not depend on it, and the worker need not time its own steps)."""
     path = tmp_path_factory.mktemp("tiny")
     save_tiny_hf(path, "llama", max_position_embeddings=128)
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, 128, n))) for n in (5, 11, 17, 3, 30, 8)]
-    ref = [o.token_ids for o in LLM(str(path), **engine).generate(prompt_token_ids=prompts, sampling_params=SP)]
+    single = LLM(str(path), profile=profile(), **engine)
+    ref = [o.token_ids for o in single.generate(prompt_token_ids=prompts, sampling_params=SP)]
     return str(path), prompts, ref
 
 
