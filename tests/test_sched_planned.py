@@ -21,7 +21,6 @@ def test_planned_defaults_and_paper_policy_unchanged():
     assert (planned.prefer, planned.max_multiplex_tokens, planned.shed, planned.protect_tokens) == ("finish", None, True, None)
     paper = PolicyConfig.parse("tropical")
     assert (paper.prefer, paper.max_multiplex_tokens, paper.shed, paper.protect_tokens) == ("prefill", 8192, False, 0)
-    assert (planned.decode_latency_watermark, paper.decode_latency_watermark) == (0.7, 0.85)
     assert PolicyConfig.parse("chunked:shed=true").shed is True
     with pytest.raises(ValueError, match="prefer must be"):
         PolicyConfig.parse("planned:prefer=soonest")

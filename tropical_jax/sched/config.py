@@ -116,10 +116,7 @@ class PolicyConfig:
     # Prompts shorter than this skip the per-step slack check (their stall is below noise).
     short_prompt_tokens: int = 512
     # An inline is refused if the batch's predicted decode step (newcomer included) exceeds this x tpot_slo.
-    # Default: 0.85 (the paper's); 0.7 for planned: near 0.85 the decodes handed over from prefill
-    # workers during an inline left no slack, and on arXiv (Llama-2-70B) 5% of planned's requests
-    # missed their TPOT where the baselines missed none.
-    decode_latency_watermark: float = _UNSET
+    decode_latency_watermark: float = 0.85
     # A new prompt is admitted to a worker only if its KV pages keep usage under this fraction.
     memory_watermark: float = 0.90
     # Every predicted time is multiplied by this before it is compared with a deadline or a slack.
@@ -176,8 +173,6 @@ class PolicyConfig:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
         if self.shed is None:
             object.__setattr__(self, "shed", planned)
-        if self.decode_latency_watermark == _UNSET:
-            object.__setattr__(self, "decode_latency_watermark", 0.7 if planned else 0.85)
         if self.protect_tokens == _UNSET:
             object.__setattr__(self, "protect_tokens", None if planned else 0)
         if self.recalibrate_steps == _UNSET:
