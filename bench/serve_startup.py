@@ -99,8 +99,8 @@ def markdown(result: dict) -> str:
                         f"{r['from_compilation_cache']} | {r['memory_mappings']:,} of {r['max_map_count']:,} |")
     m = result["machine"]
     return "\n".join([f"    {result['command']}", "",
-                      f"Machine: {m['cpu']}, {m['cpus']} cores, vm.max_map_count {m['max_map_count']}; other jobs "
-                      "shared it (load averages per run in the JSON), so cold times are noisy.", "",
+                      f"Machine: {m['cpu']}, {m['cpus']} cores, vm.max_map_count {m['max_map_count']}; load "
+                      "averages before and after each run are in the JSON (other jobs make cold times noisy).", "",
                       *rows, "",
                       "Ready: from the spawn to the `(ready)` line. Executables: steps of every worker plus page "
                       "copies and small helpers, compiled or loaded from the persistent compilation cache "
