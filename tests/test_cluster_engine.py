@@ -40,10 +40,6 @@ def setup(tmp_path_factory):
     return make_setup(tmp_path_factory, ENGINE)
 
 
-def pages_used(llm):
-    return sum(w.alloc.num_used for w in llm.engine.scheduler.workers.values())
-
-
 # Every prompt must finish here: planned runs without shedding (on a slow or busy host a queued prompt would
 # turn hopeless against the profile's step times and be rejected).
 @pytest.mark.parametrize("cluster,policy", [("1P1M", "tropical"), *[
@@ -55,7 +51,7 @@ def test_clusters_give_single_worker_tokens_and_free_every_page(setup, cluster, 
     llm = LLM(path, cluster=cluster, policy=policy, profile=profile(), **ENGINE)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
-    assert pages_used(llm) == 0
+    assert llm.engine.pages_used() == 0
     sched = llm.engine.scheduler
     if "max_prefill_seqs" in policy:  # prompts arrive together: some steps pack several (counted per step)
         assert sched.counters["packed_steps"] >= 1
@@ -73,7 +69,7 @@ def test_failed_handoff_recomputes_on_the_decode_worker(setup):
     assert [o.token_ids for o in outs] == ref
     c = llm.engine.scheduler.counters
     assert c["transfer_failures"] >= 1 and c["recomputes"] == c["transfer_failures"]
-    assert pages_used(llm) == 0
+    assert llm.engine.pages_used() == 0
 
 
 @pytest.mark.slow

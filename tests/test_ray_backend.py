@@ -29,10 +29,6 @@ def setup(ray, tmp_path_factory):  # Ray first: it starts its processes before J
     return make_setup(tmp_path_factory, ENGINE)
 
 
-def pages_used(llm):
-    return sum(w.alloc.num_used for w in llm.engine.scheduler.workers.values())
-
-
 @pytest.fixture(scope="module")
 def llm(setup, ray):
     llm = LLM(setup[0], cluster="1P1M", policy="tropical", profile=profile(), backend="ray", **ENGINE)
@@ -52,7 +48,7 @@ def test_two_actors_give_the_single_worker_tokens(setup, llm):
     assert [o.token_ids for o in outs] == ref
     c = llm.engine.scheduler.counters
     assert c["transfers"] >= 1 and c["transfer_failures"] == 0  # prefills ran on P0 and moved their KV to M0
-    assert pages_used(llm) == 0
+    assert llm.engine.pages_used() == 0
 
 
 @pytest.mark.slow
@@ -68,7 +64,7 @@ def test_a_failed_actor_to_actor_copy_recomputes_on_the_decode_worker(setup, llm
     c = llm.engine.scheduler.counters
     failures = c["transfer_failures"] - before.get("transfer_failures", 0)
     assert failures >= 1 and c["recomputes"] - before.get("recomputes", 0) == failures
-    assert pages_used(llm) == 0
+    assert llm.engine.pages_used() == 0
 
 
 @pytest.mark.slow
@@ -80,7 +76,7 @@ def test_a_tensor_parallel_actor_beside_a_single_device_one(setup, ray):
         assert [len(w.where()["devices"]) for w in llm.engine.workers.values()] == [2, 1]
         outs = llm.generate(prompt_token_ids=prompts[:3], sampling_params=SP)
         assert [o.token_ids for o in outs] == ref[:3]
-        assert llm.engine.scheduler.counters["transfers"] >= 1 and pages_used(llm) == 0
+        assert llm.engine.scheduler.counters["transfers"] >= 1 and llm.engine.pages_used() == 0
     finally:
         llm.engine.close()
 

@@ -7,7 +7,7 @@ import pytest
 
 from tropical_jax.sim.workloads import DATA, WORKLOADS, arrival_times, load_trace, make_requests
 
-# Full-trace sizes and means (input, output) from shared/data/derived/trace_stats.json; HumanEval's
+# Full-trace sizes and means (input, output) of the public traces (tropical_jax/data/README.md); HumanEval's
 # are its character means / 3, the tokens-per-character estimate the package uses (no Llama tokenizer).
 TRACE_STATS = {
     "mooncake-conversation": (12031, 12035.1, 342.6), "mooncake-synthetic": (3993, 15325.5, 149.1),

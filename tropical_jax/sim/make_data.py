@@ -1,6 +1,9 @@
-"""Regenerate tropical_jax/data/ (compact workload traces) from the shared data folder.
+"""Regenerate tropical_jax/data/ (compact workload traces) from the public traces.
 
-    python -m tropical_jax.sim.make_data [--shared ../shared/data]
+    python -m tropical_jax.sim.make_data --source DIR
+
+DIR holds the public files tropical_jax/data/README.md lists, laid out as mooncake/,
+azure_llm_2023/, vidur/processed_traces/, humaneval/ and LICENSES/ (each source's licence file).
 
 Keeps only what the simulator needs — arrival time (s), input and output lengths — as gzipped
 CSV, and copies each source's licence; tropical_jax/data/README.md carries the attribution.
@@ -32,9 +35,9 @@ def _write(name: str, rows) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    src = Path(ap.parse_args().shared)
+    ap = argparse.ArgumentParser(description="Regenerate tropical_jax/data/ from the public traces.")
+    ap.add_argument("--source", required=True, help="folder of the public trace files (see this module's docstring)")
+    src = Path(ap.parse_args().source)
     OUT.mkdir(exist_ok=True)
     for name in ("conversation", "synthetic"):
         rows = [json.loads(l) for l in (src / "mooncake" / f"{name}_trace.jsonl").read_text().splitlines() if l]
@@ -50,8 +53,7 @@ def main():
                                        for r in csv.DictReader(f)))
     with gzip.open(src / "humaneval" / "HumanEval.jsonl.gz", "rt") as f:
         problems = [json.loads(l) for l in f if l.strip()]
-    # No Llama tokenizer offline: ~3 characters per token, the ratio shared/data/derived/trace_stats.json
-    # gives for Llama/GPT-2 BPE on code (indentation and punctuation make code denser than prose's ~4).
+    # No Llama tokenizer offline: ~3 characters per token, the ratio of Llama/GPT-2 BPE on code (indentation and punctuation make code denser than prose's ~4).
     _write("humaneval", ((None, max(1, round(len(p["prompt"]) / 3)), max(1, round(len(p["canonical_solution"]) / 3)))
                          for p in problems))
     for lic in ("Mooncake-LICENSE-APACHE", "AzurePublicDataset-LICENSE-CC-BY-4.0", "vidur-LICENSE-MIT",

@@ -1,8 +1,9 @@
-"""Regenerate tropical_jax/profiles/*.json from the shared data's fitted latency numbers.
+"""Regenerate tropical_jax/profiles/*.json from our fitted latency numbers.
 
-    python -m tropical_jax.sim.make_profiles [--shared ../shared/data]
+    python -m tropical_jax.sim.make_profiles --fits cost_model_fits.json
 
-Every number's origin is written into the profile's "source" field.
+The fits file and where its numbers come from: docs/profiles.md. Every number's origin is written
+into the profile's "source" field.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def kv_capacity(gpus: int, weights_gb: float, kv_bytes_per_token: int, usable=0.
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    fits = json.loads((Path(ap.parse_args().shared) / "derived" / "cost_model_fits.json").read_text())
+    ap = argparse.ArgumentParser(description="Regenerate tropical_jax/profiles/*.json from the latency fits.")
+    ap.add_argument("--fits", required=True, help="cost_model_fits.json (docs/profiles.md)")
+    fits = json.loads(Path(ap.parse_args().fits).read_text())
     rec = fits["recommended_sim_defaults"]
     bw = rec["kv_transfer"]["a100_intra_node_nvlink_GBps"]
     sw_pre = fits["splitwise_measured_end_to_end"]["prefill_batch1"]["llama2-70b/a100-80gb/tp4"]
@@ -48,7 +49,7 @@ def main():
     llama = {
         "name": "a100-llama2-70b-tp4", "units": "ms",
         "source": ("prefill and decode: Splitwise measurements on A100-80GB TP4 (vLLM, 2023), fitted in "
-                   "shared/data/derived/cost_model_fits.json splitwise_measured_end_to_end (prefill_batch1 and "
+                   "cost_model_fits.json (docs/profiles.md) splitwise_measured_end_to_end (prefill_batch1 and "
                    "decode_step llama2-70b/a100-80gb/tp4); no mixed-step data: t_mixed = t_chunk + t_decode - "
                    "min(c0, d0); chunk derived from prefill; KV bytes/token from the model shape (= recommended_sim_defaults."
                    "kv_bytes_per_token); transfer "
@@ -71,8 +72,8 @@ def main():
         decode_points.append([batch, tokens if "sumctx" in ctx else tokens * batch, ms])
     intern = {
         "name": "a100-internlm2.5-20b-tp2", "units": "ms",
-        "source": ("prefill and decode: least-squares fits of the TP2 points in shared/data/derived/"
-                   "cost_model_fits.json recommended_sim_defaults.internlm2_5_20b_a100_tp2 (Vidur operator "
+        "source": ("prefill and decode: least-squares fits of the TP2 points in cost_model_fits.json "
+                   "(docs/profiles.md) recommended_sim_defaults.internlm2_5_20b_a100_tp2 (Vidur operator "
                    "profiles + analytic attention + all-reduce), not derived from the TP1 entry; no mixed-step "
                    "data: t_mixed = t_chunk + t_decode - min(c0, d0); chunk derived from prefill; KV bytes/token from "
                    "the model shape; transfer "
