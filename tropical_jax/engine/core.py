@@ -22,6 +22,7 @@ from ..config import EngineConfig
 from ..runtime.executor import split_tokens, step_inputs
 from ..runtime.sequence import Sequence, append_token
 from ..sched.config import PolicyConfig
+from ..sched.monitor import slack
 from ..sched.request import Request, RequestStatus
 from ..sched.scheduler import Scheduler
 from .handoff import Handoffs
@@ -228,8 +229,7 @@ class Engine:
         with s.lock:
             workers = []
             for name, w in s.workers.items():
-                slacks = [r.first_token_time + r.tpot_slo * r.n_out - now for r in w.decoding
-                          if r.first_token_time is not None]
+                slacks = [slack(r, now) for r in w.decoding if r.first_token_time is not None]
                 workers.append({
                     "name": name, "role": ROLE_NAMES[w.role], "queue": len(w.queue), "running": len(w.decoding),
                     "incoming": len(w.incoming), "kv_pages_used": w.alloc.num_used,
