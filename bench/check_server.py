@@ -12,7 +12,6 @@ on the devices; `python -m tropical_jax.profile` measures a real one.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +21,7 @@ import numpy as np
 from bench.check_engine import SERVER_MODEL, checkpoint
 from bench.check_parts import MODELS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from serve_helpers import ServerProcess  # noqa: E402  (the tests' server launcher, shared)
+from bench.server_process import ServerProcess
 
 # A plausible cost model (ms) for a small model: the scheduler needs one to place requests.
 PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.02, "c0": 5.0}, "decode": {"d0": 5.0, "d1": 0.1, "d2": 0.0},

@@ -17,16 +17,13 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 from .machine import cpu_model
+from .server_process import ServerNotReady, ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
@@ -41,32 +38,20 @@ WORKER = re.compile(r"(worker \w+|the engine): (\d+) step executables ready in (
 
 def start_once(flags, env, caches: Path, timeout: float) -> dict:
     """Start the server, wait for ready, send one completion, stop it; what it reported."""
-    environ = dict(os.environ, PYTHONUNBUFFERED="1", TROPICAL_JAX_PROFILE_CACHE=str(caches / "profiles"), **env)
+    environ = dict(TROPICAL_JAX_PROFILE_CACHE=str(caches / "profiles"), **env)
     load_before = os.getloadavg()
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "tropical_jax.serve", "--port", "0",
-                             "--compilation-cache-dir", str(caches / "xla"), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
-    lines, url = [], None
     try:
-        while time.monotonic() - start < timeout:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if m := re.search(r"listening on (http://\S+)", line):
-                url = m.group(1)
-            if "(ready)" in line:
-                break
-        ready_s = time.monotonic() - start
-        log = "".join(lines)
-        if "(ready)" not in log:
-            return {"ready": False, "exit_code": proc.poll(), "wall_s": round(ready_s, 1), "log_tail": lines[-20:]}
-        reply = requests.post(f"{url}/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8},
-                              timeout=120)
+        server = ServerProcess("--compilation-cache-dir", str(caches / "xla"), *flags, timeout=timeout, env=environ)
+    except ServerNotReady as e:
+        return {"ready": False, "exit_code": e.exit_code, "wall_s": round(time.monotonic() - start, 1),
+                "log_tail": e.lines[-20:]}
+    try:
+        log = "".join(server.lines)
+        reply = server.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8})
         m = READY.search(log)
         return {
-            "ready": True, "ready_s": round(ready_s, 1), "server_ready_s": float(m.group(1)),
+            "ready": True, "ready_s": round(server.ready_s, 1), "server_ready_s": float(m.group(1)),
             "executables": int(m.group(2)), "from_compilation_cache": int(m.group(3)),
             "memory_mappings": int(m.group(4).replace(",", "")) if m.group(4) else None,
             "max_map_count": int(m.group(5).replace(",", "")) if m.group(5) else None,
@@ -78,12 +63,7 @@ def start_once(flags, env, caches: Path, timeout: float) -> dict:
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(graceful=True)
 
 
 def markdown(result: dict) -> str:
