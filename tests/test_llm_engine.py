@@ -178,7 +178,7 @@ def test_the_default_engine_sheds_a_request_whose_ttft_slo_cannot_be_met(llama):
 
 def test_bad_input_is_refused_clearly(llama):
     _, llm = llama
-    with pytest.raises(ValueError, match="prompt of 70 tokens does not fit max_model_len=64"):
+    with pytest.raises(ValueError, match=r"prompt of 70 tokens does not fit the context \(max_model_len=64 "):
         llm.generate(prompt_token_ids=[[1] * 70])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate(prompt_token_ids=[[1, 500]])

@@ -121,6 +121,18 @@ def make_buckets(maximum: int, minimum: int = 1, linear_from: int = 256) -> tupl
     return tuple(sizes)
 
 
+def context_room(prompt_len: int, max_model_len: int) -> int:
+    """Tokens a request may generate beside its prompt: the one rule of what fits a context, applied
+    by the engine and by the api (which answers OpenAI's 400). ValueError if the prompt is empty or
+    leaves no room for a generated token."""
+    if prompt_len < 1:
+        raise ValueError("prompt is empty: at least one token is needed")
+    if prompt_len >= max_model_len:
+        raise ValueError(f"prompt of {prompt_len} tokens does not fit the context (max_model_len={max_model_len} "
+                         f"tokens: the prompt plus at least one generated token)")
+    return max_model_len - prompt_len
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one worker runs the model: cache geometry, the closed set of step shapes, numerics."""
@@ -161,14 +173,9 @@ class EngineConfig:
                              f"{self.max_model_len} ({self.pages_per_seq} pages of {self.page_size})")
 
     def check_request(self, prompt_len: int, max_tokens: int) -> int:
-        """The one place a request's length is checked: ValueError if the prompt is empty or leaves no
-        room for a generated token; returns max_tokens cut to the context's room."""
-        if prompt_len < 1:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if prompt_len >= self.max_model_len:
-            raise ValueError(f"prompt of {prompt_len} tokens does not fit max_model_len={self.max_model_len} "
-                             f"(the prompt plus at least one generated token must fit)")
-        return min(max_tokens, self.max_model_len - prompt_len)
+        """ValueError if the prompt is empty or leaves no room for a generated token; returns
+        max_tokens cut to the context's room."""
+        return min(max_tokens, context_room(prompt_len, self.max_model_len))
 
     @property
     def pages_per_seq(self) -> int:

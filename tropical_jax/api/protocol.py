@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import context_room
 from ..sampling_params import SamplingParams
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -190,12 +191,11 @@ def _max_tokens(body, prompt_len: int, chat: bool, limits: Limits) -> int:
     """The request's output limit. OpenAI defaults: 16 tokens for completions, the rest of the context
     for chat. An explicit limit that does not fit beside the prompt is refused (as OpenAI and vLLM do),
     never silently cut."""
-    room = limits.max_model_len - prompt_len
     field = "messages" if chat else "prompt"
-    if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is "
-                            f"{limits.max_model_len} tokens (prompt plus at least one generated token)",
-                       field, "context_length_exceeded")
+    try:
+        room = context_room(prompt_len, limits.max_model_len)
+    except ValueError as e:
+        raise APIError(400, f"'{field}': {e}", field, "context_length_exceeded") from None
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, name, int, None, lambda v: v >= 1, "an integer >= 1")
     if max_tokens is None:
