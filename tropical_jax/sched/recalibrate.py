@@ -35,17 +35,19 @@ class Recalibrator:
 
     def observe(self, plan: StepPlan, real: float) -> CostModel | None:
         """Record a finished step that took `real` seconds; a new planning model when a factor moved."""
-        seen = self.ratios.get(plan.kind)
-        if seen is None:
-            return None
-        predicted = self.profile.t_plan(plan)
-        if predicted <= 0 or real <= 0:
+        kind = plan.kind
+        return self.observe_time(kind, self.profile.t_plan(plan), real) if kind in self.ratios else None
+
+    def observe_time(self, kind: str, predicted: float, real: float) -> CostModel | None:
+        """observe() for a step of `kind` the profile predicts takes `predicted` seconds."""
+        seen = self.ratios.get(kind)
+        if seen is None or predicted <= 0 or real <= 0:
             return None
         seen.append(real / predicted)
         if len(seen) < MIN_STEPS:
             return None
         factor = statistics.median(seen)
-        if abs(factor / self.factors[plan.kind] - 1) < REBUILD_DELTA:
+        if abs(factor / self.factors[kind] - 1) < REBUILD_DELTA:
             return None
-        self.factors[plan.kind] = factor
+        self.factors[kind] = factor
         return self.profile.scaled(self.factors)

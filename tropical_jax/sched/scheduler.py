@@ -11,6 +11,7 @@ Calls (every one takes `now`, seconds on the caller's clock, and must not go bac
     transfer_done(transfer, now, ok)     a handoff landed (ok) or failed (recompute on the destination)
     tick(now)                            time passed (queue timeouts, requests turning late)
     set_profile(cost)                    plan with another profile from now on
+    fast_forward(worker, until, ...)     run a stretch of decode-only steps in one go (sched/fast_forward.py)
     next_timer() -> float | None         when tick should next be called if nothing else happens
 The simulator (sim/simulator.py) is an event loop over these calls with a virtual clock; the real
 engine calls the very same methods from its worker threads with a wall clock.
@@ -42,6 +43,7 @@ from tropical_jax.sched.config import ClusterSpec, PolicyConfig, parse_cluster
 from tropical_jax.sched.cost_model import CostModel
 from tropical_jax.sched.dispatch import WAIT, Decision, make_dispatcher
 from tropical_jax.sched.endings import RequestEndings
+from tropical_jax.sched.fast_forward import FastForward
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
 from tropical_jax.sched.plan import StepPlan, Transfer
 from tropical_jax.sched.recalibrate import Recalibrator
@@ -60,7 +62,7 @@ class DecisionRecord:
     late: bool = False
 
 
-class Scheduler(RequestEndings):
+class Scheduler(RequestEndings, FastForward):
     def __init__(self, cluster: str | ClusterSpec, policy: str | PolicyConfig, cost_model: CostModel, *,
                  kv_capacity_tokens: int | None = None, page_size: int = 16, record_decisions: bool = False,
                  listener=None):
@@ -167,10 +169,7 @@ class Scheduler(RequestEndings):
                         self._first_token(w, r, now, id(r) in stop)
             self._apply_aborts(now)
             if self.recalibrator is not None:
-                model = self.recalibrator.observe(plan, now - plan.start)
-                if model is not None:
-                    self.mon.set_cost(model)
-                    self.counters["recalibrations"] += 1
+                self._recalibrated(self.recalibrator.observe(plan, now - plan.start))
             self._dispatch(now)
 
     def set_profile(self, cost: CostModel) -> None:
@@ -305,6 +304,12 @@ class Scheduler(RequestEndings):
         r.finish_time = now
         w.release(r)
         self._end(r, now, RequestStatus.FINISHED, "stop" if stop else "length")
+
+    def _recalibrated(self, model: CostModel | None) -> None:
+        """Plan with the recalibrator's new model, if it made one."""
+        if model is not None:
+            self.mon.set_cost(model)
+            self.counters["recalibrations"] += 1
 
     def _preempted(self, w: WorkerState, r: Request, now: float) -> None:
         r.status = RequestStatus.WAITING

@@ -40,19 +40,33 @@ class CostModelExecutor:
         t = plan.predicted if predicted_by is self.cost else self.cost.t_plan(plan)
         return t * self._factor() * (self.cost.contention if shared else 1.0)
 
+    @property
+    def exact(self) -> bool:
+        """Does a decode step take exactly the cost model's t_decode (no noise, no contention)?"""
+        return not self.noise and self.cost.contention == 1.0
+
     @staticmethod
-    def stops(r: Request) -> bool:
+    def tokens(r: Request) -> int:
+        """Tokens r produces in all (only this executor reads output_len)."""
+        return r.max_tokens if r.output_len is None else min(r.output_len, r.max_tokens)
+
+    @classmethod
+    def stops(cls, r: Request) -> bool:
         """Does r stop at its next token? (r.n_out counts tokens produced before it.)"""
-        n = r.max_tokens if r.output_len is None else min(r.output_len, r.max_tokens)
-        return r.n_out + 1 >= n
+        return r.n_out + 1 >= cls.tokens(r)
 
     def finished(self, plan: StepPlan) -> list[Request]:
         """Requests whose token from this step is their last (call before step_done updates n_out)."""
-        out = [r for r in plan.decodes if r.n_out + 1 >= (r.max_tokens if r.output_len is None
-                                                           else min(r.output_len, r.max_tokens))]
+        out = [r for r in plan.decodes if self.stops(r)]
         if plan.chunks:
             out += [c.request for c in plan.chunks if c.last and not c.recompute and self.stops(c.request)]
         return out
+
+    def steps_left(self, decodes: list[Request]) -> int:
+        """How many decode steps of this batch, the one in flight included, end before one of its
+        requests gets its last token."""
+        tokens = self.tokens
+        return min(tokens(r) - r.n_out for r in decodes) - 1
 
     def transfer(self, t: Transfer) -> tuple[float, bool]:
         """(duration, succeeded) of a KV handoff. A failure is noticed after the full transfer time."""

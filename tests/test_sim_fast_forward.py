@@ -1,0 +1,69 @@
+"""Fast-forward (Scheduler.fast_forward, used by the simulator) changes nothing: every policy, run with
+stretches of decode-only steps done in one go and run step by step, gives the same requests (every
+field), counters, step count, KV pages (the free lists in the same order) and recalibration."""
+
+import dataclasses
+
+import pytest
+
+from test_sim_core import COST, POLICIES, workload
+from tropical_jax.sched.scheduler import Scheduler
+from tropical_jax.sim.simulator import simulate
+
+
+@pytest.fixture
+def fast_steps(monkeypatch):
+    """Steps started by fast_forward, as a list the test reads."""
+    counted = []
+    real = Scheduler.fast_forward
+
+    def counting(self, *args):
+        plan, k = real(self, *args)
+        counted.append(k)
+        return plan, k
+
+    monkeypatch.setattr(Scheduler, "fast_forward", counting)
+    return counted
+
+
+def state(res):
+    rec = res.scheduler.recalibrator
+    return ([dataclasses.astuple(r) for r in res.requests], dict(res.counters), res.steps, res.end_time,
+            res.stopped_early, [w.alloc._free for w in res.scheduler.workers.values()],
+            rec and ({k: list(v) for k, v in rec.ratios.items()}, rec.factors))
+
+
+def same_either_way(reqs, cluster, policy, fast_steps, **kw):
+    fast = simulate(reqs, cluster, policy, COST, **kw)
+    assert sum(fast_steps) > 0, "nothing was fast-forwarded: the case tests nothing"
+    assert state(fast) == state(simulate(reqs, cluster, policy, COST, fast_forward=False, **kw))
+    return fast
+
+
+@pytest.mark.parametrize("policy,cluster", POLICIES, ids=[p for p, _ in POLICIES])
+def test_same_outcome_step_by_step(policy, cluster, fast_steps):
+    # Small KV memory (preemptions), failed transfers, long outputs (long stretches of decodes).
+    reqs = workload(150, rate=2.0, seed=5, mean_out=150)
+    res = same_either_way(reqs, cluster, policy, fast_steps, kv_capacity_tokens=60_000, transfer_failure_rate=0.1)
+    assert res.counters.get("rejected", 0) < len(reqs)
+
+
+def test_same_with_preemptions(fast_steps):
+    reqs = workload(120, rate=4.0, seed=7, max_len=4000, mean_out=600)
+    res = same_either_way(reqs, "2C", "chunked", fast_steps, kv_capacity_tokens=20_000)
+    assert res.counters["preemptions"] > 0
+
+
+def test_same_with_recalibration_that_moves(fast_steps):
+    """Steps really take 30% longer than the profile says: the recalibrator rebuilds the planning model."""
+    reqs = workload(150, rate=1.5, seed=3, mean_out=150)
+    res = same_either_way(reqs, "1P1M", "planned", fast_steps, executor_cost=COST.scaled({"decode": 1.3, "mixed": 1.3}),
+                          kv_capacity_tokens=200_000)
+    assert res.counters["recalibrations"] > 0
+
+
+@pytest.mark.parametrize("policy,cluster", [("colocated", "2C"), ("planned", "1P1M")])
+def test_same_when_stopped_early(policy, cluster, fast_steps):
+    reqs = workload(200, rate=10.0, seed=2, mean_out=150)  # planned attains 161, colocated 35
+    res = same_either_way(reqs, cluster, policy, fast_steps, kv_capacity_tokens=200_000, max_misses=30)
+    assert res.stopped_early

@@ -1,0 +1,104 @@
+"""Fast-forward: run a worker's repeated decode-only steps in one call, as a simulator wants.
+
+Most steps of a simulated run are a worker decoding the same batch again, one token further, while
+nothing waits anywhere. One by one, each such step is a step_done (every decode gets its token, a
+dispatch pass that finds nothing to do) and a next_step (a page for every decode crossing a page
+boundary, the same batch again). `fast_forward` does a stretch of them at once, with the very same
+effects: tokens, token times, pages in the same order, recalibration, worker versions. It stops
+before the first step that would end a request, preempt a decode, or end at or after `until` (the
+caller's next event that could read or change this worker), and leaves that step in flight,
+planned by next_step as one by one.
+
+A part of Scheduler (sched/scheduler.py), kept apart so that file stays the calls and the dispatch
+loop; it reads and writes the scheduler's own state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tropical_jax.sched.plan import StepPlan
+
+
+class FastForward:
+    def fast_forward(self, worker: str, until: float, step_time: Callable[[int, int], float],
+                     steps_left: int) -> tuple[StepPlan | None, int]:
+        """Run the decode-only step in flight on `worker` and the ones that repeat its batch to their
+        ends, as step_done (with nothing finished) and next_step would, while each ends before
+        `until` and at most `steps_left` of them (the driver's count of steps before a request in
+        the batch stops). step_time(B, T): a decode step's real duration (s).
+
+        The caller guarantees that nothing else happens before `until`, except other workers' steps
+        that touch neither this worker nor the dispatcher; with running recalibration (every
+        worker's steps feed one recalibrator, in order), nothing at all. Returns the step then in
+        flight (None: the worker turned idle) and how many steps were started; (the step in
+        flight, 0) when the dispatcher, a timer or shedding may act before it ends, or it is not
+        decodes only."""
+        with self._lock:
+            w = self.mon.workers[worker]
+            plan = w.busy
+            if plan is None or plan.chunks or w.queue or not self._quiet() \
+                    or plan.decodes != w.decoding[:self.mon.cfg.max_batch]:
+                return plan, 0
+            if self._shed_at:  # shedding looks at the queues again then
+                until = min(until, self._shed_at[0][0])
+            batch = plan.decodes
+            ends = self._decode_ends(plan, until, step_time,
+                                     min(steps_left, min(r.max_tokens - r.n_out for r in batch) - 1))
+            ends = ends[:self._grow_pages(w, batch, len(ends))]
+            if not ends:
+                return plan, 0
+            k = len(ends)
+            if self.recalibrator is not None:
+                start, per_step = plan.start, self.recalibrator.profile.t_decode
+                for i, end in enumerate(ends):
+                    self._recalibrated(self.recalibrator.observe_time(
+                        "decode", per_step(len(batch), plan.decode_tokens + i * len(batch)), end - start))
+                    start = end
+            for r in batch:  # k tokens each; the table holds what the last step read (next_step grows it on)
+                r.n_out += k
+                r.last_token_time = ends[-1]
+                t = w.tables[r]
+                t.num_tokens = max(t.num_tokens, r.prompt_len + r.n_out - 1)
+            w.busy = None
+            w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
+            return self.next_step(worker, ends[-1]), k
+
+    def _quiet(self) -> bool:
+        """Would a dispatch pass do nothing, whatever the time (nothing waits for a place or a
+        decode worker, no timer: no queue timeout or turning late to come, no abort), and is no
+        handoff about to start (its landing is not yet an event the caller knows)?"""
+        return not self.waiting and self._timer is None and not self._aborting and not self._transfers \
+            and not any(p.handoff for p in self.mon.of_role("P"))
+
+    @staticmethod
+    def _decode_ends(plan: StepPlan, until: float, step_time: Callable[[int, int], float], most: int) -> list[float]:
+        """End times of `plan` and the steps repeating its batch (each reading one more token per
+        decode), at most `most` of them, each before `until`."""
+        ends: list[float] = []
+        start, b, t = plan.start, len(plan.decodes), plan.decode_tokens
+        while len(ends) < most:
+            end = start + step_time(b, t)
+            if not end < until:
+                break
+            ends.append(end)
+            start, t = end, t + b
+        return ends
+
+    @staticmethod
+    def _grow_pages(w, batch: list, k: int) -> int:
+        """Give the decodes of steps 1..k-1 after the step in flight their pages, step by step and
+        in batch order, as next_step does. Returns how many steps can end before one would have
+        to preempt (k if none): the step that cannot get its pages is left to next_step."""
+        page, alloc = w.alloc.page_size, w.alloc
+        grows: dict[int, list] = {}  # step -> decodes crossing into a new page when it starts
+        for r in batch:
+            ctx = r.prompt_len + r.n_out  # what the step in flight reads
+            for i in range(len(w.tables[r].pages) * page - ctx + 1, k, page):
+                grows.setdefault(i, []).append(r)
+        for i in sorted(grows):
+            if len(grows[i]) > alloc.num_free:
+                return i
+            for r in grows[i]:
+                w.tables[r].ensure(alloc, r.prompt_len + r.n_out + i)
+        return k
