@@ -8,6 +8,8 @@ free list when its count reaches zero.
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 
 class OutOfPages(RuntimeError):
     """Raised when an all-or-nothing allocation cannot be satisfied."""
@@ -60,8 +62,8 @@ class PageAllocator:
     def free(self, pages) -> None:
         pages = list(pages)
         refs = self._refs
-        if pages and min(pages) >= 0 and max(pages) < self.num_pages and len(set(pages)) == len(pages) \
-                and min(map(refs.__getitem__, pages)) == 1 == max(map(refs.__getitem__, pages)):
+        if len(pages) > 1 and min(pages) >= 0 and max(pages) < self.num_pages \
+                and itemgetter(*pages)(refs).count(1) == len(pages) == len(set(pages)):
             # The common case, checked in C: distinct pages each held once, all free again now.
             for p in pages:
                 refs[p] = 0

@@ -18,15 +18,16 @@ from __future__ import annotations
 from typing import Callable
 
 from tropical_jax.sched.plan import StepPlan
+from tropical_jax.sched.request import Request
 
 
 class FastForward:
     def fast_forward(self, worker: str, until: float, step_time: Callable[[int, int], float],
-                     steps_left: int) -> tuple[StepPlan | None, int]:
+                     steps_left: Callable[[list[Request]], int]) -> tuple[StepPlan | None, int]:
         """Run the decode-only step in flight on `worker` and the ones that repeat its batch to their
         ends, as step_done (with nothing finished) and next_step would, while each ends before
-        `until` and at most `steps_left` of them (the driver's count of steps before a request in
-        the batch stops). step_time(B, T): a decode step's real duration (s).
+        `until` and at most steps_left(batch) of them (the driver's count of steps before a request
+        of the batch stops). step_time(B, T): a decode step's real duration (s).
 
         The caller guarantees that nothing else happens before `until`, except other workers' steps
         that touch neither this worker nor the dispatcher; with running recalibration (every
@@ -37,14 +38,14 @@ class FastForward:
         with self._lock:
             w = self.mon.workers[worker]
             plan = w.busy
-            if plan is None or plan.chunks or w.queue or not self._quiet() \
+            if plan is None or plan.chunks or w.queue or not self.quiet() \
                     or plan.decodes != w.decoding[:self.mon.cfg.max_batch]:
                 return plan, 0
             if self._shed_at:  # shedding looks at the queues again then
                 until = min(until, self._shed_at[0][0])
             batch = plan.decodes
             ends = self._decode_ends(plan, until, step_time,
-                                     min(steps_left, min(r.max_tokens - r.n_out for r in batch) - 1))
+                                     min(steps_left(batch), min(r.max_tokens - r.n_out for r in batch) - 1))
             ends = ends[:self._grow_pages(w, batch, len(ends))]
             if not ends:
                 return plan, 0
@@ -64,12 +65,13 @@ class FastForward:
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
             return self.next_step(worker, ends[-1]), k
 
-    def _quiet(self) -> bool:
+    def quiet(self) -> bool:
         """Would a dispatch pass do nothing, whatever the time (nothing waits for a place or a
         decode worker, no timer: no queue timeout or turning late to come, no abort), and is no
         handoff about to start (its landing is not yet an event the caller knows)?"""
-        return not self.waiting and self._timer is None and not self._aborting and not self._transfers \
-            and not any(p.handoff for p in self.mon.of_role("P"))
+        with self._lock:
+            return not self.waiting and self._timer is None and not self._aborting and not self._transfers \
+                and not any(p.handoff for p in self.mon.of_role("P"))
 
     @staticmethod
     def _decode_ends(plan: StepPlan, until: float, step_time: Callable[[int, int], float], most: int) -> list[float]:
@@ -86,19 +88,20 @@ class FastForward:
         return ends
 
     @staticmethod
-    def _grow_pages(w, batch: list, k: int) -> int:
-        """Give the decodes of steps 1..k-1 after the step in flight their pages, step by step and
-        in batch order, as next_step does. Returns how many steps can end before one would have
-        to preempt (k if none): the step that cannot get its pages is left to next_step."""
+    def _grow_pages(w, batch: list[Request], k: int) -> int:
+        """Give the decodes of steps 1..k-1 after the step in flight their pages (the same pages, in
+        the same order, as next_step would one step at a time). Returns how many steps can end
+        before one would have to preempt (k if none): the step that cannot get all its pages is
+        left to next_step."""
         page, alloc = w.alloc.page_size, w.alloc
-        grows: dict[int, list] = {}  # step -> decodes crossing into a new page when it starts
-        for r in batch:
+        grows = []  # (step, place in the batch): that decode's table needs a page when that step starts
+        for place, r in enumerate(batch):
             ctx = r.prompt_len + r.n_out  # what the step in flight reads
-            for i in range(len(w.tables[r].pages) * page - ctx + 1, k, page):
-                grows.setdefault(i, []).append(r)
-        for i in sorted(grows):
-            if len(grows[i]) > alloc.num_free:
-                return i
-            for r in grows[i]:
-                w.tables[r].ensure(alloc, r.prompt_len + r.n_out + i)
+            grows.extend((i, place) for i in range(len(w.tables[r].pages) * page - ctx + 1, k, page))
+        grows.sort()
+        if len(grows) > alloc.num_free:
+            k = grows[alloc.num_free][0]
+            grows = [g for g in grows if g[0] < k]
+        for (_, place), p in zip(grows, alloc.allocate(len(grows))):  # as if allocated one by one
+            w.tables[batch[place]].pages.append(p)
         return k

@@ -150,7 +150,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             if observer is not None:
                 observer("step_start", now, w, plan)
             end = ends[j]
-            if fast and not plan.chunks:
+            if fast and not plan.chunks and sched.quiet():
                 # Nothing may happen meanwhile that reads this worker: with every step recorded in order
                 # (recalibration, max_misses), no event at all, else none but other workers' steps
                 # (prefill workers' excepted: their prompts are handed to a decoding worker).
@@ -160,7 +160,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                         until = e[0]
                 if strict:
                     until = min([until, *ends[:j], *ends[j + 1:]] + ([deadlines[0][0]] if deadlines else []))
-                nxt, k = sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left(plan.decodes))
+                nxt, k = sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
                 if nxt is not plan:
                     steps += k
                     plan = nxt
