@@ -197,7 +197,8 @@ class CostModel:
             k2, kx, k1, k0 = self._k
             a, b, c = k2, kx * ctx + k1, k0
             if B > 0:
-                c += self.t_decode(B, T) * 1e3 - self._shared
+                d0, d1, d2 = self._d
+                c += (d0 + d1 * B + d2 * T) * 1e-3 * 1e3 - self._shared  # t_decode(B, T) in ms, inlined
         y = budget * 1e3 - c
         if a >= 0 and b >= 0:
             if y < a + b:
