@@ -3,23 +3,33 @@ stretches of decode-only steps done in one go and run step by step, gives the sa
 field), counters, step count, KV pages (the free lists in the same order) and recalibration."""
 
 import dataclasses
+import random
 
 import pytest
 
 from test_sim_core import COST, POLICIES, workload
+from tropical_jax.sched.request import Request
 from tropical_jax.sched.scheduler import Scheduler
+from tropical_jax.sim.cli import load_profile
 from tropical_jax.sim.simulator import simulate
+from tropical_jax.sim.workloads import make_requests
+
+
+class Counted(list):
+    """Steps started by each fast_forward call; `waiting`: those started while requests waited."""
+    waiting = 0
 
 
 @pytest.fixture
 def fast_steps(monkeypatch):
-    """Steps started by fast_forward, as a list the test reads."""
-    counted = []
+    counted = Counted()
     real = Scheduler.fast_forward
 
     def counting(self, *args):
+        waiting = bool(self.waiting)
         plan, k = real(self, *args)
         counted.append(k)
+        counted.waiting += k if waiting else 0
         return plan, k
 
     monkeypatch.setattr(Scheduler, "fast_forward", counting)
@@ -33,10 +43,10 @@ def state(res):
             rec and ({k: list(v) for k, v in rec.ratios.items()}, rec.factors))
 
 
-def same_either_way(reqs, cluster, policy, fast_steps, **kw):
-    fast = simulate(reqs, cluster, policy, COST, **kw)
+def same_either_way(reqs, cluster, policy, fast_steps, cost=COST, **kw):
+    fast = simulate(reqs, cluster, policy, cost, **kw)
     assert sum(fast_steps) > 0, "nothing was fast-forwarded: the case tests nothing"
-    assert state(fast) == state(simulate(reqs, cluster, policy, COST, fast_forward=False, **kw))
+    assert state(fast) == state(simulate(reqs, cluster, policy, cost, fast_forward=False, **kw))
     return fast
 
 
@@ -46,6 +56,28 @@ def test_same_outcome_step_by_step(policy, cluster, fast_steps):
     reqs = workload(150, rate=2.0, seed=5, mean_out=150)
     res = same_either_way(reqs, cluster, policy, fast_steps, kv_capacity_tokens=60_000, transfer_failure_rate=0.1)
     assert res.counters.get("rejected", 0) < len(reqs)
+
+
+def test_same_while_long_prompts_wait(fast_steps):
+    """tropical: prompts over max_multiplex_tokens wait for the prefill worker while the M worker
+    decodes on (their decisions never read it), until they turn late or the prefill worker's step ends."""
+    rng = random.Random(11)
+    reqs, t = [], 0.0
+    for i in range(150):  # 40% of the prompts over 8192 tokens
+        t += rng.expovariate(0.8)
+        out = rng.randint(50, 300)
+        reqs.append(Request(i, t, rng.randint(9000, 20000) if rng.random() < 0.4 else rng.randint(100, 3000),
+                            out, None, 0.1, out))
+    res = same_either_way(reqs, "1P1M", "tropical", fast_steps, kv_capacity_tokens=400_000)
+    assert fast_steps.waiting > 0 and res.counters["waited"] > 0 and res.counters["late"] > 0
+
+
+def test_same_on_a_trace_where_short_prompts_wait(fast_steps):
+    """Mooncake under load: short prompts wait too, and an M worker's decodes (banking slack) may
+    let one inline, so those pin the M worker to step-by-step (Dispatcher.reads)."""
+    reqs = make_requests("mooncake-conversation", 300, 1.2, seed=0, max_input_len=32768)
+    res = same_either_way(reqs, "1P1M", "tropical", fast_steps, load_profile("a100-internlm2.5-20b-tp2"))
+    assert fast_steps.waiting > 0 and res.counters["waited"] > 0
 
 
 def test_same_with_preemptions(fast_steps):

@@ -92,6 +92,12 @@ class TropicalDispatcher:
             hit = self._cache[w.name] = (key, (queued, InlineFrontier(self.mon, queued.full)))
         return hit[1]
 
+    def reads(self, r: Request, w: WorkerState) -> bool:
+        """May deciding r read w's state? Rule 2 refuses a prompt over max_multiplex_tokens before it
+        reads an M worker; rule 1 reads every prefill worker."""
+        cap = self.mon.cfg.max_multiplex_tokens
+        return not (w.role == "M" and cap is not None and r.prompt_len > cap)
+
     def late_at(self, r: Request) -> float:
         """From this time on no worker can serve r by its deadline: even an idle P worker is too late."""
         return r.deadline - self.mon.iso[r] * self.mon.cfg.safety_factor
@@ -217,6 +223,9 @@ class BaselineDispatcher:
 
     def begin_pass(self, now: float) -> None:
         pass
+
+    def reads(self, r: Request, w: WorkerState) -> bool:
+        return True  # requests never wait here
 
     def decide(self, r: Request, now: float, explain: bool) -> Decision:
         w = min(self.mon.of_role(self.role), key=lambda w: (w.outstanding_prefill(now), w.decode_load(), w.name))

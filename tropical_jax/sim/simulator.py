@@ -150,7 +150,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             if observer is not None:
                 observer("step_start", now, w, plan)
             end = ends[j]
-            if fast and not plan.chunks and sched.quiet():
+            if fast and not plan.chunks and sched.quiet(w):
                 # Nothing may happen meanwhile that reads this worker: with every step recorded in order
                 # (recalibration, max_misses), no event at all, else none but other workers' steps
                 # (prefill workers' excepted: their prompts are handed to a decoding worker).
