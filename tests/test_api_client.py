@@ -21,7 +21,7 @@ from tropical_jax.sched.config import parse_cluster
 from tropical_jax.sched.cost_model import CostModel
 
 CFG = EngineConfig(max_model_len=64, page_size=16, max_num_seqs=8, max_chunk_tokens=16, max_prefill_seqs=8,
-                   compilation_cache_dir=None)
+                   bucket_set="fine", compilation_cache_dir=None)
 # Every step costs 10 ms to the scheduler, so a request's default TTFT SLO is 5 x 10 ms (the queueing
 # floor too: one chunk prefills a full decode batch).
 COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0, "c1": 0, "c0": 10}, "decode": {"d0": 10, "d1": 0,

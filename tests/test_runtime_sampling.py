@@ -44,7 +44,7 @@ def test_full_distribution_and_temperature_zero():
 def test_buckets_double_then_grow_linearly():
     assert make_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert make_buckets(1000, 16, linear_from=256) == (16, 32, 64, 128, 256, 512, 768, 1000)
-    cfg = EngineConfig(max_model_len=100, page_size=16, max_num_seqs=3)
+    cfg = EngineConfig(max_model_len=100, page_size=16, max_num_seqs=3, bucket_set="fine")
     assert cfg.pages_per_seq == 7 and cfg.total_pages == 21 and cfg.batch_sizes == (1, 2, 3)
     with pytest.raises(ValueError, match="num_pages=2 cannot hold even one sequence"):
         EngineConfig(max_model_len=100, page_size=16, num_pages=2)

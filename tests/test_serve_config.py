@@ -27,6 +27,7 @@ def test_config_file_sets_options_and_flags_win(tmp_path, suffix):
     a = parse_args(["--config", str(path), "--port", "9002"])
     assert (a.port, a.max_model_len, a.batch_buckets, a.api_key, a.tpot_slo_ms) == (9002, 512, (1, 4), "k", 50.0)
     assert a.engine.batch_buckets == (1, 4) and a.server.port == 9002  # one dataclass per section
+    assert parse_args(["--bucket-set", "fine"]).engine.bucket_set == "fine" and a.engine.bucket_set == "auto"
 
 
 def test_api_key_from_a_file_or_the_environment_never_needs_the_command_line(tmp_path, monkeypatch, capsys):
@@ -60,6 +61,7 @@ def test_cluster_gets_a_policy_from_its_roles_and_the_slo_knobs():
     (["--batch-buckets", "1,x"], "comma-separated integers"),
     (["--max-model-len", "0"], "must be positive"),
     (["--dtype", "float8"], "invalid choice"),
+    (["--bucket-set", "tiny"], "invalid choice"),
     (["--cluster", "1P1M", "--tensor-parallel", "2"], "tp per worker"),
 ])
 def test_bad_options_exit_with_a_message(argv, message, capsys):

@@ -37,15 +37,52 @@ def limit_leaving(monkeypatch, executables: float):
 
 
 def test_each_role_compiles_only_the_steps_it_runs():
-    cfg = EngineConfig()  # default buckets: 5 chunk x 6 batch x 3 context
-    assert cluster_executables(parse_cluster("1P1M"), cfg, PolicyConfig.parse("planned")) == {"P0": 17, "M0": 125}
+    fine = EngineConfig(bucket_set="fine")  # the accelerators' default: 5 chunk x 6 batch x 3 context
+    assert cluster_executables(parse_cluster("1P1M"), fine, PolicyConfig.parse("planned")) == {"P0": 17, "M0": 125}
     # C workers never hand KV over, so they compile no page copies (the gather and the scatter).
-    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("colocated")) == {"C0": 33, "C1": 33}
-    assert cluster_executables(parse_cluster("2C"), cfg, PolicyConfig.parse("chunked")) == {"C0": 123, "C1": 123}
-    # The default single worker (1C under chunked) compiles what the engine it replaced did: 123.
-    assert cluster_executables(parse_cluster("1C"), cfg, ClusterConfig().policy_config(8)) == {"C0": 123}
-    assert cluster_executables(parse_cluster("1P1D"), cfg, PolicyConfig.parse("disaggregated")) == {"P0": 17,
-                                                                                                   "D0": 125}
+    assert cluster_executables(parse_cluster("2C"), fine, PolicyConfig.parse("colocated")) == {"C0": 33, "C1": 33}
+    assert cluster_executables(parse_cluster("2C"), fine, PolicyConfig.parse("chunked")) == {"C0": 123, "C1": 123}
+    # The single worker (1C under chunked) compiles every kind: 5 + 6 + 30 shapes x 3 contexts.
+    assert cluster_executables(parse_cluster("1C"), fine, ClusterConfig().policy_config(8)) == {"C0": 123}
+    assert cluster_executables(parse_cluster("1P1D"), fine, PolicyConfig.parse("disaggregated")) == {"P0": 17,
+                                                                                                    "D0": 125}
+    # The CPU's default, 2 chunk x 3 batch x 1 context: (2 + 3 + 6) x 1 for all kinds, 2 prefills for P.
+    coarse = EngineConfig().for_platform("cpu")
+    assert cluster_executables(parse_cluster("1C"), coarse, ClusterConfig().policy_config(8)) == {"C0": 11}
+    assert cluster_executables(parse_cluster("1P1M"), coarse, PolicyConfig.parse("planned")) == {"P0": 4, "M0": 13}
+
+
+def test_the_default_buckets_are_coarse_on_cpu_fine_elsewhere_and_explicit_ones_win():
+    cpu = EngineConfig().for_platform("cpu")
+    assert cpu.bucket_set == "coarse" and (cpu.chunk_sizes, cpu.batch_sizes) == ((64, 256), (1, 8, 32))
+    assert cpu.context_pages == (cpu.pages_per_seq,)  # one context bucket: the whole max_model_len
+    for accelerator in ("gpu", "tpu"):
+        fine = EngineConfig().for_platform(accelerator)
+        assert fine.bucket_set == "fine" and fine.chunk_sizes == (16, 32, 64, 128, 256)
+        assert fine.batch_sizes == (1, 2, 4, 8, 16, 32) and fine.context_pages == (16, 32, 64)
+    # A set named explicitly is kept on any platform; explicit sizes override their dimension only.
+    assert EngineConfig(bucket_set="fine").for_platform("cpu").batch_sizes == (1, 2, 4, 8, 16, 32)
+    mixed = EngineConfig(batch_buckets=[1, 2, 4], context_buckets=[512, 1024]).for_platform("cpu")
+    assert (mixed.chunk_sizes, mixed.batch_sizes, mixed.context_pages) == ((64, 256), (1, 2, 4), (32, 64))
+    # The coarse sizes never exceed small limits.
+    small = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16).for_platform("cpu")
+    assert (small.chunk_sizes, small.batch_sizes, small.context_pages) == ((16,), (1, 4), (16,))
+    with pytest.raises(ValueError, match="for_platform"):  # "auto" has no sizes until the platform is known
+        EngineConfig().chunk_sizes
+    with pytest.raises(ValueError, match="bucket_set must be one of"):
+        EngineConfig(bucket_set="tiny")
+
+
+def test_an_engine_on_cpu_runs_the_coarse_set_unless_told_otherwise(tiny):
+    limits = dict(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, progress=False,
+                  profile=PROFILE, warmup=False)
+    with LLM(tiny, **limits) as llm:
+        cfg = llm.engine_config
+        assert cfg.bucket_set == "coarse" and cfg.batch_sizes == (1, 4) and llm.engine.policy.max_batch == 4
+    with LLM(tiny, batch_buckets=[1, 2, 4], **limits) as llm:
+        assert llm.engine_config.batch_sizes == (1, 2, 4)
+    with LLM(tiny, bucket_set="fine", **limits) as llm:
+        assert llm.engine_config.batch_sizes == (1, 2, 4)
 
 
 def test_over_budget_warmup_fails_in_seconds_before_compiling(tiny, monkeypatch):
@@ -119,18 +156,22 @@ def test_server_over_budget_exits_in_seconds_with_the_fix(tiny):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_default_cluster_server_comes_up_and_logs_its_ready_time(tmp_path):
-    """The documented 1P1M command with the default buckets, on two emulated CPU devices, from a cold
-    compilation cache: no LLVM abort, and the ready line reports time, executables and mappings."""
+@pytest.mark.parametrize("flags,steps", [([], {"C0": 11}),
+                                         (["--cluster", "1P1M", "--policy", "planned"], {"P0": 2, "M0": 11})])
+def test_default_servers_come_up_and_log_their_ready_time(tmp_path, flags, steps):
+    """The default single worker and the documented 1P1M command (on two emulated CPU devices) with the
+    default buckets (the CPU's coarse set), from a cold compilation cache: no LLVM abort, each worker
+    logs the steps it compiled, and the ready line reports time, executables and mappings."""
     from serve_helpers import ServerProcess
 
-    server = ServerProcess("--cluster", "1P1M", "--policy", "planned", "--compilation-cache-dir",
-                           str(tmp_path / "xla"), timeout=1500,
+    server = ServerProcess(*flags, "--compilation-cache-dir", str(tmp_path / "xla"), timeout=1500,
                            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                                 "TROPICAL_JAX_PROFILE_CACHE": str(tmp_path / "profiles")})
     try:
         assert server.get("/health").status_code == 200
         log = "".join(server.lines)
+        for worker, count in steps.items():
+            assert f"worker {worker}: {count} step executables ready in" in log
         assert "ready in" in log and "executables compiled or loaded" in log and "memory mappings" in log
         r = server.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8})
         assert r.status_code == 200 and r.json()["choices"][0]["text"]

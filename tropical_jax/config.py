@@ -133,6 +133,12 @@ def context_room(prompt_len: int, max_model_len: int) -> int:
     return max_model_len - prompt_len
 
 
+BUCKET_SETS = ("auto", "fine", "coarse")
+# The coarse set's sizes besides the largest (bench/results/bucket_price.md measures what they cost).
+COARSE_SMALL_CHUNK = 64
+COARSE_MIDDLE_BATCH = 8
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one worker runs the model: cache geometry, the closed set of step shapes, numerics."""
@@ -144,13 +150,19 @@ class EngineConfig:
     max_num_seqs: int = option(32, "largest decode batch per worker", positive=True)
     max_chunk_tokens: int = option(256, "largest prefill chunk", positive=True)
     max_prefill_seqs: int = option(8, "prompts one prefill chunk may pack (each gets a sampled row)", positive=True)
+    bucket_set: str = option("auto", "the bucket sizes where --chunk-buckets, --batch-buckets or --context-buckets "
+                             "give none. fine: chunks doubling from 16, batches doubling from 1, contexts of 256, "
+                             "512, then steps of 1024 (123 step executables at the defaults: tight padding, minutes "
+                             "of warmup on a CPU). coarse: chunks of 64 and max-chunk-tokens, batches of 1, 8 and "
+                             "max-num-seqs, one context of max-model-len (11 executables: warmup in seconds, steps "
+                             "padded further; docs/startup.md has the price). auto: coarse on CPU, fine on GPU and "
+                             "TPU, where a compile is a one-off worth paying", choices=BUCKET_SETS)
     chunk_buckets: tuple[int, ...] | None = option(None, "prefill chunk buckets, e.g. 16,64,256",
-                                                   shown_default="doubling from 16 to max-chunk-tokens")
+                                                   shown_default="by --bucket-set")
     batch_buckets: tuple[int, ...] | None = option(None, "decode batch buckets, e.g. 1,8,32 (fewer: faster warmup)",
-                                                   shown_default="doubling from 1 to max-num-seqs")
+                                                   shown_default="by --bucket-set")
     # Attention reads (and the reference backend gathers) only up to the step's context bucket.
-    context_buckets: tuple[int, ...] | None = option(None, "context buckets in tokens",
-                                                     shown_default="256, 512, then steps of 1024 to max-model-len")
+    context_buckets: tuple[int, ...] | None = option(None, "context buckets in tokens", shown_default="by --bucket-set")
     mixed_steps: bool = True  # compile chunk x batch executables (needed for inline prefills)
     dtype: str = option("float32", "weights and KV cache", choices=("float32", "bfloat16"))
     attention_backend: str = option("reference", "attention implementation", choices=("reference", "pallas"))
@@ -166,6 +178,8 @@ class EngineConfig:
         for name in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens", "max_prefill_seqs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bucket_set not in BUCKET_SETS:
+            raise ValueError(f"bucket_set must be one of {BUCKET_SETS}, got {self.bucket_set!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.num_pages is not None and self.num_pages < self.pages_per_seq:
@@ -185,19 +199,49 @@ class EngineConfig:
     def total_pages(self) -> int:
         return self.num_pages if self.num_pages is not None else self.pages_per_seq * self.max_num_seqs
 
+    def for_platform(self, platform: str) -> "EngineConfig":
+        """This config with bucket_set "auto" settled for a worker on `platform` (JAX's name: cpu, gpu,
+        tpu): coarse on CPU, where each executable takes about a second to compile and warmup would
+        dominate startup; fine on accelerators. The engine calls it where it knows its devices."""
+        if self.bucket_set != "auto":
+            return self
+        return replace(self, bucket_set="coarse" if platform == "cpu" else "fine")
+
+    def _default_buckets(self, dimension: str) -> bool:
+        """Whether `dimension`'s sizes come from the coarse set (False: the fine one)."""
+        if self.bucket_set == "auto":
+            raise ValueError(f"bucket_set='auto' has no {dimension} sizes until the engine knows its platform: "
+                             f"use for_platform('cpu' | 'gpu' | 'tpu') (runtime.executor.resolve_buckets does), "
+                             f"or give bucket_set or {dimension}_buckets")
+        return self.bucket_set == "coarse"
+
     @property
     def chunk_sizes(self) -> tuple[int, ...]:
-        return tuple(self.chunk_buckets or make_buckets(self.max_chunk_tokens, min(16, self.max_chunk_tokens)))
+        if self.chunk_buckets:
+            return self.chunk_buckets
+        top = self.max_chunk_tokens
+        if self._default_buckets("chunk"):
+            return tuple(sorted({min(COARSE_SMALL_CHUNK, top), top}))
+        return make_buckets(top, min(16, top))
 
     @property
     def context_pages(self) -> tuple[int, ...]:
         """Block-table widths (pages) of the context buckets."""
-        tokens = self.context_buckets or make_buckets(self.max_model_len, min(256, self.max_model_len), 1024)
+        tokens = self.context_buckets
+        if not tokens:
+            coarse = self._default_buckets("context")
+            tokens = (self.max_model_len,) if coarse else make_buckets(self.max_model_len, min(256, self.max_model_len),
+                                                                       1024)
         return tuple(sorted({-(-min(t, self.max_model_len) // self.page_size) for t in tokens} | {self.pages_per_seq}))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        return tuple(self.batch_buckets or make_buckets(self.max_num_seqs, 1))
+        if self.batch_buckets:
+            return self.batch_buckets
+        top = self.max_num_seqs
+        if self._default_buckets("batch"):
+            return tuple(sorted({1, min(COARSE_MIDDLE_BATCH, top), top}))
+        return make_buckets(top, 1)
 
 
 BACKENDS = ("local", "ray")

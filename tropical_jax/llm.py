@@ -28,15 +28,15 @@ class LLM:
     def __init__(self, model=None, *, warmup: bool = True, progress: bool = True, **options):
         """model: a checkpoint directory (local Hugging Face safetensors or our orbax form; None: the
         embedded default model). options: the fields of config.EngineConfig (max_model_len, page_size,
-        num_pages, max_num_seqs, max_chunk_tokens, max_prefill_seqs, chunk/batch/context_buckets, dtype,
-        attention_backend, compilation_cache_dir) and config.ClusterConfig (cluster, policy, profile,
+        num_pages, max_num_seqs, max_chunk_tokens, max_prefill_seqs, bucket_set, chunk/batch/context_buckets,
+        dtype, attention_backend, compilation_cache_dir) and config.ClusterConfig (cluster, policy, profile,
         backend, ray_address, tensor_parallel, ttft_scale, tpot_slo_ms, queue_timeout), the same options
         `python -m tropical_jax.serve --help` lists. With no cluster one in-process worker (a "1C"
         cluster) runs; either way the shared scheduler decides every step under the policy."""
         engine_options, cluster_options = split_options(options, EngineConfig, ClusterConfig)
-        self.engine_config = EngineConfig(**engine_options)
         self.cluster_config = ClusterConfig(**cluster_options)
-        self.engine = build_engine(model, self.engine_config, self.cluster_config, warmup, progress)
+        self.engine = build_engine(model, EngineConfig(**engine_options), self.cluster_config, warmup, progress)
+        self.engine_config = self.engine.cfg  # bucket_set "auto" settled for the workers' platform
         self.tokenizer = self.engine.tokenizer
         self._ids = 0
 

@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-chunk-tokens", type=int, default=256)
+    ap.add_argument("--bucket-set", choices=["auto", "fine", "coarse"], default="auto",
+                    help="the engine's bucket sizes (auto: coarse on CPU, fine on GPU and TPU)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--attention-backend", choices=["reference", "pallas"], default="reference")
     ap.add_argument("--no-progress", action="store_true")
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
         # On a CPU host, emulate the devices the mesh needs (before JAX starts); other platforms ignore it.
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={tp}".strip()
     cfg = EngineConfig(max_model_len=a.max_model_len, page_size=a.page_size, num_pages=a.num_pages,
-                       max_num_seqs=a.max_num_seqs, max_chunk_tokens=a.max_chunk_tokens, dtype=a.dtype,
+                       max_num_seqs=a.max_num_seqs, max_chunk_tokens=a.max_chunk_tokens, bucket_set=a.bucket_set, dtype=a.dtype,
                        attention_backend=a.attention_backend)
     profile = measure(a.model, cfg, tp, progress=not a.no_progress)
     CostModel.from_json(profile)  # refuse to write a profile the scheduler could not use

@@ -104,11 +104,22 @@ class WorkerActor:
         return self.worker.profile(progress)
 
 
+def actor_platform(resources: dict) -> str:
+    """The JAX platform actor_options gives the actors of a Ray cluster with these resources."""
+    return "gpu" if resources.get("GPU", 0) > 0 else "tpu" if resources.get("TPU", 0) > 0 else "cpu"
+
+
+def workers_platform(address: str | None = None) -> str:
+    """The platform the workers' actors will run on (the driver's own devices may differ)."""
+    return actor_platform(connect(address).cluster_resources())
+
+
 def actor_options(tp: int, resources: dict, xla_flags: str | None = None) -> dict:
     """Ray options giving an actor the devices of a tp-way worker (see the module docstring)."""
-    if resources.get("GPU", 0) > 0:
+    platform = actor_platform(resources)
+    if platform == "gpu":
         return {"num_gpus": tp}
-    if resources.get("TPU", 0) > 0:
+    if platform == "tpu":
         return {"resources": {"TPU": tp}}
     flags = xla_flags if xla_flags is not None else os.environ.get("XLA_FLAGS", "")
     flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).split()

@@ -17,6 +17,7 @@ from ..cluster.profile_cache import cluster_profile
 from ..config import ClusterConfig, EngineConfig
 from ..model.loader import load_tokenizer, model_path, read_config
 from ..model.sharding import check_tensor_parallel
+from ..runtime.executor import resolve_buckets
 from ..sched.cost_model import CostModel
 from ..sched.config import PolicyConfig
 from .core import Engine
@@ -36,7 +37,14 @@ def engine_policy(policy: str | PolicyConfig, engine_cfg: EngineConfig) -> Polic
 
 def build_engine(model, cfg: EngineConfig, cluster: ClusterConfig = ClusterConfig(), warmup: bool = True,
                  progress: bool = True) -> Engine:
-    """model: a checkpoint directory (None: the embedded default model)."""
+    """model: a checkpoint directory (None: the embedded default model). The engine's config settles
+    bucket_set "auto" for the workers' platform; Engine.cfg holds the result."""
+    if cluster.backend == "ray":
+        from ..cluster.ray_backend import workers_platform
+
+        cfg = cfg.for_platform(workers_platform(cluster.ray_address))
+    else:
+        cfg = resolve_buckets(cfg)
     spec = cluster.spec()
     policy = engine_policy(cluster.policy_config(cfg.max_prefill_seqs), cfg)
     model_config = read_config(model)

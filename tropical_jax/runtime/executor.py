@@ -44,6 +44,12 @@ def enable_compilation_cache(directory: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def resolve_buckets(cfg: EngineConfig, platform: str | None = None) -> EngineConfig:
+    """cfg with bucket_set "auto" settled for `platform` (default: JAX's default backend, where this
+    process's workers run): the coarse set on CPU, the fine one on GPU and TPU."""
+    return cfg.for_platform(platform or jax.default_backend())
+
+
 def _bucket(sizes, n) -> int:
     i = bisect.bisect_left(sizes, n)
     if i == len(sizes):
@@ -53,6 +59,8 @@ def _bucket(sizes, n) -> int:
 
 class ModelExecutor:
     def __init__(self, model_cfg: ModelConfig, graphdef, params, engine_cfg: EngineConfig, mesh=None):
+        platform = mesh.devices.flat[0].platform if mesh is not None else None
+        engine_cfg = resolve_buckets(engine_cfg, platform)
         self.model_cfg, self.cfg, self.params = model_cfg, engine_cfg, params
         enable_compilation_cache(engine_cfg.compilation_cache_dir)
         self.chunk_sizes = engine_cfg.chunk_sizes
