@@ -3,7 +3,8 @@
     python -m bench.serve_startup [--setups default,1P1M] [--timeout 1800]
 
 For each setup (the default single worker; the 1P1M cluster under `planned` on two emulated CPU
-devices, both with the default buckets) the real server is started twice on a free loopback port:
+devices, both with the default buckets; default-fine: the single worker with the fine buckets the
+accelerators default to) the real server is started twice on a free loopback port:
 cold (empty compilation and profile caches, in a temporary directory) and warm (the same caches
 again). Measured from the spawn to the "(ready)" line, with the server's own report: executables
 compiled or loaded, per worker, and the memory mappings it holds. One completion checks that it
@@ -29,6 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETUPS = {
     "default": ([], {}),
     "1P1M": (["--cluster", "1P1M", "--policy", "planned"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
+    "default-fine": (["--bucket-set", "fine"], {}),  # the accelerators' buckets, on this CPU
 }
 READY = re.compile(r"ready in ([\d.]+) s: (\d+) executables compiled or loaded \((\d+) from the persistent "
                    r"compilation cache\)(?:; ([\d,]+) memory mappings of vm.max_map_count ([\d,]+))?")
@@ -67,20 +69,23 @@ def start_once(flags, env, caches: Path, timeout: float) -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| setup | start | ready (s) | executables (per worker) | from cache | memory mappings |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| setup | start | ready (s) | executables (per worker) | from cache | memory mappings | load |",
+            "|---|---|---|---|---|---|---|"]
     for setup, runs in result["runs"].items():
         for kind, r in runs.items():
             if not r["ready"]:
-                rows.append(f"| {setup} | {kind} | not ready (exit {r['exit_code']}) | | | |")
+                rows.append(f"| {setup} | {kind} | not ready (exit {r['exit_code']}) | | | | |")
                 continue
             per = ", ".join(f"{n} {w['step_executables']}" for n, w in r["workers"].items())
+            load = f"{r['load_average_before'][0]:.1f} -> {r['load_average_after'][0]:.1f}"
             rows.append(f"| {setup} | {kind} | {r['ready_s']} | {r['executables']} ({per}) | "
-                        f"{r['from_compilation_cache']} | {r['memory_mappings']:,} of {r['max_map_count']:,} |")
+                        f"{r['from_compilation_cache']} | {r['memory_mappings']:,} of {r['max_map_count']:,} | "
+                        f"{load} |")
     m = result["machine"]
     return "\n".join([f"    {result['command']}", "",
-                      f"Machine: {m['cpu']}, {m['cpus']} cores, vm.max_map_count {m['max_map_count']}; load "
-                      "averages before and after each run are in the JSON (other jobs make cold times noisy).", "",
+                      f"Machine: {m['cpu']}, {m['cpus']} cores, vm.max_map_count {m['max_map_count']}. Load: the "
+                      "1-minute load average before and after each start (other jobs make cold times noisy; the "
+                      "JSON has all three).", "",
                       *rows, "",
                       "Ready: from the spawn to the `(ready)` line. Executables: steps of every worker plus page "
                       "copies and small helpers, compiled or loaded from the persistent compilation cache "

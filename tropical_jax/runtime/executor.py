@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 STEP_KINDS = ("prefill", "decode", "mixed")
 # Compiling releases the GIL: warmup lowers on its own thread while these compile.
 COMPILE_THREADS = max(1, min(4, os.cpu_count() or 1))
-BUCKET_ADVICE = (" (fewer sizes in --batch-buckets, --chunk-buckets and --context-buckets, e.g. --batch-buckets "
-                 "1,8,32 --context-buckets 1024, or LLM(batch_buckets=..., chunk_buckets=..., context_buckets=...))")
+BUCKET_ADVICE = (" (--bucket-set coarse, or fewer sizes in --batch-buckets, --chunk-buckets and --context-buckets, "
+                 "e.g. --batch-buckets 1,8,32 --context-buckets 1024; LLM(bucket_set=..., batch_buckets=..., ...))")
 
 
 def enable_compilation_cache(directory: str | None) -> None:
