@@ -8,7 +8,7 @@ import pytest
 
 from test_cluster_engine import ENGINE, SP, make_setup, profile
 from tropical_jax import LLM
-from tropical_jax.cluster.ray_backend import actor_options, import_ray
+from tropical_jax.cluster.ray_backend import actor_options, actor_platform, import_ray
 
 
 # One decode bucket: three executables per worker (chunk, decode, mixed), so actors warm up fast.
@@ -44,6 +44,7 @@ def test_two_actors_give_the_single_worker_tokens(setup, llm):
     pids = {w["pid"] for w in where.values()}
     assert len(pids) == 2 and os.getpid() not in pids  # each worker in its own process
     assert all(len(w["devices"]) == 1 for w in where.values())
+    assert llm.engine_config.bucket_set == "coarse"  # a CPU-only Ray cluster's actors run on CPU
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SP)
     assert [o.token_ids for o in outs] == ref
     c = llm.engine.scheduler.counters
@@ -88,6 +89,8 @@ def test_actor_options_give_each_actor_its_devices():
         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=2"}
     assert actor_options(4, {"CPU": 8.0, "GPU": 8.0}) == {"num_gpus": 4}
     assert actor_options(4, {"CPU": 8.0, "TPU": 4.0}) == {"resources": {"TPU": 4}}
+    # The engine settles bucket_set "auto" by the platform the actors get, not the driver's.
+    assert [actor_platform(r) for r in ({"CPU": 2.0}, {"CPU": 8.0, "GPU": 8.0}, {"TPU": 4.0})] == ["cpu", "gpu", "tpu"]
 
 
 def test_clear_errors_without_ray_or_without_a_cluster(monkeypatch):

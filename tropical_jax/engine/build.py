@@ -39,18 +39,19 @@ def build_engine(model, cfg: EngineConfig, cluster: ClusterConfig = ClusterConfi
                  progress: bool = True) -> Engine:
     """model: a checkpoint directory (None: the embedded default model). The engine's config settles
     bucket_set "auto" for the workers' platform; Engine.cfg holds the result."""
-    if cluster.backend == "ray":
+    spec = cluster.spec()
+    policy = cluster.policy_config(cfg.max_prefill_seqs)
+    model_config = read_config(model)
+    model_config.check_context(cfg.max_model_len)
+    for w in spec.workers:
+        check_tensor_parallel(model_config, w.tp)
+    if cluster.backend == "ray":  # once the options are known to be good: this connects to Ray
         from ..cluster.ray_backend import workers_platform
 
         cfg = cfg.for_platform(workers_platform(cluster.ray_address))
     else:
         cfg = resolve_buckets(cfg)
-    spec = cluster.spec()
-    policy = engine_policy(cluster.policy_config(cfg.max_prefill_seqs), cfg)
-    model_config = read_config(model)
-    model_config.check_context(cfg.max_model_len)
-    for w in spec.workers:
-        check_tensor_parallel(model_config, w.tp)
+    policy = engine_policy(policy, cfg)
     tokenizer = load_tokenizer(model_path(model))
     dtype = jnp.dtype(cfg.dtype)
     if cluster.backend == "ray":
