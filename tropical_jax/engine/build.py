@@ -9,18 +9,21 @@ an M or D worker also times its own KV page copy.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
+import jax
 import jax.numpy as jnp
 
 from ..cluster.profile_cache import cluster_profile
 from ..config import ClusterConfig, EngineConfig
 from ..model.loader import load_tokenizer, model_path, read_config
 from ..model.sharding import check_tensor_parallel
-from ..runtime.executor import resolve_buckets
 from ..sched.cost_model import CostModel
 from ..sched.config import PolicyConfig
 from .core import Engine
+
+log = logging.getLogger(__name__)
 
 
 def engine_policy(policy: str | PolicyConfig, engine_cfg: EngineConfig) -> PolicyConfig:
@@ -48,9 +51,14 @@ def build_engine(model, cfg: EngineConfig, cluster: ClusterConfig = ClusterConfi
     if cluster.backend == "ray":  # once the options are known to be good: this connects to Ray
         from ..cluster.ray_backend import workers_platform
 
-        cfg = cfg.for_platform(workers_platform(cluster.ray_address))
+        platform = workers_platform(cluster.ray_address)
     else:
-        cfg = resolve_buckets(cfg)
+        platform = jax.default_backend()
+    chosen = "" if cfg.bucket_set != "auto" else f", auto on {platform}"
+    cfg = cfg.for_platform(platform)
+    log.info("step buckets: chunks %s, batches %s, contexts %s tokens (bucket set %s%s)",
+             ",".join(map(str, cfg.chunk_sizes)), ",".join(map(str, cfg.batch_sizes)),
+             ",".join(str(p * cfg.page_size) for p in cfg.context_pages), cfg.bucket_set, chosen)
     policy = engine_policy(policy, cfg)
     tokenizer = load_tokenizer(model_path(model))
     dtype = jnp.dtype(cfg.dtype)
