@@ -26,7 +26,7 @@ import math
 import sys
 from typing import Callable
 
-from tropical_jax.sched.monitor import Monitor, WorkerState, decode_ctx, local_key, slack
+from tropical_jax.sched.monitor import Monitor, WorkerState, local_key, min_slack
 from tropical_jax.sched.multiplex import PlanState, is_short, pick_chunk
 from tropical_jax.sched.plan import Chunk, StepPlan, packed_shape
 from tropical_jax.sched.request import Request
@@ -167,11 +167,9 @@ class Batcher:
             r = w.queue[0]
             if self._admit(w, r):
                 st = PlanState(t0=now, cap=self.mon.handoff_cap(w))
-                for d in decodes:
-                    st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
-                for d in w.incoming:  # they get their next token after this step at the earliest
-                    st.add_decode(slack(d, now), d.tpot_slo, decode_ctx(d))
-                st.num_decodes, st.decode_tokens = len(decodes), sum(decode_ctx(d) for d in decodes)
+                # In-transit decodes get their next token after this step at the earliest.
+                st.min_a = min_slack(decodes + w.incoming, now)
+                st.num_decodes, st.decode_tokens = len(decodes), sum([d.prompt_len + d.n_out for d in decodes])  # decode_ctx
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
                 head = self._chunk(r, c) if c else None
                 if head and head.last:  # other inlines that finish here may join it, decodes kept on time

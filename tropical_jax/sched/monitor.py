@@ -21,6 +21,16 @@ def slack(r: Request, now: float) -> float:
     return r.first_token_time + r.tpot_slo * r.n_out - now
 
 
+def min_slack(requests: list[Request], now: float) -> dict[float, float]:
+    """TPOT SLO -> the smallest slack at `now` of the requests with that SLO (PlanState.min_a)."""
+    out: dict[float, float] = {}
+    for r in requests:
+        a = slack(r, now)
+        if a < out.get(r.tpot_slo, math.inf):
+            out[r.tpot_slo] = a
+    return out
+
+
 def decode_ctx(r: Request) -> int:
     """KV tokens a decode step of r reads (the cached ones plus the token it feeds)."""
     return r.prompt_len + r.n_out
