@@ -153,7 +153,7 @@ class TropicalDispatcher:
                     out.append((p.min_slack_left, p.end, w.name, queued.position))
                     continue
                 why is not None and why.append(f"{w.name}: {p.reason}")
-            p = front.plan(r, deadline)
+            p = front.plan(r, deadline, explain=why is not None)
             if not p.ok:
                 why is not None and why.append(f"{w.name}: {p.reason}")
                 continue

@@ -263,7 +263,9 @@ class InlineFrontier:
         self.tokens_done.append(ctx + c)
         self.planned_time.append(self.planned_time[-1] + mon.cost.t_mixed(c, ctx, b.num_decodes, T) * sf)
 
-    def plan(self, r: Request, deadline: float = math.inf) -> InlinePlan:
+    def plan(self, r: Request, deadline: float = math.inf, explain: bool = True) -> InlinePlan:
+        """r's strict plan after the queued inlines, to end by `deadline`. explain=False: a plan that
+        will miss the deadline is given up as soon as that is sure (its end is then not computed)."""
         b = self.base
         if is_short(self.mon, r):  # no slack check: plan it directly
             st = b.copy()
@@ -272,6 +274,8 @@ class InlineFrontier:
         else:
             L = r.prefill_target
             while (not self.reach or self.reach[-1] < L) and not self.stuck:
+                if not explain and b.t0 + self.planned_time[-1] > deadline:  # its steps all end later still
+                    return InlinePlan(False, math.inf, -math.inf, len(self.reach), "plan ends after the deadline")
                 self._extend()
             if self.reach[-1] < L:
                 return InlinePlan(False, math.inf, -math.inf, len(self.reach),
