@@ -94,7 +94,8 @@ class TropicalDispatcher:
 
     def reads(self, r: Request, w: WorkerState) -> bool:
         """May deciding r read w's state? Rule 2 refuses a prompt over max_multiplex_tokens before it
-        reads an M worker; rule 1 reads every prefill worker."""
+        reads an M worker; rule 1 reads every prefill worker. Fast-forward (sched/fast_forward.py)
+        relies on this: a rule that starts reading another worker must say so here."""
         cap = self.mon.cfg.max_multiplex_tokens
         return not (w.role == "M" and cap is not None and r.prompt_len > cap)
 

@@ -50,6 +50,18 @@ def fresh(r: Request) -> Request:
                    r.prompt_token_ids)
 
 
+def _quiet_until(heap: list, arrival: float, strict: bool, prefill_workers: set[str]) -> float:
+    """Until when nothing can read or change a worker that only decodes (Scheduler.fast_forward): the
+    next arrival, transfer, timer, or prefill worker's step end (its prompt, that step's or a later
+    one's, is handed to a decoding worker); other workers' steps touch only their own worker. strict
+    (every step must be seen in order: recalibration, max_misses): the next event of any kind."""
+    until = arrival
+    for t, _, kind, payload in heap:
+        if t < until and (strict or kind != _STEP or payload[0] in prefill_workers):
+            until = t
+    return until
+
+
 def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: str | PolicyConfig,
              cost_model: CostModel, *, noise: float = 0.0, seed: int = 0, executor_cost: CostModel | None = None,
              kv_capacity_tokens: int | None = None, page_size: int = 16, transfer_failure_rate: float = 0.0,
@@ -151,14 +163,8 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                 observer("step_start", now, w, plan)
             end = ends[j]
             if fast and not plan.chunks and sched.quiet(w):
-                # Nothing may happen meanwhile that reads this worker: with every step recorded in order
-                # (recalibration, max_misses), no event at all, else none but other workers' steps
-                # (prefill workers' excepted: their prompts are handed to a decoding worker).
-                until = reqs[i].arrival if i < n else math.inf
-                for e in heap:
-                    if e[0] < until and (strict or e[2] != _STEP or e[3][0] in prefill_workers):
-                        until = e[0]
-                if strict:
+                until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers)
+                if strict:  # nor the other steps starting now, nor a request's TTFT turning missed
                     until = min([until, *ends[:j], *ends[j + 1:]] + ([deadlines[0][0]] if deadlines else []))
                 nxt, k = sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
                 if nxt is not plan:
