@@ -3,6 +3,7 @@ real/predicted ratio of recent steps (sched/recalibrate.py), hand-computed and i
 
 import math
 import random
+import statistics
 
 import pytest
 
@@ -28,6 +29,16 @@ def decode_plan(b=4, t=400):
 def mixed_plan():
     return StepPlan("M0", [Chunk(Request(9, 0.0, 300, 10), 0, 300, True, False)], [Request(0, 0.0, 100, 10)], 101,
                     0.0, 0.0)
+
+
+def test_median_of_the_window_as_statistics_computes_it():
+    rec = Recalibrator(COST, window=20)
+    rng = random.Random(0)
+    predicted = COST.t_decode(4, 400)
+    for i in range(300):  # repeats and a window that slides: the sorted copy must follow exactly
+        rec.observe_time("decode", predicted, predicted * rng.choice([0.5, 1.0, 1.0 + rng.random(), 3.0]))
+        assert rec.median("decode") == statistics.median(rec.ratios["decode"])
+    assert len(rec.ratios["decode"]) == 20
 
 
 def test_decode_factor_is_the_median_ratio_once_enough_steps_are_seen():

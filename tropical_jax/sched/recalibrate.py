@@ -14,7 +14,7 @@ thing, and the simulator's executor keeps its own model of what steps really tak
 
 from __future__ import annotations
 
-import statistics
+import bisect
 from collections import deque
 
 from tropical_jax.sched.cost_model import CostModel
@@ -31,6 +31,7 @@ class Recalibrator:
         # A profile without mixed steps derives them from chunks and decodes: they follow the decode factor.
         kinds = [k for k in RECALIBRATED if k != "mixed" or not profile.mixed_derived]
         self.ratios = {k: deque(maxlen=window) for k in kinds}
+        self._sorted = {k: [] for k in kinds}  # the same ratios in order, for the median of every step
         self.factors = {k: 1.0 for k in kinds}  # applied to the planning model now
 
     def observe(self, plan: StepPlan, real: float) -> CostModel | None:
@@ -43,11 +44,21 @@ class Recalibrator:
         seen = self.ratios.get(kind)
         if seen is None or predicted <= 0 or real <= 0:
             return None
+        ordered = self._sorted[kind]
+        if len(seen) == seen.maxlen:  # the oldest ratio leaves the window
+            del ordered[bisect.bisect_left(ordered, seen[0])]
         seen.append(real / predicted)
+        bisect.insort(ordered, seen[-1])
         if len(seen) < MIN_STEPS:
             return None
-        factor = statistics.median(seen)
+        factor = self.median(kind)
         if abs(factor / self.factors[kind] - 1) < REBUILD_DELTA:
             return None
         self.factors[kind] = factor
         return self.profile.scaled(self.factors)
+
+    def median(self, kind: str) -> float:
+        """statistics.median of the window's ratios (kept sorted: a median at every step is cheap)."""
+        ordered = self._sorted[kind]
+        n = len(ordered)
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
