@@ -204,7 +204,7 @@ class CostModel:
             if y < a + b:
                 return 0
             x = (-b + math.sqrt(b * b + 4 * a * y)) / (2 * a) if a > 0 else (y / b if b > 0 else limit)
-            n = int(min(limit, x))
+            n = limit if x >= limit else int(x)
             # The step's time at C minus the budget is (C - x)(a(C + x) + b) ms. Where that is far from 0
             # (beyond any rounding) its sign settles the comparison; only near a tie is t_mixed evaluated.
             tol = 1e-9 * (abs(y) + abs(c) + a * limit * limit + b * limit + 1.0)

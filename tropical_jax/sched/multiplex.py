@@ -77,7 +77,8 @@ def step_budget(min_a: dict[float, float], steps: int, elapsed: float, cap: floa
         v = a + steps * tp  # A_r + (next step - 1)·tpot
         if v < least:
             least = v
-    return min(cap, least - margin - elapsed)
+    least = least - margin - elapsed
+    return cap if cap < least else least
 
 
 def bucket_floor(buckets: tuple[int, ...], n: int) -> int:

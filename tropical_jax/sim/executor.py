@@ -57,8 +57,8 @@ class CostModelExecutor:
 
     def finished(self, plan: StepPlan) -> list[Request]:
         """Requests whose token from this step is their last (call before step_done updates n_out)."""
-        out = [r for r in plan.decodes if r.n_out + 1 >= (r.max_tokens if r.output_len is None  # stops(r), inlined
-                                                           else min(r.output_len, r.max_tokens))]
+        out = [r for r in plan.decodes  # stops(r), inlined: the hottest check of a simulated run
+               if r.n_out + 1 >= (r.max_tokens if r.output_len is None or r.output_len > r.max_tokens else r.output_len)]
         if plan.chunks:
             out += [c.request for c in plan.chunks if c.last and not c.recompute and self.stops(c.request)]
         return out
