@@ -29,6 +29,17 @@ def test_double_free_raises_and_changes_nothing():
     assert a.num_free == 3 and a.ref_count(p[1]) == 1
 
 
+@pytest.mark.parametrize("bad", [[0, 8], [1, -1], [2, 0, 2]])
+def test_bad_free_of_several_pages_raises_and_changes_nothing(bad):
+    a = PageAllocator(num_pages=8, page_size=8)
+    a.allocate(3)
+    with pytest.raises(ValueError, match="out of range|double free"):
+        a.free(bad)
+    assert a.num_free == 5 and [a.ref_count(p) for p in range(8)] == [1, 1, 1, 0, 0, 0, 0, 0]
+    a.free([2, 0, 1])
+    assert a.num_free == 8 and a.allocate(8) == [1, 0, 2, 3, 4, 5, 6, 7]  # freed pages first, last freed first
+
+
 def test_shared_pages_free_only_at_zero():
     a = PageAllocator(num_pages=4, page_size=8)
     p = a.allocate(1)

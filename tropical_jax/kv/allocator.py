@@ -62,8 +62,7 @@ class PageAllocator:
     def free(self, pages) -> None:
         pages = list(pages)
         refs = self._refs
-        if len(pages) > 1 and min(pages) >= 0 and max(pages) < self.num_pages \
-                and itemgetter(*pages)(refs).count(1) == len(pages) == len(set(pages)):
+        if len(pages) > 1 and min(pages) >= 0 and self._held_once(pages) and len(set(pages)) == len(pages):
             # The common case, checked in C: distinct pages each held once, all free again now.
             for p in pages:
                 refs[p] = 0
@@ -81,6 +80,13 @@ class PageAllocator:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
+
+    def _held_once(self, pages: list[int]) -> bool:
+        """Is every one of these pages (>= 0, at least two) held exactly once? False for one out of range."""
+        try:
+            return itemgetter(*pages)(self._refs).count(1) == len(pages)
+        except IndexError:
+            return False
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]
