@@ -38,7 +38,7 @@ class FastForward:
         with self._lock:
             w = self.mon.workers[worker]
             plan = w.busy
-            if plan is None or plan.chunks or w.queue or not self.quiet(worker) \
+            if plan is None or plan.chunks or w.queue or not self._quiet(worker) \
                     or plan.decodes != w.decoding[:self.mon.cfg.max_batch]:
                 return plan, 0
             if self._timer is not None:  # a waiting request turns late, or a queue timeout
@@ -67,23 +67,22 @@ class FastForward:
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
             return self.next_step(worker, ends[-1]), k
 
-    def quiet(self, worker: str) -> bool:
+    def _quiet(self, worker: str) -> bool:
         """Would the dispatch passes at the ends of `worker`'s decode steps do nothing until the next
         timer: no handoff or transfer to start (a landing is not yet an event the caller knows), no
         abort, and every request waiting for a place decided as before because what its decision
         reads stands still: not this worker (Dispatcher.reads), nor a prefill worker's state but
         through its own step's end, nor the planning model (no recalibration)?"""
-        with self._lock:
-            if self._aborting or self._transfers:
-                return False
-            prefill = self.mon.of_role("P")
-            if any(p.handoff for p in prefill):
-                return False
-            if not self.waiting:
-                return True
-            w = self.mon.workers[worker]
-            return self.recalibrator is None and all(p.busy is not None for p in prefill) \
-                and not any(self.dispatcher.reads(r, w) for _, r in self.waiting)
+        if self._aborting or self._transfers:
+            return False
+        prefill = self.mon.of_role("P")
+        if any(p.handoff for p in prefill):
+            return False
+        if not self.waiting:
+            return True
+        w = self.mon.workers[worker]
+        return self.recalibrator is None and all(p.busy is not None for p in prefill) \
+            and not any(self.dispatcher.reads(r, w) for _, r in self.waiting)
 
     @staticmethod
     def _decode_ends(plan: StepPlan, until: float, step_time: Callable[[int, int], float], most: int) -> list[float]:

@@ -162,7 +162,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             if observer is not None:
                 observer("step_start", now, w, plan)
             end = ends[j]
-            if fast and not plan.chunks and sched.quiet(w):
+            if fast and not plan.chunks:
                 until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers)
                 if strict:  # nor the other steps starting now, nor a request's TTFT turning missed
                     until = min([until, *ends[:j], *ends[j + 1:]] + ([deadlines[0][0]] if deadlines else []))
