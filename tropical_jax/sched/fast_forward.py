@@ -65,14 +65,16 @@ class FastForward:
                 t.num_tokens = max(t.num_tokens, r.prompt_len + r.n_out - 1)
             w.busy = None
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
-            return self.next_step(worker, ends[-1]), k
+            nxt = self.next_step(worker, ends[-1])
+            return nxt, k - (nxt is None)
 
     def _quiet(self, worker: str) -> bool:
         """Would the dispatch passes at the ends of `worker`'s decode steps do nothing until the next
         timer: no handoff or transfer to start (a landing is not yet an event the caller knows), no
-        abort, and every request waiting for a place decided as before because what its decision
-        reads stands still: not this worker (Dispatcher.reads), nor a prefill worker's state but
-        through its own step's end, nor the planning model (no recalibration)?"""
+        abort, and every request waiting for a place decided as at the last pass because what its
+        decision reads stands still: no worker but the prefill workers (Dispatcher.reads; the others
+        step meanwhile), whose steps were all in flight then and still are (their ends are events),
+        nor the planning model (no recalibration)?"""
         if self._aborting or self._transfers:
             return False
         prefill = self.mon.of_role("P")
@@ -80,9 +82,10 @@ class FastForward:
             return False
         if not self.waiting:
             return True
-        w = self.mon.workers[worker]
+        others = [w for w in self.mon.workers.values() if w.role != "P"]
         return self.recalibrator is None and all(p.busy is not None for p in prefill) \
-            and not any(self.dispatcher.reads(r, w) for _, r in self.waiting)
+            and self._passed == tuple(p.version for p in prefill) \
+            and not any(self.dispatcher.reads(r, w) for _, r in self.waiting for w in others)
 
     @staticmethod
     def _decode_ends(plan: StepPlan, until: float, step_time: Callable[[int, int], float], most: int) -> list[float]:

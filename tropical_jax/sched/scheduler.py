@@ -86,6 +86,7 @@ class Scheduler(RequestEndings, FastForward):
         self.decisions: list[DecisionRecord] | None = [] if record_decisions else None
         self._transfers: list[Transfer] = []
         self._timer: float | None = None
+        self._passed: tuple = ()  # prefill workers' versions at the end of the last dispatch pass (fast_forward)
         self._seq = 0
         self._waited: set[Request] = set()  # waiting requests already counted as 'waited'
         self._shed_at: list[tuple[float, int, Request]] = []  # shed: (when it may turn hopeless, seq, request)
@@ -375,3 +376,4 @@ class Scheduler(RequestEndings, FastForward):
             if starts:
                 timer = min(timer, min(starts) + self.cfg.queue_timeout)
         self._timer = timer if timer < math.inf else None
+        self._passed = tuple(p.version for p in self.mon.of_role("P"))  # what the waiting requests were decided on

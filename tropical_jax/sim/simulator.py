@@ -110,6 +110,14 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         from tqdm import tqdm
         bar = tqdm(total=n, desc=f"simulate {sched.cfg.policy} {sched.cluster}", unit="req", leave=False)
 
+    def forward(w: str, others: list[float]) -> tuple:
+        """Scheduler.fast_forward of w's decode-only step in flight, up to the next event that could
+        read w (strict: the next event of any kind, `others` (steps starting now) included)."""
+        until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers)
+        if strict:  # nor a request's TTFT turning missed
+            until = min([until, *others] + ([deadlines[0][0]] if deadlines else []))
+        return sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
+
     while True:
         t_next = heap[0][0] if heap else None
         if i < n and (t_next is None or reqs[i].arrival <= t_next):
@@ -128,6 +136,15 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             now = t
             if kind == _STEP:
                 w, plan = payload
+                if fast and not plan.chunks:  # it may have ended as one of a stretch with nothing else to do
+                    nxt, k = forward(w, [])
+                    if nxt is not plan:
+                        steps += k
+                        if nxt is not None:
+                            heapq.heappush(heap, (nxt.start + ex.step_time(nxt, False, sched.mon.cost), seq, _STEP,
+                                                  (w, nxt)))
+                            seq += 1
+                        continue
                 fin = ex.finished(plan)
                 sched.step_done(w, plan, now, fin)
                 if max_misses is not None:
@@ -163,10 +180,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                 observer("step_start", now, w, plan)
             end = ends[j]
             if fast and not plan.chunks:
-                until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers)
-                if strict:  # nor the other steps starting now, nor a request's TTFT turning missed
-                    until = min([until, *ends[:j], *ends[j + 1:]] + ([deadlines[0][0]] if deadlines else []))
-                nxt, k = sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
+                nxt, k = forward(w, ends[:j] + ends[j + 1:])
                 if nxt is not plan:
                     steps += k
                     plan = nxt
