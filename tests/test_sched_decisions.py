@@ -334,19 +334,53 @@ def test_m_step_chunk_is_largest_bucket_within_slack(slack, chunk):
     assert (plan.chunks[0].length if plan.chunks else None) == chunk
 
 
-@pytest.mark.parametrize("guard,pending,chunk", [(False, True, 1024), (True, False, 1024), (True, True, 128)])
-def test_handoff_guard_keeps_m_steps_short_while_a_prefill_is_pending(guard, pending, chunk):
-    # The pending request (1000 tokens, TPOT 100 ms) lands after a 2 ms copy (1 ms + 1 MB at 1 GB/s)
-    # and then needs its own 20 ms decode step: M steps may last 100 - 2 - 20 = 78 ms, i.e. a mixed
-    # step of 0.25 C + 20 <= 78 -> C <= 232 -> bucket 128. The decode's 5 s of slack allows 1024.
+@pytest.mark.parametrize("guard,pending,cap,chunk", [(False, 100, math.inf, 1024), (True, None, math.inf, 1024),
+                                                     (True, 100, 0.115, 256), (True, 4000, 1.12, 1024)])
+def test_handoff_guard_ends_the_step_a_handoff_lands_in_within_its_tpot(guard, pending, cap, chunk):
+    # P0 (idle) finishes the pending prompt at NOW + 0.25 L + 10 ms: 100 tokens -> 35 ms, landing after a
+    # 1.1 ms copy (1 ms + 100 kB at 1 GB/s), inside M0's next step. Its second token comes after that
+    # step, in a 20 ms decode step, due 100 ms after its first: the step must end by 35 + 100 - 20 =
+    # 115 ms -> 0.25 C + 20 <= 115 -> C <= 380 -> bucket 256. 4000 tokens (4 chunks, 1040 ms) land
+    # after any step M0 could run now: the limit is 1040 + 100 - 20 = 1120 ms and the decode's 5 s of
+    # slack allows 1024.
+    from tropical_jax.sched.step_limits import step_limits
     s = make("1P1M", handoff_guard=guard)
     decoding(s, "M0", slack=5)
     queued(s, "M0", req(2048))
     if pending:
-        queued(s, "P0", req(1000, tpot=0.1))
-    m = s.workers["M0"]
-    assert s.mon.handoff_cap(m) == (pytest.approx(0.078) if guard and pending else math.inf)
+        queued(s, "P0", req(pending, tpot=0.1))
+    limits = step_limits(s.mon, s.workers["M0"], NOW)
+    assert (math.inf if limits is None else limits.cap(NOW)) == pytest.approx(cap)
     assert s.next_step("M0", NOW).chunks[0].length == chunk
+
+
+@pytest.mark.parametrize("p_state,cap,chunk", [("idle", math.inf, 1024), ("long step", 0.08, 128),
+                                               ("ends soon, then idle", math.inf, 1024),
+                                               ("ends soon, then a queue", 0.13, 256)])
+def test_arrival_guard_keeps_a_worker_free_for_the_shortest_recent_wait(p_state, cap, chunk):
+    # A recent 40-token arrival with a 100 ms TTFT SLO (its prefill 20 ms) may wait 80 ms for a
+    # worker. While P0 runs a step past NOW + 80 ms, M0's step must end by then: 0.25 C + 20 <= 80 ->
+    # 128. If P0's step ends at NOW + 50 ms and P0 is then idle, P0 serves such an arrival in time;
+    # if a queue follows, P0 takes the short prompt at NOW + 50 ms (SJF) and M0 must end by 50 + 80 =
+    # 130 ms -> 256.
+    from tropical_jax.sched.step_limits import step_limits
+    s = make("1P1M", arrival_guard=True)
+    decoding(s, "M0", slack=5)
+    queued(s, "M0", req(2048))
+    s.mon.track(req(40, ttft_slo=0.1), next(_ids))
+    if p_state == "long step":
+        busy_until(s, "P0", NOW + 0.5)
+    elif p_state.startswith("ends soon"):
+        busy_until(s, "P0", NOW + 0.05)
+        if p_state.endswith("queue"):
+            queued(s, "P0", req(4000))
+    assert step_limits(s.mon, s.workers["M0"], NOW).cap(NOW) == pytest.approx(cap)
+    assert s.next_step("M0", NOW).chunks[0].length == chunk
+    # A long prompt's wait never limits a step: its first token waits for its own prefill's steps.
+    t = make("1P1M", arrival_guard=True)
+    t.mon.track(req(4000, ttft_slo=1.1), next(_ids))
+    busy_until(t, "P0", NOW + 0.5)
+    assert step_limits(t.mon, t.workers["M0"], NOW) is None  # no limit at all
 
 
 def test_p_worker_srpt_at_chunk_boundary():
@@ -599,3 +633,15 @@ def test_packing_knobs_are_checked():
     with pytest.raises(ValueError, match="max_prefill_seqs"):
         PolicyConfig(max_prefill_seqs=0)
     assert PolicyConfig.parse("chunked:max_prefill_seqs=4,max_pack_pages=64").max_pack_pages == 64
+
+
+def test_arrival_guard_never_refuses_the_smallest_chunk():
+    # A recent 40-token arrival with a 50 ms TTFT SLO may wait 30 ms: less than M0's smallest mixed step
+    # (128 tokens, 52 ms). With P0 busy for long, M0 still runs that smallest chunk (its decode's slack
+    # allows it): else the inline would wait for as long as P0 stays busy.
+    s = make("1P1M", arrival_guard=True)
+    decoding(s, "M0", slack=5)
+    queued(s, "M0", req(2048))
+    s.mon.track(req(40, ttft_slo=0.05), next(_ids))
+    busy_until(s, "P0", NOW + 0.5)
+    assert s.next_step("M0", NOW).chunks[0].length == 128

@@ -19,8 +19,10 @@ COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 0.1, "c0
 def test_planned_defaults_and_paper_policy_unchanged():
     planned = PolicyConfig.parse("planned")
     assert (planned.prefer, planned.max_multiplex_tokens, planned.shed, planned.protect_tokens) == ("finish", None, True, None)
+    assert (planned.handoff_guard, planned.arrival_guard, planned.decode_commit_watermark) == (True, True, 1.0)
     paper = PolicyConfig.parse("tropical")
     assert (paper.prefer, paper.max_multiplex_tokens, paper.shed, paper.protect_tokens) == ("prefill", 8192, False, 0)
+    assert (paper.handoff_guard, paper.arrival_guard, paper.decode_commit_watermark) == (False, False, None)
     assert PolicyConfig.parse("chunked:shed=true").shed is True
     with pytest.raises(ValueError, match="prefer must be"):
         PolicyConfig.parse("planned:prefer=soonest")
@@ -150,9 +152,10 @@ def test_finish_prefers_the_prefill_worker_when_its_first_token_comes_earlier():
 
 
 def lane(jump_tokens="2048", x_slo=5.0, j_slo=2.0):
-    """1M (inlines only): a 9k inline X queued on idle M0 at t=0, then a 1k prompt J."""
-    sched = Scheduler("1M", f"planned:chunk_buckets=256/1024/4096,jump_tokens={jump_tokens}", COST,
-                      record_decisions=True)
+    """1M (inlines only): a 9k inline X queued on idle M0 at t=0, then a 1k prompt J. The lane alone: with
+    the arrival guard, J's wait would also cap the steps of X's plan."""
+    sched = Scheduler("1M", f"planned:chunk_buckets=256/1024/4096,jump_tokens={jump_tokens},arrival_guard=false",
+                      COST, record_decisions=True)
     x = Request("X", 0.0, 9000, 4, ttft_slo=x_slo, output_len=4)
     sched.submit(x, 0.0)
     assert x.path == "inline" and sched.workers["M0"].queue == [x]
@@ -229,3 +232,47 @@ def test_planned_places_a_short_prompt_ahead_of_a_long_one_it_makes_late():
         short = Request(2, 0.0, 4000, 4, ttft_slo=2.5, output_len=4)
         sched.submit(short, 0.0)
         assert (short.prefill_worker == "P0") is placed, least
+
+
+def test_short_prompt_jumps_an_inline_already_started():
+    # X has run its first chunk (4096 tokens, 0.4196 s) when J arrives: J still goes first (a started
+    # inline resumes from its cached tokens, as on a P worker); X, replanned behind J, ends on time.
+    sched = Scheduler("1M", "planned:chunk_buckets=256/1024/4096", COST)
+    x = Request("X", 0.0, 9000, 4, ttft_slo=5.0, output_len=4)
+    sched.submit(x, 0.0)
+    plan = sched.next_step("M0", 0.0)
+    sched.step_done("M0", plan, plan.end)
+    assert x.prefilled == 4096
+    j = Request("J", plan.end, 1000, 4, ttft_slo=2.0, output_len=4)
+    sched.submit(j, plan.end)
+    assert j.jumped and sched.workers["M0"].queue == [j, x]
+    t = plan.end
+    while x.first_token_time is None:
+        plan = sched.next_step("M0", t)
+        t = plan.end
+        sched.step_done("M0", plan, t)
+    assert j.first_token_time < x.first_token_time <= x.deadline
+    assert j.first_token_time == pytest.approx(0.4196 + 0.11)  # its 1000 tokens right after X's chunk
+
+
+@pytest.mark.parametrize("held,placed", [(2, True), (3, False)])
+def test_decode_commit_watermark_places_only_what_the_decode_batch_can_carry(held, placed):
+    # Decode step 20 ms + 10 ms per request: a 100 ms TPOT carries 8. M0 decodes 5 and P0 holds `held`
+    # prompts that will decode there: a newcomer makes 8 (100 ms: placed) or 9 (110 ms: it waits, for
+    # both workers, where it costs itself alone instead of every member a late token).
+    from test_sched_decisions import NOW, decoding
+    cost = CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 0.1, "c0": 10.0},
+                                "decode": {"d0": 20.0, "d1": 10.0, "d2": 0.0}, "kv_bytes_per_token": 1,
+                                "transfer": {"bandwidth_GBps": 1000, "latency_ms": 0.0}, "kv_capacity_tokens": 10**7})
+    for knob, expect in (("", placed), (",decode_commit_watermark=none", True)):
+        sched = Scheduler("1P1M", "planned:safety_factor=1,shed=false" + knob, cost, record_decisions=True)
+        for _ in range(5):
+            decoding(sched, "M0", slack=5)
+        for i in range(held):
+            queued(sched, "P0", Request(f"Q{i}", NOW, 1000, 4, ttft_slo=5.0, output_len=4))
+        r = Request("N", NOW, 100, 4, ttft_slo=5.0, output_len=4)
+        sched.submit(r, NOW)
+        assert (r.path is not None) is expect, knob
+        if not expect:
+            reason = next(d.reason for d in sched.decisions if d.request == "N")
+            assert "no decode batch has room for it" in reason and "M0: no room in its decode batch" in reason

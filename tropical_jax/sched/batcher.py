@@ -30,6 +30,7 @@ from tropical_jax.sched.monitor import Monitor, WorkerState, local_key, min_slac
 from tropical_jax.sched.multiplex import PlanState, is_short, pick_chunk
 from tropical_jax.sched.plan import Chunk, StepPlan, packed_shape
 from tropical_jax.sched.request import Request
+from tropical_jax.sched.step_limits import step_limits
 
 
 class Batcher:
@@ -166,7 +167,7 @@ class Batcher:
         if w.queue:
             r = w.queue[0]
             if self._admit(w, r):
-                st = PlanState(t0=now, cap=self.mon.handoff_cap(w))
+                st = PlanState(t0=now, limits=step_limits(self.mon, w, now))
                 # In-transit decodes get their next token after this step at the earliest.
                 st.min_a = min_slack(decodes + w.incoming, now)
                 st.num_decodes, st.decode_tokens = len(decodes), sum([d.prompt_len + d.n_out for d in decodes])  # decode_ctx

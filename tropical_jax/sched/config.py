@@ -127,10 +127,21 @@ class PolicyConfig:
     queue_order: str = "sjf"
     # A request whose prefill has not started this long after arrival is rejected (HTTP 429). None: never.
     queue_timeout: float | None = None
-    # Keep every M step short enough that a request handed over from a P worker mid-step still gets
-    # its second token within its TPOT (Monitor.handoff_cap). False: only decodes already on (or in
-    # transit to) the M worker are protected, as the paper's rules have it.
-    handoff_guard: bool = False
+    # Keep each M step short enough that a request a P worker hands over during it still gets its second
+    # token within its TPOT; a step that ends before the next predicted handoff owes it nothing
+    # (docs/algorithm.md, Step limits). False: only decodes already on (or in transit to) the M worker
+    # are protected, as the paper's rules have it. Default: on for planned, off for every other policy.
+    handoff_guard: bool | None = None
+    # While no P worker will be free in time, keep each M step within the shortest first-token wait
+    # (TTFT SLO less its own prefill) among recent arrivals, so a short prompt arriving then still finds
+    # a worker free in time (docs/algorithm.md, Step limits). Default: on for planned, off for the rest.
+    arrival_guard: bool | None = None
+    # Rules 1 and 2 place a prompt only if the decode step of the batch it will join, counting every
+    # request already placed to decode there (queued prefills included), stays within this x its TPOT:
+    # past it every member of the batch misses its TPOT, where waiting (and being shed) costs the
+    # newcomer alone (docs/algorithm.md, Room in the decode batch). None: no check. Default: 1.0 for
+    # planned, None for every other policy.
+    decode_commit_watermark: float | None = _UNSET
     # Slack a decode must keep at each of its tokens during a planned inline (s).
     slack_margin: float = 0.0
     # How prefill (P) workers run a prompt: "bucket", in chunks of the largest chunk bucket, the queue
@@ -171,8 +182,11 @@ class PolicyConfig:
             object.__setattr__(self, "max_multiplex_tokens", None if planned else 8192)
         if self.jump_tokens == _UNSET:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
-        if self.shed is None:
-            object.__setattr__(self, "shed", planned)
+        for knob in ("shed", "handoff_guard", "arrival_guard"):
+            if getattr(self, knob) is None:
+                object.__setattr__(self, knob, planned)
+        if self.decode_commit_watermark == _UNSET:
+            object.__setattr__(self, "decode_commit_watermark", 1.0 if planned else None)
         if self.protect_tokens == _UNSET:
             object.__setattr__(self, "protect_tokens", None if planned else 0)
         if self.recalibrate_steps == _UNSET:
@@ -188,8 +202,8 @@ class PolicyConfig:
         object.__setattr__(self, "chunk_buckets", tuple(sorted(set(self.chunk_buckets))))
         if not 0 < self.memory_watermark <= 1:
             raise ValueError("memory_watermark is a fraction in (0, 1]")
-        if self.decode_latency_watermark <= 0 or self.safety_factor <= 0:
-            raise ValueError("decode_latency_watermark and safety_factor must be positive")
+        if self.decode_latency_watermark <= 0 or self.safety_factor <= 0 or (self.decode_commit_watermark or 1) <= 0:
+            raise ValueError("decode_latency_watermark, decode_commit_watermark and safety_factor must be positive")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError("token_budget must be positive")
         if self.queue_timeout is not None and self.queue_timeout < 0:
@@ -239,7 +253,7 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy", "chunk"):
         return v
-    if key in ("shed", "handoff_guard"):
+    if key in ("shed", "handoff_guard", "arrival_guard"):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")

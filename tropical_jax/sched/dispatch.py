@@ -64,17 +64,18 @@ class TropicalDispatcher:
     def __init__(self, mon: Monitor):
         self.mon = mon
         self._cache: dict[str, tuple[tuple, object]] = {}
+        self._committed: dict[str, tuple[tuple, int, int]] = {}  # per M/D worker: decode_room's batch
         self._now = None
 
     def begin_pass(self, now: float) -> None:
         self._now = now
 
     def _state_key(self, w: WorkerState) -> tuple:
-        # An idle worker's plans start now, so they also depend on the time; an M worker's on what
-        # the prefill workers will hand it (Monitor.handoff_cap).
+        # An idle worker's plans start now, so they also depend on the time; an M worker's on the
+        # prefill workers' state and recent arrivals (sched/step_limits.py).
         key = (w.version, self._now if w.busy is None else None)
-        if w.role == "M" and self.mon.cfg.handoff_guard:
-            key += tuple(p.version for p in self.mon.of_role("P"))
+        if w.role == "M" and (self.mon.cfg.handoff_guard or self.mon.cfg.arrival_guard):
+            key += (self.mon.shortest_wait(), *(p.version for p in self.mon.of_role("P")))
         return key
 
     def _pq(self, w: WorkerState) -> _PQueue:
@@ -94,10 +95,12 @@ class TropicalDispatcher:
 
     def reads(self, r: Request, w: WorkerState) -> bool:
         """May deciding r read w's state? Rule 2 refuses a prompt over max_multiplex_tokens before it
-        reads an M worker; rule 1 reads every prefill worker. Fast-forward (sched/fast_forward.py)
-        relies on this: a rule that starts reading another worker must say so here."""
-        cap = self.mon.cfg.max_multiplex_tokens
-        return not (w.role == "M" and cap is not None and r.prompt_len > cap)
+        reads an M worker, unless decode_commit_watermark has rule 1 read every M worker's batch;
+        rule 1 reads every prefill worker. Fast-forward (sched/fast_forward.py) relies on this: a rule
+        that starts reading another worker must say so here."""
+        cfg = self.mon.cfg
+        cap = cfg.max_multiplex_tokens
+        return not (w.role == "M" and cap is not None and r.prompt_len > cap and cfg.decode_commit_watermark is None)
 
     def late_at(self, r: Request) -> float:
         """From this time on no worker can serve r by its deadline: even an idle P worker is too late."""
@@ -105,6 +108,28 @@ class TropicalDispatcher:
 
     def is_late(self, r: Request, now: float) -> bool:
         return now >= self.late_at(r)
+
+    def decode_room(self, w: WorkerState, r: Request) -> bool:
+        """Would r's decode keep the step of w's batch within decode_commit_watermark x its TPOT, counting
+        every request placed to decode on w: its batch, its queued inlines, and its share of what the
+        prefill workers hold (the decodes that end meanwhile are not known, so not counted). An empty
+        batch always has room."""
+        mon = self.mon
+        x = mon.cfg.decode_commit_watermark
+        if x is None:
+            return True
+        key = (w.version, *(p.version for p in mon.of_role("P")))
+        hit = self._committed.get(w.name)
+        if hit is None or hit[0] != key:
+            pending = [q for p in mon.of_role("P") for q in (*p.queue, *p.handoff)]
+            share = 1 / len(mon.of_role("M", "D"))
+            n = len(w.decoding) + len(w.incoming) + len(w.queue) + share * len(pending)
+            tokens = w.decode_load() + sum(q.prompt_len for q in w.queue) + share * sum(q.prompt_len for q in pending)
+            hit = self._committed[w.name] = (key, round(n + 1), int(tokens + n + 1))
+        _, n, tokens = hit
+        if n == 1:  # an empty batch takes anyone: waiting would not make its step shorter
+            return True
+        return mon.cost.t_decode(n, tokens + r.prompt_len) * mon.cfg.safety_factor <= x * r.tpot_slo
 
     # ---------------- rule 1 ----------------
     def rule1(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str]]:
@@ -114,6 +139,9 @@ class TropicalDispatcher:
         key = local_key(mon, r, iso)
         x = iso * mon.cfg.safety_factor
         out = []
+        if not any(self.decode_room(m, r) for m in mon.of_role("M", "D")):
+            why is not None and why.append("no decode batch has room for it")
+            return out
         for w in mon.of_role("P"):
             q = self._pq(w)
             ok, finish = q.insert(key, x, late)
@@ -138,6 +166,9 @@ class TropicalDispatcher:
                 continue
             if not w.can_admit(L + 1, cfg.memory_watermark):
                 why is not None and why.append(f"{w.name}: KV memory over the {cfg.memory_watermark:.0%} watermark")
+                continue
+            if not self.decode_room(w, r):
+                why is not None and why.append(f"{w.name}: no room in its decode batch")
                 continue
             queued, front = self._mf(w)
             base = front.base

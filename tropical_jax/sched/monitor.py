@@ -8,12 +8,15 @@ request). Banked TPOT slack is a function of a request and the time (docs/algori
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from tropical_jax.kv.allocator import BlockTable, PageAllocator
 from tropical_jax.sched.config import PolicyConfig, WorkerSpec
 from tropical_jax.sched.cost_model import CostModel
 from tropical_jax.sched.plan import StepPlan
 from tropical_jax.sched.request import Request
+
+RECENT_ARRIVALS = 32  # how many latest arrivals say which first-token waits are likely
 
 
 def slack(r: Request, now: float) -> float:
@@ -123,6 +126,8 @@ class Monitor:
         # Per live request: submission order (deterministic tie-breaks) and isolated prefill time.
         self.seq: dict[Request, int] = {}
         self.iso: dict[Request, float] = {}
+        # First-token waits (TTFT SLO less isolated prefill) of the latest arrivals (sched/step_limits.py).
+        self.recent_waits: deque[float] = deque(maxlen=RECENT_ARRIVALS)
 
     def of_role(self, *roles: str) -> list[WorkerState]:
         got = self._by_roles.get(roles)
@@ -137,21 +142,6 @@ class Monitor:
         if w.role == "P" and self.cfg.chunk == "whole":
             return None
         return self.big_chunk
-
-    def handoff_cap(self, w: WorkerState) -> float:
-        """Longest step (s, safety factor included) an M worker may run while a prefill worker holds
-        requests that will hand their KV to it: one landing just after such a step starts gets its
-        second token only after that step, then one of its own, and both must fit in its TPOT after
-        the copy. inf when the guard is off, for other roles, or when no prefill is pending."""
-        if not self.cfg.handoff_guard or w.role != "M":
-            return math.inf
-        pending = [r for p in self.of_role("P") for r in (*p.queue, *p.handoff)]
-        if not pending:
-            return math.inf
-        longest = max(r.prompt_len for r in pending)
-        c = self.cost
-        own_step = c.t_decode(len(w.decoding) + len(w.incoming) + 1, w.decode_load() + longest + 1)
-        return min(r.tpot_slo for r in pending) - (c.t_transfer(longest) + own_step) * self.cfg.safety_factor
 
     def remaining_time(self, w: WorkerState, r: Request) -> float:
         """Predicted time (no safety factor) to finish r's prefill alone on w, after the chunk in flight."""
@@ -180,9 +170,17 @@ class Monitor:
         whole = self.cfg.chunk == "whole"
         return self.cost.t_prefill_chunked(r.prompt_len, r.prompt_len if whole else self.big_chunk)
 
+    def shortest_wait(self) -> float:
+        """The shortest first-token wait among the latest arrivals of one step's prompt (s, safety factor
+        included)."""
+        return min(self.recent_waits, default=math.inf)
+
     def track(self, r: Request, seq: int) -> None:
         self.seq[r] = seq
         self.iso[r] = self.isolated_prefill(r)
+        # Only prompts that prefill in one step count: a longer one waits for its own steps anyway.
+        one_step = r.prompt_len <= self.big_chunk
+        self.recent_waits.append(r.deadline - r.arrival - self.iso[r] * self.cfg.safety_factor if one_step else math.inf)
 
     def forget(self, r: Request) -> None:
         self.seq.pop(r, None)

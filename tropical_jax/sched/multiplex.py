@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, decode_ctx, slack
 from tropical_jax.sched.request import Request
+from tropical_jax.sched.step_limits import StepLimits, step_limits
 
 # A queued inline that fits no chunk plans a decode-only step (banking slack); after this many in a
 # row the estimate assumes the smallest chunk runs, so a plan always ends.
@@ -40,11 +41,15 @@ class PlanState:
     elapsed: float = 0.0          # planned time so far, S_j above (safety factor included)
     steps: int = 0                # steps planned so far, j above
     min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
-    cap: float = math.inf         # longest any one step may be (Monitor.handoff_cap)
+    limits: StepLimits | None = None  # how long a step may be, by when it starts (sched/step_limits.py)
 
     def copy(self) -> "PlanState":
         return PlanState(self.t0, self.num_decodes, self.decode_tokens, self.elapsed, self.steps, dict(self.min_a),
-                         self.cap)
+                         self.limits)
+
+    def cap(self, elapsed: float) -> float:
+        """Longest step starting `elapsed` seconds into the plan that the step limits allow."""
+        return math.inf if self.limits is None else self.limits.cap(self.t0 + elapsed)
 
     def add_decode(self, a: float, tpot: float, ctx: int) -> None:
         if a < self.min_a.get(tpot, math.inf):
@@ -54,7 +59,7 @@ class PlanState:
 
     def budget(self, margin: float) -> float:
         """Longest next step (s) that keeps every decode's token of that step on time (and the cap)."""
-        return step_budget(self.min_a, self.steps, self.elapsed, self.cap, margin)
+        return step_budget(self.min_a, self.steps, self.elapsed, self.cap(self.elapsed), margin)
 
     def min_slack_left(self) -> float:
         """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
@@ -81,6 +86,20 @@ def step_budget(min_a: dict[float, float], steps: int, elapsed: float, cap: floa
     return cap if cap < least else least
 
 
+def chunk_room(mon: Monitor, st: PlanState, steps: int, elapsed: float, ctx: int, decode_tokens: int) -> int:
+    """Largest chunk (tokens, at most the largest bucket) a step of plan st may carry when it starts
+    `elapsed` into the plan as its step number `steps` + 1: within the tightest decode's slack and the
+    step limits. The arrival guard never refuses the smallest bucket the rest allows, or an inline
+    could wait for as long as a P worker stays busy."""
+    cfg, cost, sf, top = mon.cfg, mon.cost, mon.cfg.safety_factor, mon.big_chunk
+    handoff, arrival = (math.inf, math.inf) if st.limits is None else st.limits.caps(st.t0 + elapsed)
+    budget = step_budget(st.min_a, steps, elapsed, handoff, cfg.slack_margin)
+    cmax = cost.max_chunk(ctx, st.num_decodes, decode_tokens, min(budget, arrival) / sf, top)
+    if cmax < cfg.chunk_buckets[0] and arrival < budget:
+        cmax = min(cfg.chunk_buckets[0], cost.max_chunk(ctx, st.num_decodes, decode_tokens, budget / sf, top))
+    return cmax
+
+
 def bucket_floor(buckets: tuple[int, ...], n: int) -> int:
     """Largest bucket <= n (0 if none)."""
     i = bisect.bisect_right(buckets, n)
@@ -95,11 +114,7 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
     cfg, cost = mon.cfg, mon.cost
     sf = cfg.safety_factor
     top = mon.big_chunk
-    if check_slack:
-        budget = step_budget(st.min_a, st.steps, st.elapsed, st.cap, cfg.slack_margin)
-        cmax = cost.max_chunk(ctx, st.num_decodes, st.decode_tokens, budget / sf, top)
-    else:
-        cmax = top
+    cmax = chunk_room(mon, st, st.steps, st.elapsed, ctx, st.decode_tokens) if check_slack else top
     c = remaining if remaining <= cmax else bucket_floor(cfg.chunk_buckets, cmax)
     if c == 0:
         return 0, 0.0
@@ -116,7 +131,7 @@ def start_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
 
     A prefill whose last chunk is in flight is still in w.queue; queued_state joins it to the batch.
     """
-    st = PlanState(t0=w.free_at(now, mon.cfg.safety_factor), cap=mon.handoff_cap(w))
+    st = PlanState(t0=w.free_at(now, mon.cfg.safety_factor), limits=step_limits(mon, w, now))
     in_flight = w.busy.decodes if w.busy is not None else ()
     in_step = {id(r) for r in in_flight}
     for r in w.decoding:
@@ -170,10 +185,11 @@ def join(st: PlanState, r: Request) -> None:
 
 
 def jump_position(w: WorkerState) -> int:
-    """Where a jumper joins w's queue: after recomputes, the inline already started, and earlier jumpers."""
+    """Where a jumper joins w's queue: after recomputes and earlier jumpers, ahead of the other inlines,
+    started ones too (a started inline resumes from its cached tokens, as on a P worker)."""
     k = 0
     for q in w.queue:
-        if not (q.recompute_len or q.prefilled or w.inflight_tokens(q) or q.jumped):
+        if not (q.recompute_len or q.jumped):
             break
         k += 1
     return k
@@ -192,7 +208,8 @@ class QueuedPlan:
         self.position = jump_position(w)
         st = start_state(mon, w, now)
         self.margin = math.inf
-        self.overtaken = w.queue[self.position:]  # none has started, so each plans from token 0
+        self.overtaken = w.queue[self.position:]
+        self.starts = [q.prefilled + w.inflight_tokens(q) for q in self.overtaken]
         self.on_time: list[bool] = []
         for i, q in enumerate(w.queue):
             if i == self.position:
@@ -219,8 +236,8 @@ class QueuedPlan:
         if end - (a.t0 + a.elapsed) > self.margin:
             return InlinePlan(False, end, left, steps, f"jump: delays a queued inline past its margin {self.margin:.3f} s")
         join(st, r)
-        for q, on_time in zip(self.overtaken, self.on_time):  # replanned behind r
-            plan_prefill(mon, st, q, 0, strict=False)
+        for q, start, on_time in zip(self.overtaken, self.starts, self.on_time):  # replanned behind r
+            plan_prefill(mon, st, q, start, strict=False)
             if on_time and st.t0 + st.elapsed > q.deadline:
                 return InlinePlan(False, end, left, steps, f"jump: queued inline {q.id} would turn late")
             join(st, q)
@@ -251,11 +268,10 @@ class InlineFrontier:
 
     def _extend(self) -> None:
         mon, b = self.mon, self.base
-        sf, top = mon.cfg.safety_factor, mon.big_chunk
+        sf = mon.cfg.safety_factor
         j = len(self.reach) + 1
         ctx, T = self.tokens_done[-1], b.decode_tokens + (j - 1) * b.num_decodes
-        budget = step_budget(b.min_a, b.steps + j - 1, self.planned_time[-1], b.cap, mon.cfg.slack_margin)
-        cmax = mon.cost.max_chunk(ctx, b.num_decodes, T, budget / sf, top)
+        cmax = chunk_room(mon, b, b.steps + j - 1, self.planned_time[-1], ctx, T)
         self.reach.append(max(ctx + cmax, self.reach[-1] if self.reach else 0))
         c = bucket_floor(mon.cfg.chunk_buckets, cmax)
         if c == 0:
