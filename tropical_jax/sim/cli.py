@@ -25,8 +25,6 @@ import math
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..sched.baselines import BASELINES, resolve
 from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
@@ -123,6 +121,8 @@ def cmd_run(args) -> dict:
 
 
 def cmd_goodput(args) -> dict:
+    from tqdm import tqdm  # here: a run needs no progress bar, and every run starts by importing this module
+
     cost = load_profile(args.profile)
     target = args.target
     results = {}
