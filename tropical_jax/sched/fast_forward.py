@@ -29,12 +29,13 @@ class FastForward:
         `until` and at most steps_left(batch) of them (the driver's count of steps before a request
         of the batch stops). step_time(B, T): a decode step's real duration (s).
 
-        The caller guarantees that nothing else happens before `until`, except other workers' steps
-        that touch neither this worker nor the dispatcher; with running recalibration (every
-        worker's steps feed one recalibrator, in order), nothing at all. Returns the step then in
-        flight (None: the worker turned idle) and how many steps were started; (the step in
-        flight, 0) when the dispatcher, a timer or shedding may act before it ends, or it is not
-        decodes only."""
+        The caller guarantees that nothing happens before `until` that reads this worker: no arrival,
+        transfer or prefill worker's step (it may hand a prompt over); other workers' steps may end
+        meanwhile, unless recalibration runs (every step feeds one recalibrator, in order). The step
+        in flight may end at the very time of the call (the caller's event for it, not yet done).
+        Returns the step then in flight (None: the worker turned idle) and how many steps were
+        started; (the step in flight, 0) when a dispatch pass, a timer or shedding may act before it
+        ends, or it is not decodes only."""
         with self._lock:
             w = self.mon.workers[worker]
             plan = w.busy
