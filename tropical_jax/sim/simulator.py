@@ -10,8 +10,10 @@ under several policies. Requests need `output_len` (else they run to max_tokens)
 `ttft_slo` is None gets policy.ttft_scale x cost_model.t_prefill(prompt_len).
 
 Events: arrivals, step ends, transfer ends, and scheduler timers (queue timeouts, requests turning
-late). After each event every idle worker is asked for its next step. A run that ends with requests
-neither finished nor rejected raises RuntimeError (a scheduler bug, never a silent loss).
+late). After each event every idle worker is asked for its next step. A worker that only decodes while
+nothing else can read it runs that stretch of steps in one call (Scheduler.fast_forward): the same
+results, far fewer events. A run that ends with requests neither finished nor rejected raises
+RuntimeError (a scheduler bug, never a silent loss).
 """
 
 from __future__ import annotations
