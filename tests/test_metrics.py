@@ -1,10 +1,13 @@
 """Metrics on hand-computed requests, the miss breakdown, and goodput by bisection."""
 
+import math
+
 import numpy as np
 import pytest
 
 from tropical_jax.sched.metrics import goodput, length_class, mean_sd, miss_breakdown, record, summarize
 from tropical_jax.sched.request import Request, RequestStatus
+from tropical_jax.sim.rate_pool import RatePool
 
 
 def done(i, arrival, first, last, n_out, prompt=100, ttft_slo=1.0, tpot_slo=0.1, scheduled=None, path="prefill"):
@@ -69,6 +72,29 @@ def test_goodput_bisection_finds_the_crossing_and_keeps_the_curve(crossing, lo, 
     assert rate <= crossing and rate == pytest.approx(crossing, rel=0.01)  # the bracket is widened both ways
     assert curve == sorted(curve) and len(curve) == len(set(calls)) >= 5
     assert all(a == pytest.approx(attainment(r)) for r, a in curve)
+
+
+def test_goodput_prefetch_announces_each_rate_and_the_next_ones_without_changing_the_search():
+    def attainment(r):
+        return max(0.0, 1 - 0.1 * r / 1.7)
+
+    hints = []
+    plain = goodput(attainment, lo=0.4, hi=1.0, target=0.9, rel_tol=0.01)
+    hinted = goodput(attainment, lo=0.4, hi=1.0, target=0.9, rel_tol=0.01, prefetch=hints.append)
+    assert hinted == plain
+    asked = [h[0] for h in hints]
+    assert sorted(asked) == [r for r, _ in plain[1]]  # each evaluated rate announced once, before it ran
+    # every rate asked after the first was announced, as a possible next one, with the rate before it
+    assert all(nxt in prev[1:] for prev, nxt in zip(hints, asked[1:]))
+
+
+def test_rate_pool_answers_like_the_function_in_worker_processes():
+    with RatePool(math.sqrt, jobs=2) as pool:
+        pool.prefetch([16.0, 9.0, 4.0])  # 16 is started, 9 while a worker is idle
+        assert pool(9.0) == 3.0 and pool(4.0) == 2.0 and pool(16.0) == 4.0
+    assert RatePool(math.sqrt)(25.0) == 5.0  # one job: called in this process
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        RatePool(math.sqrt, jobs=0)
 
 
 def test_goodput_zero_when_nothing_meets_the_target():

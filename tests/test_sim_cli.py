@@ -77,6 +77,16 @@ def test_goodput_early_stop_finds_the_same_goodput_and_marks_lower_bounds(capsys
     assert low and all(a < 0.9 and a <= true[r] for r, a in fast["curve"] if r in low)
 
 
+def test_goodput_with_worker_processes_gives_the_same_search(capsys):
+    args = ["goodput", *SMALL, "--num-requests", "80", "--seeds", "2", "--policies", "colocated", "--rate-lo", "0.5",
+            "--rate-hi", "1", "--early-stop", "--json"]
+    outs = []
+    for jobs in ("1", "2"):
+        assert main(args + ["--jobs", jobs]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0] == outs[1] and len(outs[0]["policies"]["colocated"]["curve"]) >= 4
+
+
 @pytest.mark.parametrize("args,message", [
     (["--workload", "nope", "--profile", "a100-llama2-70b-tp4"], "unknown workload 'nope'"),
     (["--workload", "azure-code", "--profile", "missing.json"], "no profile 'missing.json'"),

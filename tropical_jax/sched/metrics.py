@@ -85,29 +85,35 @@ def summarize(requests: Iterable[Request]) -> dict:
 
 
 def goodput(attainment_at: Callable[[float], float], *, lo: float, hi: float, target: float = 0.9,
-            rel_tol: float = 0.02, max_iter: int = 20, progress: Callable[[float, float], None] | None = None):
+            rel_tol: float = 0.02, max_iter: int = 20, progress: Callable[[float, float], None] | None = None,
+            prefetch: Callable[[list[float]], None] | None = None):
     """Highest rate in [lo, hi] with attainment_at(rate) >= target, by bisection.
 
     The bracket is widened first (hi doubled while it still meets the target, lo halved while it
     misses). Returns (goodput, curve) with curve = sorted [[rate, attainment], ...] of every
-    point evaluated; goodput is 0.0 when even the lowest rate tried misses the target."""
+    point evaluated; goodput is 0.0 when even the lowest rate tried misses the target.
+    `prefetch`, if given, is told before each evaluation the rate about to be asked for and then the
+    rates the search asks for next on either outcome (the likelier first), so an evaluator with
+    spare workers can start them; the search and its answer do not depend on it."""
     curve: dict[float, float] = {}
 
-    def at(rate):
+    def at(rate, *after):
         if rate not in curve:
+            if prefetch is not None:
+                prefetch([rate, *after])
             curve[rate] = attainment_at(rate)
             if progress is not None:
                 progress(rate, curve[rate])
         return curve[rate]
 
     for _ in range(max_iter):
-        if at(hi) < target:
+        if at(hi, lo, (lo + hi) / 2, hi * 2) < target:  # lo may be known already: then the midpoint
             break
         lo, hi = hi, hi * 2
     else:
         return hi, sorted(map(list, curve.items()))
     floor = lo / 1024
-    while at(lo) < target:
+    while at(lo, lo / 2, (lo + hi) / 2) < target:
         if lo <= floor:
             return 0.0, sorted(map(list, curve.items()))
         lo, hi = lo / 2, lo
@@ -115,7 +121,7 @@ def goodput(attainment_at: Callable[[float], float], *, lo: float, hi: float, ta
         if hi - lo <= rel_tol * lo:
             break
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if at(mid) >= target else (lo, mid)
+        lo, hi = (mid, hi) if at(mid, (mid + hi) / 2, (lo + mid) / 2) >= target else (lo, mid)
     return lo, sorted(map(list, curve.items()))
 
 

@@ -5,7 +5,7 @@
     bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, docs/algorithm.md)
     goodput --workload W --profile P --policies planned,baselines
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
-            [--early-stop]
+            [--early-stop] [--jobs N]
     every command: [--shed | --no-shed] for all policies in the call alike
 
 Policies: tropical, planned, colocated, chunked, disaggregated with knobs after a colon, or a named
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
 from ..sched.metrics import goodput, mean_sd, miss_breakdown, record, summarize
+from .rate_pool import RatePool
 from .simulator import simulate
 from .workloads import ARRIVALS, make_requests
 
@@ -120,38 +123,51 @@ def cmd_run(args) -> dict:
             "sim_wall_s": round(res.wall_s, 3)}
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_profile(name: str) -> CostModel:
+    return load_profile(name)  # once per process: goodput's rates may run in worker processes
+
+
+def rate_attainment(args, policy_text, cluster, budget, rate) -> tuple[float, int, bool]:
+    """(mean attainment over the seeds, runs, whether a run stopped early) at one rate. --early-stop
+    ends a rate's runs once the seeds together have certainly missed the target (more misses than
+    `budget`): the search is the same, but the curve then holds only a lower bound of the attainment
+    there. The budget is shared across seeds, since one seed below the target does not put their mean
+    below it."""
+    cost = _cached_profile(args.profile)
+    values, missed, stopped = [], 0, False
+    for s in range(args.seeds):
+        res = run_once(args, policy_text, cluster, rate, args.seed + s, cost,
+                       max_misses=max(0, budget - missed) if args.early_stop else None)
+        values.append(summarize(res.requests)["attainment"])
+        missed += sum(not r.attained for r in res.requests)
+        stopped |= res.stopped_early
+    return mean_sd(values)[0], len(values), stopped
+
+
 def cmd_goodput(args) -> dict:
     from tqdm import tqdm  # here: a run needs no progress bar, and every run starts by importing this module
 
-    cost = load_profile(args.profile)
     target = args.target
+    budget = math.floor(round((1 - target) * args.num_requests * args.seeds, 6))  # (1 - 0.9) * 240 = 23.99..
     results = {}
     for text in split_policies(args.policies):
         cluster = cluster_for(text, args.cluster)
         bar = tqdm(desc=f"goodput {text} on {cluster}", unit="run", disable=args.json, leave=False)
-        # --early-stop ends a rate's runs once the seeds together have certainly missed the target (more
-        # misses than (1 - target) of all their requests): the search is the same, but the curve then
-        # holds only a lower bound of the attainment at those rates (listed apart). The budget is shared
-        # across seeds, since one seed below the target does not put their mean below it.
-        budget = math.floor(round((1 - target) * args.num_requests * args.seeds, 6))  # (1 - 0.9) * 240 = 23.99..
         stopped: list[float] = []
 
         def attainment(rate):
-            values, missed = [], 0
-            for s in range(args.seeds):
-                res = run_once(args, text, cluster, rate, args.seed + s, cost,
-                               max_misses=max(0, budget - missed) if args.early_stop else None)
-                values.append(summarize(res.requests)["attainment"])
-                missed += sum(not r.attained for r in res.requests)
-                if res.stopped_early and rate not in stopped:
-                    stopped.append(rate)
-                bar.update()
-            return mean_sd(values)[0]
+            value, runs, stopped_early = pool(rate)
+            if stopped_early:
+                stopped.append(rate)
+            bar.update(runs)
+            return value
 
-        rate, curve = goodput(attainment, lo=args.rate_lo, hi=args.rate_hi, target=target,
-                              progress=lambda r, a: bar.set_postfix(rate=f"{r:.3f}", attainment=f"{a:.3f}"))
+        with RatePool(functools.partial(rate_attainment, args, text, cluster, budget), args.jobs) as pool:
+            rate, curve = goodput(attainment, lo=args.rate_lo, hi=args.rate_hi, target=target, prefetch=pool.prefetch,
+                                  progress=lambda r, a: bar.set_postfix(rate=f"{r:.3f}", attainment=f"{a:.3f}"))
         bar.close()
-        bound = bound_for(args, cluster, cost)["bound_rps"]
+        bound = bound_for(args, cluster, _cached_profile(args.profile))["bound_rps"]
         results[text] = {"cluster": cluster, "goodput": rate, "fraction_of_bound": rate / bound, "bound_rps": bound,
                          "curve": curve}
         if args.early_stop:
@@ -242,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", metavar="FILE.png", help="attainment against rate, with the target line")
     g.add_argument("--early-stop", action="store_true",
                    help="stop runs that certainly miss the target (faster; the curve is then a lower bound there)")
+    g.add_argument("--jobs", type=int, default=min(3, os.cpu_count() or 1),
+                   help="processes: beside the rate the search asks for, run the rates it asks for next on either "
+                        "outcome (same points and answer as one process, less wall time; default: the CPUs, at "
+                        "most 3)")
     return p
 
 
