@@ -3,13 +3,16 @@
     python -m bench.bucket_price [--reps 15] [--rounds 3]
 
 A step is padded to its buckets: a decode batch of 3 runs as one of 8 under the coarse set (4 under the
-fine), a 40-token prompt as a chunk of 256 (64), and attention gathers the whole context bucket. For
-each workload below, every bucket set's steps are timed on the embedded default model with the engine's
-defaults (max-model-len 1024, max-num-seqs 32, max-chunk-tokens 256): the steps the set pads the
-workload to, each with every row live (runtime.executor.full_inputs; padding rows cost what live ones
-do), median of --reps calls, the fastest of --rounds rounds that alternate the sets (so a drift of the
-machine's speed reaches all of them). Beside that, each set's step executables and what compiling
-them costs here (the median compile of the steps timed, times their number). Prints the JSON and writes
+fine), a 100-token prompt as a chunk of 256 (128), and every step compiles for the one 1024-token
+context bucket (256, 512 or 1024). For each workload below, every bucket set's steps are timed on the
+embedded default model with the engine's defaults (max-model-len 1024, max-num-seqs 32,
+max-chunk-tokens 256): the steps the set pads the workload to, every decode row live
+(runtime.executor.full_inputs: a padding row costs what a live one does) and the chunk holding the
+prompt's tokens where they sit in the sequence, padding after them (attention reads the context the
+chunk's tokens see, not the whole bucket), median of --reps calls, the fastest of --rounds rounds that
+alternate the sets (so a drift of the machine's speed reaches all of them). Beside that, each set's
+step executables and what compiling them costs here (the median compile of the steps timed, times their
+number). Prints the JSON and writes
 bench/results/bucket_price.{json,md}.
 """
 
@@ -45,21 +48,33 @@ def label(prompt: int, rows: int, context: int) -> str:
     return " + ".join(parts + ([f"decode {rows} x {context} tokens"] if rows else []))
 
 
-def steps_of(cfg, prompt: int, rows: int, context: int) -> list[tuple[int, int, int, int | None]]:
-    """The (chunk bucket, batch bucket, context pages, decode tokens) steps `cfg` pads a workload to."""
+def steps_of(cfg, prompt: int, rows: int, context: int) -> list[tuple]:
+    """The (chunk bucket, batch bucket, context pages, decode tokens, chunk start, chunk tokens) steps
+    `cfg` pads a workload to."""
     from tropical_jax.runtime.executor import _bucket
 
     pages = lambda tokens: _bucket(cfg.context_pages, -(-tokens // cfg.page_size))  # noqa: E731
     batch = _bucket(cfg.batch_sizes, rows) if rows else 0
     if not prompt:
-        return [(0, batch, pages(context), context)]
+        return [(0, batch, pages(context), context, 0, 0)]
     if rows:
-        return [(_bucket(cfg.chunk_sizes, prompt), batch, pages(max(prompt, context)), context)]
+        return [(_bucket(cfg.chunk_sizes, prompt), batch, pages(max(prompt, context)), context, 0, prompt)]
     top, out = cfg.chunk_sizes[-1], []
     for start in range(0, prompt, top):
         length = min(top, prompt - start)
-        out.append((_bucket(cfg.chunk_sizes, length), 0, pages(start + length), None))
+        out.append((_bucket(cfg.chunk_sizes, length), 0, pages(start + length), None, start, length))
     return out
+
+
+def run_step(ex, c, b, p, decode_tokens, chunk_start, chunk_tokens):
+    """One step: decode rows as executor.full_inputs makes them, the chunk's first segment holding
+    `chunk_tokens` tokens from `chunk_start` on."""
+    from tropical_jax.runtime.executor import full_inputs
+
+    inputs = full_inputs(ex.cfg, c, b, p, decode_tokens)
+    if c:
+        inputs.batch.chunk_starts[0], inputs.batch.chunk_lens[0] = chunk_start, chunk_tokens
+    return ex.execute(inputs)
 
 
 def main(argv=None) -> int:
@@ -85,12 +100,12 @@ def main(argv=None) -> int:
     compile_s = {}
     for s in steps:
         start = time.perf_counter()
-        ex.time_step(*s)
+        run_step(ex, *s)
         compile_s[s] = time.perf_counter() - start
     best = {s: float("inf") for s in steps}
     for _ in range(a.rounds):
         for s in steps:
-            best[s] = min(best[s], median_ms(lambda: ex.time_step(*s), a.reps))
+            best[s] = min(best[s], median_ms(lambda: run_step(ex, *s), a.reps))
     per_compile = statistics.median(compile_s.values())
     result = {
         "command": "python -m bench.bucket_price" + (f" --reps {a.reps}" if a.reps != 15 else "")

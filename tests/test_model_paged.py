@@ -13,9 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from model_helpers import PagedRunner, save_tiny_hf
 from tropical_jax.config import ModelConfig
-from tropical_jax.model.attention import _attend, decode_attention
+from tropical_jax.model import attention
+from tropical_jax.model.attention import decode_attention
 from tropical_jax.model.loader import DEFAULT_CHECKPOINT, load_model
 from tropical_jax.model.sharding import make_mesh
+from tropical_jax.model.step_batch import StepBatch
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,18 @@ def test_packed_chunk_equals_each_prompt_alone(tiny, backend):
     np.testing.assert_allclose(got_dec, want_dec, atol=1e-5)
 
 
+def dense_attention(q, keys, values, mask):
+    """The reference: one softmax over all the keys. q [N, q_len, H, D], keys/values [N, K, kvh, D],
+    mask [N, q_len, K] -> [N, q_len, H, D]; rows with no visible key give zeros."""
+    n, q_len, heads, dim = q.shape
+    kvh = keys.shape[2]
+    qg = q.reshape(n, q_len, kvh, heads // kvh, dim)
+    scores = jnp.einsum("nqhgd,nkhd->nhgqk", qg, keys) / jnp.sqrt(jnp.float32(dim))
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jnp.where(mask[:, None, None], jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("nhgqk,nkhd->nqhgd", probs, values).reshape(n, q_len, heads, dim)
+
+
 def test_paged_attention_equals_dense_softmax():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 6, 4, 8)).astype(np.float32)
@@ -80,7 +94,7 @@ def test_paged_attention_equals_dense_softmax():
     v = rng.standard_normal((1, 10, 2, 8)).astype(np.float32)
     pos = np.arange(4, 10)
     mask = np.arange(10)[None, :] <= pos[:, None]
-    got = np.asarray(_attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask[None])))[0]
+    got = np.asarray(dense_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask[None])))[0]
     kk, vv = np.repeat(k[0], 2, axis=1), np.repeat(v[0], 2, axis=1)  # GQA: head h uses kv head h // 2
     s = np.einsum("qhd,khd->hqk", q[0], kk) / np.sqrt(8)
     s = np.where(mask[None], s, -np.inf)
@@ -104,9 +118,55 @@ def test_blocked_decode_attention_equals_one_softmax_over_scattered_pages():
     keys = k_pool[tables].reshape(rows, -1, kvh, dim)
     values = v_pool[tables].reshape(rows, -1, kvh, dim)
     mask = np.arange(keys.shape[1])[None, :] < lengths[:, None]
-    want = np.asarray(_attend(jnp.asarray(q[:, None]), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask[:, None])))
+    want = np.asarray(dense_attention(jnp.asarray(q[:, None]), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask[:, None])))
     np.testing.assert_allclose(got, want[:, 0], atol=1e-5)
     assert not got[-1].any()  # the padding row attends to nothing
+
+
+@pytest.mark.parametrize("chunk, segments", [
+    (16, [(0, 5)]),  # a short prompt, most rows padding, in a context bucket 8x its pages
+    (32, [(7, 9), (0, 0), (0, 13), (30, 1)]),  # packed, an empty slot between, cached context before some
+    (100, [(0, 70), (45, 20)]),  # row blocks of 64 that end inside a segment and past the chunk
+    (64, [(90, 64)]),  # a long context, near the whole bucket: several blocks of keys
+    (16, []),  # no segment at all
+])
+@pytest.mark.parametrize("blocks", [None, (8, 4)])  # the defaults; (rows, keys) blocks of 8 rows and one page
+def test_blocked_chunk_attention_equals_one_softmax_over_each_segments_context(chunk, segments, blocks, monkeypatch):
+    """Each chunk row sees its own sequence's tokens up to its position, through that sequence's block
+    table, and nothing else: against a dense softmax over the segment's whole table. Pool slots no
+    segment wrote hold NaN (stale memory), which must never reach a live row."""
+    if blocks:
+        monkeypatch.setattr(attention, "CHUNK_ROW_BLOCK", blocks[0])
+        monkeypatch.setattr(attention, "CHUNK_KEY_BLOCK_TOKENS", blocks[1])
+    rng = np.random.default_rng(3)
+    page_size, pages_per_seq, slots, heads, kvh, dim = 4, 40, 4, 4, 2, 8
+    k_pool = rng.standard_normal((300, page_size, kvh, dim)).astype(np.float32)
+    v_pool = rng.standard_normal((300, page_size, kvh, dim)).astype(np.float32)
+    tables = rng.permutation(300)[:slots * pages_per_seq].reshape(slots, pages_per_seq).astype(np.int32)
+    starts, lens = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+    starts[:len(segments)], lens[:len(segments)] = np.array(segments, np.int32).reshape(-1, 2).T
+    written = np.zeros(k_pool.shape[:2], bool)
+    for table, end in zip(tables, starts + lens):
+        written.reshape(-1)[(table[:, None] * page_size + np.arange(page_size)).reshape(-1)[:end]] = True
+    stale_k, stale_v = (np.where(written[..., None, None], pool, np.nan) for pool in (k_pool, v_pool))
+    q = rng.standard_normal((chunk, heads, dim)).astype(np.float32)
+    batch = StepBatch(chunk_tokens=np.zeros(chunk, np.int32), chunk_starts=starts, chunk_lens=lens,
+                      chunk_block_tables=tables, dec_tokens=np.zeros(1, np.int32), dec_positions=np.zeros(1, np.int32),
+                      dec_block_tables=np.zeros((1, pages_per_seq), np.int32), dec_mask=np.zeros(1, bool))
+    got = np.asarray(jax.jit(lambda *a: attention.chunk_attention(*a))(  # traced anew: under these blocks
+        jnp.asarray(q), jnp.asarray(stale_k), jnp.asarray(stale_v), batch))
+    want = np.zeros_like(q)
+    row = 0
+    for table, start, length in zip(tables, starts, lens):
+        keys = k_pool[table].reshape(1, -1, kvh, dim)  # the segment's whole table: 160 keys
+        values = v_pool[table].reshape(1, -1, kvh, dim)
+        positions = start + np.arange(length)
+        mask = np.arange(keys.shape[1])[None, :] <= positions[:, None]
+        want[row:row + length] = np.asarray(dense_attention(jnp.asarray(q[None, row:row + length]), jnp.asarray(keys),
+                                                            jnp.asarray(values), jnp.asarray(mask[None])))[0]
+        row += length
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not got[row:].any()  # padding rows attend to nothing
 
 
 @pytest.mark.slow

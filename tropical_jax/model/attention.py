@@ -1,11 +1,14 @@
 """Paged attention for one step (a prefill chunk and a decode batch), with a backend switch.
 
-The reference backend is plain jnp. The chunk gathers its segments' pages and runs a masked softmax. The
-decode batch walks its pages a block at a time with an online softmax, stopping after the longest
-sequence of the batch: a step reads the context it has, not the whole context bucket, and each
-block's gathered keys stay in cache (at batch 32 on CPU, 3x faster than one softmax over the
-bucket). The "pallas" backend hands the whole step to the kernels in `pallas_kernels` (which also
-write K/V).
+The reference backend is plain jnp, and both of its parts walk the pages they read a block at a time
+with an online softmax, stopping at the last page in use: a step reads the context it has, not the
+whole context bucket, and each block's gathered keys stay in cache. The decode batch stops after its
+longest sequence (at batch 32 on CPU, 3x faster than one softmax over the bucket). The chunk's
+segments read their pages back to back, and each block of query rows walks only the pages its rows
+can see, so padding rows and other segments' pages cost nothing (a prompt's prefill on the CPU's
+coarse buckets, one 1024-token context, 2-3x faster than one masked softmax over the bucket:
+bench/results/bucket_price.md). The "pallas" backend hands the whole step to the kernels in
+`pallas_kernels` (which also write K/V).
 """
 
 from __future__ import annotations
@@ -27,19 +30,6 @@ def write_kv(k_pool, v_pool, k, v, batch: StepBatch):
     one-token scatter into the flat view into a dynamic-update-slice plus a copy of the whole pool
     (192 vs 6 ms a decode step at batch 1 with 2048 pages)."""
     return write_kv_reference(k_pool, v_pool, k, v, step_slots(batch, k_pool.shape[1]))
-
-
-def _attend(q, keys, values, mask):
-    """q [N, q_len, H, D], keys/values [N, K, kvh, D], mask [N, q_len, K] -> [N, q_len, H, D]."""
-    n, q_len, heads, dim = q.shape
-    kvh = keys.shape[2]
-    qg = q.reshape(n, q_len, kvh, heads // kvh, dim).astype(jnp.float32)
-    scores = jnp.einsum("nqhgd,nkhd->nhgqk", qg, keys.astype(jnp.float32)) / jnp.sqrt(jnp.float32(dim))
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key give zeros, not NaN
-    out = jnp.einsum("nhgqk,nkhd->nqhgd", probs, values.astype(jnp.float32))
-    return out.reshape(n, q_len, heads, dim).astype(q.dtype)
 
 
 def _gather(pool, block_tables):
@@ -86,28 +76,76 @@ def decode_attention(q, k_pool, v_pool, block_tables, positions, mask):
     return finish(l, acc).reshape(b, heads, dim).astype(q.dtype)
 
 
+CHUNK_KEY_BLOCK_TOKENS = 64  # keys per iteration of the chunk's inner loop (rounded to whole pages)
+CHUNK_ROW_BLOCK = 64  # query rows per iteration of its outer loop
+
+
+def _chunk_keys(batch: StepBatch, page_size: int, pad: int):
+    """The pages the chunk's segments read, back to back (segment i's first
+    ceil((start + len) / page_size) pages; together they fit the context bucket, which the host
+    ensures), then `pad` more -> (page ids, each key's segment (-1 where no segment wrote it: past
+    a segment's last token or past the last page in use), each key's position in its sequence,
+    where each segment's pages begin)."""
+    tables, starts, lens = batch.chunk_block_tables, batch.chunk_starts, batch.chunk_lens
+    n, p = tables.shape
+    used = jnp.where(lens > 0, (starts + lens + page_size - 1) // page_size, 0)
+    ends = jnp.cumsum(used)
+    j = jnp.arange(p + pad)
+    page_seg = jnp.minimum(jnp.searchsorted(ends, j, side="right", method="compare_all"), n - 1)
+    page_index = jnp.clip(j - (ends[page_seg] - used[page_seg]), 0, p - 1)
+    key_seg = jnp.repeat(jnp.where(j < ends[-1], page_seg, -1), page_size)
+    key_pos = (page_index[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
+    key_seg = jnp.where(key_pos < (starts + lens)[key_seg], key_seg, -1)
+    return tables[page_seg, page_index], key_seg, key_pos, ends - used
+
+
 def chunk_attention(q, k_pool, v_pool, batch: StepBatch):
     """q [C, H, D] of the chunk's segments -> [C, H, D] (padding rows zeros).
 
-    The pages the segments read are gathered back to back (segment i's first
-    ceil((start + len) / page_size) pages; together they fit the context bucket, which the host
-    ensures), each key tagged with its segment and position: one segment costs what one prompt
-    always did, and packed segments cost no more than one of their total length."""
-    page_size = k_pool.shape[1]
-    tables, starts, lens = batch.chunk_block_tables, batch.chunk_starts, batch.chunk_lens
-    n, p = tables.shape
+    Each key is tagged with its segment and position (_chunk_keys). The live rows go a block at a
+    time, and each row block walks, a block of keys at a time with an online softmax, only the pages
+    its rows can see: from its first segment's first page to its last row's page. So a step costs
+    the context its segments read, never the rest of the context bucket, and neither the padding
+    rows after the segments nor packed segments' pages that only another block's rows read."""
+    c, heads, dim = q.shape
+    page_size, kvh = k_pool.shape[1], k_pool.shape[2]
+    per = max(1, CHUNK_KEY_BLOCK_TOKENS // page_size)
+    pages, key_seg, key_pos, first_page = _chunk_keys(batch, page_size, per)
     seg, pos, valid = chunk_layout(batch)
-    used = jnp.where(lens > 0, (starts + lens + page_size - 1) // page_size, 0)
-    ends = jnp.cumsum(used)
-    j = jnp.arange(p)
-    page_seg = jnp.minimum(jnp.searchsorted(ends, j, side="right", method="compare_all"), n - 1)
-    page_index = jnp.clip(j - (ends[page_seg] - used[page_seg]), 0, p - 1)
-    pages = tables[page_seg, page_index]
-    key_seg = jnp.repeat(jnp.where(j < ends[-1], page_seg, -1), page_size)
-    key_pos = (page_index[:, None] * page_size + jnp.arange(page_size)).reshape(-1)
-    keys, values = _gather(k_pool, pages[None]), _gather(v_pool, pages[None])
-    mask = (key_seg[None, :] == seg[:, None]) & (key_pos[None, :] <= pos[:, None]) & valid[:, None]
-    return _attend(q[None], keys, values, mask[None])[0]
+    rows = min(CHUNK_ROW_BLOCK, c)
+    live = jnp.sum(batch.chunk_lens)
+    pad = -c % rows  # the last row block may run past the chunk
+    qg = jnp.pad(q.reshape(c, kvh, heads // kvh, dim).astype(jnp.float32) / jnp.sqrt(jnp.float32(dim)),
+                 ((0, pad), (0, 0), (0, 0), (0, 0)))
+    row_seg = jnp.pad(jnp.where(valid, seg, -2), (0, pad), constant_values=-2)  # padding rows see no key
+    pos = jnp.pad(pos, (0, pad))
+
+    def weigh(probs, values):
+        return jnp.einsum("hgct,thd->hgcd", probs, values)
+
+    def row_block(b, out):
+        block_q, block_seg, block_pos = (jax.lax.dynamic_slice_in_dim(a, b * rows, rows) for a in (qg, row_seg, pos))
+        last = jnp.minimum(b * rows + rows, live) - 1
+        lo = first_page[seg[b * rows]]
+        hi = first_page[seg[last]] + pos[last] // page_size + 1
+
+        def step(carry):
+            i, m, l, acc = carry
+            ids = jax.lax.dynamic_slice_in_dim(pages, i, per)
+            kseg, kpos = (jax.lax.dynamic_slice_in_dim(a, i * page_size, per * page_size) for a in (key_seg, key_pos))
+            visible = (kseg[None, :] == block_seg[:, None]) & (kpos[None, :] <= block_pos[:, None])
+            keys, values = (_gather(pool, ids[None])[0].astype(jnp.float32) for pool in (k_pool, v_pool))
+            values = jnp.where((kseg >= 0)[:, None, None], values, 0.0)  # stale pool rows never reach the sum
+            s = jnp.einsum("chgd,thd->hgct", block_q, keys)
+            return (i + per, *online_softmax_update(m, l, acc, s, visible, values, weigh))
+
+        shape = (kvh, heads // kvh, rows)
+        init = (lo, jnp.full(shape + (1,), NEG), jnp.zeros(shape + (1,)), jnp.zeros(shape + (dim,)))
+        _, _, l, acc = jax.lax.while_loop(lambda carry: carry[0] < hi, step, init)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.einsum("hgcd->chgd", finish(l, acc)), b * rows, 0)
+
+    out = jax.lax.fori_loop(0, (live + rows - 1) // rows, row_block, jnp.zeros(qg.shape))
+    return out[:c].reshape(c, heads, dim).astype(q.dtype)
 
 
 def reference_attention(q, k, v, k_pool, v_pool, batch: StepBatch):
