@@ -1,6 +1,6 @@
 """What coarse buckets cost at run time on CPU, beside the fine set, in one process.
 
-    python -m bench.bucket_price [--reps 15] [--rounds 3]
+    python -m bench.bucket_price [--reps 15] [--rounds 6]
 
 A step is padded to its buckets: a decode batch of 3 runs as one of 8 under the coarse set (4 under the
 fine), a 100-token prompt as a chunk of 256 (128), and every step compiles for the one 1024-token
@@ -12,14 +12,15 @@ prompt's tokens where they sit in the sequence, padding after them (attention re
 chunk's tokens see, not the whole bucket), median of --reps calls, the fastest of --rounds rounds that
 alternate the sets (so a drift of the machine's speed reaches all of them). Beside that, each set's
 step executables and what compiling them costs here (the median compile of the steps timed, times their
-number). Prints the JSON and writes
-bench/results/bucket_price.{json,md}.
+number), and the machine's load averages before and after (other jobs skew timings). Prints the JSON and
+writes bench/results/bucket_price.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -80,7 +81,7 @@ def run_step(ex, c, b, p, decode_tokens, chunk_start, chunk_tokens):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15, help="timed calls of each step (their median is kept)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds over every step (the fastest is kept)")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds over every step (the fastest is kept)")
     a = ap.parse_args(argv)
 
     import jax.numpy as jnp
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     model_cfg, graphdef, params, _ = load_model(None, jnp.float32, None, with_tokenizer=False)
     # One executor runs every set's steps: a shape outside its own buckets compiles when first run.
     ex = ModelExecutor(model_cfg, graphdef, params, configs["fine"])
+    load_before = os.getloadavg()
     plans = {name: [steps_of(cfg, *w) for w in WORKLOADS] for name, cfg in configs.items()}
     steps = sorted({s for plan in plans.values() for w in plan for s in w}, key=str)
     compile_s = {}
@@ -109,10 +111,11 @@ def main(argv=None) -> int:
     per_compile = statistics.median(compile_s.values())
     result = {
         "command": "python -m bench.bucket_price" + (f" --reps {a.reps}" if a.reps != 15 else "")
-                   + (f" --rounds {a.rounds}" if a.rounds != 3 else ""),
+                   + (f" --rounds {a.rounds}" if a.rounds != 6 else ""),
         "machine": describe(), "model": "the embedded default (4 layers x 256, float32)",
         "engine": {"max_model_len": 1024, "page_size": 16, "max_num_seqs": 32, "max_chunk_tokens": 256},
         "median_compile_s": round(per_compile, 2),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "sets": {name: {"chunk": list(cfg.chunk_sizes), "batch": list(cfg.batch_sizes),
                         "context_tokens": [p * cfg.page_size for p in cfg.context_pages],
                         "step_executables": len(step_shapes(cfg)),
@@ -149,8 +152,11 @@ def markdown(result: dict) -> str:
     return "\n".join([f"    {result['command']}", "",
                       "# The run-time price of coarse buckets (CPU)", "",
                       f"Machine: {m['cpu']}, {m['cpus']} cores, JAX {m['jax']} on {m['backend']}. Model: "
-                      f"{result['model']}, the engine's default limits. Each workload's steps as each set pads "
-                      "them, every row live, median of the timed calls, fastest of the rounds (ratios: to the "
+                      f"{result['model']}, the engine's default limits. Load averages (1, 5, 15 min) "
+                      f"{', '.join(f'{x:.1f}' for x in result['load_average_before'])} before, "
+                      f"{', '.join(f'{x:.1f}' for x in result['load_average_after'])} after. Each workload's "
+                      "steps as each set pads them (every decode row live, a prompt's chunk holding its tokens "
+                      "where they sit), median of the timed calls, fastest of the rounds (ratios: to the "
                       f"fine set). Compiling: the median compile of these steps here ({result['median_compile_s']}"
                       " s) times the set's step executables.", "", *sets, "", *head, *rows, ""])
 

@@ -87,7 +87,7 @@ def dense_attention(q, keys, values, mask):
     return jnp.einsum("nhgqk,nkhd->nqhgd", probs, values).reshape(n, q_len, heads, dim)
 
 
-def test_paged_attention_equals_dense_softmax():
+def test_dense_reference_attention_equals_numpy_softmax():
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, 6, 4, 8)).astype(np.float32)
     k = rng.standard_normal((1, 10, 2, 8)).astype(np.float32)
@@ -118,13 +118,13 @@ def test_blocked_decode_attention_equals_one_softmax_over_scattered_pages():
     keys = k_pool[tables].reshape(rows, -1, kvh, dim)
     values = v_pool[tables].reshape(rows, -1, kvh, dim)
     mask = np.arange(keys.shape[1])[None, :] < lengths[:, None]
-    want = np.asarray(dense_attention(jnp.asarray(q[:, None]), jnp.asarray(keys), jnp.asarray(values), jnp.asarray(mask[:, None])))
+    want = np.asarray(dense_attention(q[:, None], keys, values, mask[:, None]))
     np.testing.assert_allclose(got, want[:, 0], atol=1e-5)
     assert not got[-1].any()  # the padding row attends to nothing
 
 
 @pytest.mark.parametrize("chunk, segments", [
-    (16, [(0, 5)]),  # a short prompt, most rows padding, in a context bucket 8x its pages
+    (16, [(0, 5)]),  # a short prompt, most rows padding, in a context bucket 20x its pages
     (32, [(7, 9), (0, 0), (0, 13), (30, 1)]),  # packed, an empty slot between, cached context before some
     (100, [(0, 70), (45, 20)]),  # row blocks of 64 that end inside a segment and past the chunk
     (64, [(90, 64)]),  # a long context, near the whole bucket: several blocks of keys
@@ -162,8 +162,7 @@ def test_blocked_chunk_attention_equals_one_softmax_over_each_segments_context(c
         values = v_pool[table].reshape(1, -1, kvh, dim)
         positions = start + np.arange(length)
         mask = np.arange(keys.shape[1])[None, :] <= positions[:, None]
-        want[row:row + length] = np.asarray(dense_attention(jnp.asarray(q[None, row:row + length]), jnp.asarray(keys),
-                                                            jnp.asarray(values), jnp.asarray(mask[None])))[0]
+        want[row:row + length] = np.asarray(dense_attention(q[None, row:row + length], keys, values, mask[None]))[0]
         row += length
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not got[row:].any()  # padding rows attend to nothing

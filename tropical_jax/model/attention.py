@@ -5,10 +5,10 @@ with an online softmax, stopping at the last page in use: a step reads the conte
 whole context bucket, and each block's gathered keys stay in cache. The decode batch stops after its
 longest sequence (at batch 32 on CPU, 3x faster than one softmax over the bucket). The chunk's
 segments read their pages back to back, and each block of query rows walks only the pages its rows
-can see, so padding rows and other segments' pages cost nothing (a prompt's prefill on the CPU's
-coarse buckets, one 1024-token context, 2-3x faster than one masked softmax over the bucket:
-bench/results/bucket_price.md). The "pallas" backend hands the whole step to the kernels in
-`pallas_kernels` (which also write K/V).
+can see, so padding rows and other segments' pages cost nothing (on the CPU's coarse buckets, one
+1024-token context, a prompt's prefill costs what it does on the fine ones up to its chunk's
+padding: bench/results/bucket_price.md). The "pallas" backend hands the whole step to the kernels
+in `pallas_kernels` (which also write K/V).
 """
 
 from __future__ import annotations
