@@ -76,8 +76,10 @@ def decode_attention(q, k_pool, v_pool, block_tables, positions, mask):
     return finish(l, acc).reshape(b, heads, dim).astype(q.dtype)
 
 
-CHUNK_KEY_BLOCK_TOKENS = 64  # keys per iteration of the chunk's inner loop (rounded to whole pages)
-CHUNK_ROW_BLOCK = 64  # query rows per iteration of its outer loop
+# The chunk's loops: query rows per outer iteration, keys per inner one (rounded to whole pages). On CPU
+# whole prefill steps ran within noise of each other from 32 to 128 of either; 256 keys cost short prompts.
+CHUNK_ROW_BLOCK = 64
+CHUNK_KEY_BLOCK_TOKENS = 64
 
 
 def _chunk_keys(batch: StepBatch, page_size: int, pad: int):
