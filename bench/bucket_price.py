@@ -52,30 +52,25 @@ def label(prompt: int, rows: int, context: int) -> str:
 def steps_of(cfg, prompt: int, rows: int, context: int) -> list[tuple]:
     """The (chunk bucket, batch bucket, context pages, decode tokens, chunk start, chunk tokens) steps
     `cfg` pads a workload to."""
-    from tropical_jax.runtime.executor import _bucket
+    from tropical_jax.runtime.executor import smallest_bucket
 
-    pages = lambda tokens: _bucket(cfg.context_pages, -(-tokens // cfg.page_size))  # noqa: E731
-    batch = _bucket(cfg.batch_sizes, rows) if rows else 0
+    pages = lambda tokens: smallest_bucket(cfg.context_pages, -(-tokens // cfg.page_size))  # noqa: E731
+    batch = smallest_bucket(cfg.batch_sizes, rows) if rows else 0
     if not prompt:
         return [(0, batch, pages(context), context, 0, 0)]
     if rows:
-        return [(_bucket(cfg.chunk_sizes, prompt), batch, pages(max(prompt, context)), context, 0, prompt)]
+        return [(smallest_bucket(cfg.chunk_sizes, prompt), batch, pages(max(prompt, context)), context, 0, prompt)]
     top, out = cfg.chunk_sizes[-1], []
     for start in range(0, prompt, top):
         length = min(top, prompt - start)
-        out.append((_bucket(cfg.chunk_sizes, length), 0, pages(start + length), None, start, length))
+        out.append((smallest_bucket(cfg.chunk_sizes, length), 0, pages(start + length), None, start, length))
     return out
 
 
 def run_step(ex, c, b, p, decode_tokens, chunk_start, chunk_tokens):
-    """One step: decode rows as executor.full_inputs makes them, the chunk's first segment holding
-    `chunk_tokens` tokens from `chunk_start` on."""
-    from tropical_jax.runtime.executor import full_inputs
-
-    inputs = full_inputs(ex.cfg, c, b, p, decode_tokens)
-    if c:
-        inputs.batch.chunk_starts[0], inputs.batch.chunk_lens[0] = chunk_start, chunk_tokens
-    return ex.execute(inputs)
+    """One step: decode rows as executor.full_inputs makes them, the chunk holding `chunk_tokens`
+    tokens from `chunk_start` on."""
+    return ex.time_step(c, b, p, decode_tokens, (chunk_start, chunk_tokens) if c else None)
 
 
 def main(argv=None) -> int:

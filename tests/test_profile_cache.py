@@ -3,6 +3,7 @@
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,6 +107,38 @@ def test_transfer_fit_recovers_latency_and_bandwidth_of_the_copy(monkeypatch):
     assert got["latency_ms"] == pytest.approx(2.0, rel=1e-3)
     assert got["bandwidth_GBps"] == pytest.approx(4.0, rel=1e-3)
     CostModel.from_json({**BASE, "transfer": got})  # the scheduler accepts it as it is
+
+
+def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: clock[0])
+    cfg = EngineConfig(max_model_len=1024, page_size=16, max_num_seqs=2, max_chunk_tokens=256, chunk_buckets=(64, 256),
+                       batch_buckets=(1, 2), context_buckets=(1024,), mixed_steps=False)
+
+    def cost(c, chunk):  # ms: 1 per chunk bucket token, 0.01 per (prompt row, key it sees)
+        start, n = chunk
+        return c + 0.01 * n * (start + n / 2)
+
+    class Executor:
+        chunk_sizes, batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
+        model_cfg = SimpleNamespace(architecture="fake", num_layers=1, hidden_size=8, kv_bytes_per_token=lambda _: 64)
+
+        def chunk_bucket(self, n):
+            return next(c for c in self.chunk_sizes if c >= n)
+
+        def time_step(self, c, b, p, decode_tokens=None, chunk=None):
+            assert (chunk is not None) == (b == 0) and p == 64
+            clock[0] += 1e-3 * (cost(c, chunk) if chunk else 1.0)
+
+    ex = Executor()
+    ex.cfg = cfg
+    prof = profile_mod.profile_executor(ex, progress=False)
+    # 64 and 256 tokens in one chunk from the start; 512 and 1024 as 2 and 4 chunks of 256, each where it
+    # sits in the prompt (before, every chunk was timed at the end of the context bucket).
+    want = {64: cost(64, (0, 64)), 256: cost(256, (0, 256))}
+    want |= {k * 256: sum(cost(256, (s * 256, 256)) for s in range(k)) for k in (2, 4)}
+    assert dict(prof["prefill"]["points"]) == pytest.approx(want)
+    assert profile_mod._prompt_chunks(ex, 300) == [(256, 64, (0, 256)), (64, 64, (256, 44))]
 
 
 @pytest.mark.slow

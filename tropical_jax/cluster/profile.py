@@ -2,14 +2,14 @@
 
     python -m tropical_jax.profile --model PATH --cluster 1P1M --out FILE.json [--max-model-len N ...]
 
-Times, after warmup, every chunk bucket (prefill), every batch x context bucket (decode; each at a
-quarter, half and all of its context, since decode attention reads only the context rows have) and mixed
-steps (every chunk bucket x the smallest, a middle and the largest batch bucket x the smallest and
-largest context bucket), and writes the CostModel JSON that both the scheduler and the simulator
-accept: points, fitted by least squares when the profile is loaded. A step's cost depends on its
-buckets and on how much context decode rows read, so each point is timed with every row live
-(executor.full_inputs): a chunk of C tokens ending the context bucket (ctx = context - C), decode rows
-reading t tokens each (T = B x t).
+Times, after warmup, prompts alone (one of each chunk bucket's length, and of 2, 4 and 8 largest chunks,
+each chunk at its place in the prompt), every batch x context bucket (decode; each at a quarter, half
+and all of its context, since attention reads only the context rows have) and mixed steps (every chunk
+bucket x the smallest, a middle and the largest batch bucket x the smallest and largest context bucket),
+and writes the CostModel JSON that both the scheduler and the simulator accept: points, fitted by least
+squares when the profile is loaded. A step's cost depends on its buckets and on how much context its
+rows read, so each point is timed with every row live (executor.full_inputs): a mixed step's chunk of C
+tokens ending the context bucket (ctx = context - C), decode rows reading t tokens each (T = B x t).
 Coefficients the points cannot separate (one context bucket: a mixed step's T moves with B) are pinned to 0.
 """
 
@@ -21,6 +21,8 @@ import time
 import numpy as np
 
 from tqdm import tqdm
+
+from ..runtime.executor import smallest_bucket
 
 MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
 
@@ -55,28 +57,43 @@ def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
     return decode, mixed
 
 
+def _prompt_chunks(executor, length: int) -> list[tuple]:
+    """The (chunk bucket, context pages, (start, tokens)) steps that prefill a prompt of `length` tokens
+    alone: largest chunks from its start, each in the context bucket that holds it."""
+    cfg, top = executor.cfg, executor.chunk_sizes[-1]
+    out = []
+    for start in range(0, length, top):
+        n = min(top, length - start)
+        out.append((executor.chunk_bucket(n), smallest_bucket(cfg.context_pages, -(-(start + n) // cfg.page_size)),
+                    (start, n)))
+    return out
+
+
 def profile_executor(executor, progress: bool = True, name: str = "", mixed: bool = True) -> dict:
     cfg = executor.cfg
     ps = cfg.page_size
     top = cfg.context_pages[-1]
-    shapes = [("prefill", c, 0, top, None) for c in executor.chunk_sizes]
-    shapes += [("decode", 0, b, p, t) for b in executor.batch_sizes for p in cfg.context_pages
+    # Prompts of each chunk bucket's length, and of 2, 4 and 8 largest chunks, prefilled as the engine
+    # does: each chunk at its place in the prompt (attention reads only the context its rows have).
+    cmax = executor.chunk_sizes[-1]
+    lengths = list(executor.chunk_sizes) + [k * cmax for k in (2, 4, 8) if k * cmax <= cfg.max_model_len]
+    chunks = {length: _prompt_chunks(executor, length) for length in lengths}
+    shapes = [("prefill", c, 0, p, None, chunk) for c, p, chunk in dict.fromkeys(sum(chunks.values(), []))]
+    shapes += [("decode", 0, b, p, t, None) for b in executor.batch_sizes for p in cfg.context_pages
                for t in sorted({max(1, p * ps // 4), p * ps // 2, p * ps})]
     if mixed and cfg.mixed_steps:
-        shapes += [("mixed", c, b, p, None) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
+        shapes += [("mixed", c, b, p, None, None) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
                    for p in sorted({cfg.context_pages[0], top})]
-    prefill, decode, mixed_pts = [], [], []
-    for kind, c, b, p, t in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
-        ms = median_ms(lambda: executor.time_step(c, b, p, t))
+    chunk_ms, decode, mixed_pts = {}, [], []
+    for kind, c, b, p, t, chunk in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
+        ms = median_ms(lambda: executor.time_step(c, b, p, t, chunk))
         if kind == "prefill":
-            prefill.append([c, ms])
+            chunk_ms[c, p, chunk] = ms
         elif kind == "decode":
             decode.append([b, b * t, ms])
         else:
             mixed_pts.append([c, max(0, p * ps - c), b, b * p * ps, ms])
-    # Longer prompts run as several largest chunks: add those points so the fit spans them.
-    cmax, tmax = prefill[-1]
-    prefill += [[k * cmax, k * tmax] for k in (2, 4, 8) if k * cmax <= cfg.max_model_len]
+    prefill = [[length, sum(chunk_ms[step] for step in steps)] for length, steps in chunks.items()]
     while len(prefill) < 3:
         prefill.append([prefill[-1][0] * 2, prefill[-1][1] * 2])
     decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes), len(cfg.context_pages))
@@ -88,10 +105,10 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     out = {
         "name": name or f"measured-{mc.architecture}-{mc.num_layers}x{mc.hidden_size}",
         "units": "ms",
-        "source": ("measured by tropical_jax.cluster.profile on this machine's devices: chunk buckets (prefill), "
-                   "batch x context buckets at 1/4, 1/2 and all of the context (decode), chunk x batch x context "
-                   "buckets (mixed), median of 5 "
-                   "timed runs each; longer prompts extrapolated as several largest chunks"),
+        "source": ("measured by tropical_jax.cluster.profile on this machine's devices: prompts of each chunk "
+                   "bucket and of several largest chunks, chunk by chunk from their start (prefill), batch x "
+                   "context buckets at 1/4, 1/2 and all of the context (decode), chunk x batch x context "
+                   "buckets (mixed), median of 5 timed runs each"),
         "prefill": {"points": prefill},
         "decode": decode_fit,
         "kv_bytes_per_token": mc.kv_bytes_per_token(itemsize),

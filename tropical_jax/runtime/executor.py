@@ -50,7 +50,8 @@ def resolve_buckets(cfg: EngineConfig, platform: str | None = None) -> EngineCon
     return cfg.for_platform(platform or jax.default_backend())
 
 
-def _bucket(sizes, n) -> int:
+def smallest_bucket(sizes, n) -> int:
+    """The smallest of sorted bucket `sizes` that holds n."""
     i = bisect.bisect_left(sizes, n)
     if i == len(sizes):
         raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
@@ -86,7 +87,7 @@ class ModelExecutor:
         return step_shapes(self.cfg, kinds)
 
     def chunk_bucket(self, n: int) -> int:
-        return _bucket(self.chunk_sizes, n)
+        return smallest_bucket(self.chunk_sizes, n)
 
     def warmup(self, progress: bool = True, kinds=STEP_KINDS, name: str = "the engine") -> None:
         """Compile (or load from the persistent cache) every step of these kinds, after checking that
@@ -111,10 +112,10 @@ class ModelExecutor:
         chunks (one each, meaningful where a chunk ends its prompt) and of the decodes."""
         return split_tokens(self.cfg, self.execute(step_inputs(self.cfg, chunks, decodes)), chunks)
 
-    def time_step(self, c, b, p, decode_tokens=None) -> np.ndarray:
+    def time_step(self, c, b, p, decode_tokens=None, chunk=None) -> np.ndarray:
         """Run a step of these buckets as full as they can be, or with decode rows of `decode_tokens`
-        tokens of context (for profiling)."""
-        return self.execute(full_inputs(self.cfg, c, b, p, decode_tokens))
+        tokens of context and a chunk of (start, tokens) (for profiling: full_inputs)."""
+        return self.execute(full_inputs(self.cfg, c, b, p, decode_tokens, chunk))
 
     def execute(self, inputs: "StepInputs") -> np.ndarray:
         """Run prepared host metadata (step_inputs): the call a remote worker receives."""
@@ -162,10 +163,10 @@ def step_inputs(cfg: EngineConfig, chunks, decodes) -> StepInputs:
     """The step's buckets chosen from `cfg`, its metadata padded to them (no device involved)."""
     if len(chunks) > cfg.max_prefill_seqs:
         raise ValueError(f"{len(chunks)} chunk segments exceed max_prefill_seqs={cfg.max_prefill_seqs}")
-    c = _bucket(cfg.chunk_sizes, sum(n for _, _, n in chunks)) if chunks else 0
-    b = _bucket(cfg.batch_sizes, len(decodes)) if decodes else 0
+    c = smallest_bucket(cfg.chunk_sizes, sum(n for _, _, n in chunks)) if chunks else 0
+    b = smallest_bucket(cfg.batch_sizes, len(decodes)) if decodes else 0
     pages = max([chunk_pages(cfg, chunks)] + [-(-s.num_tokens // cfg.page_size) for s in decodes])
-    p = _bucket(cfg.context_pages, pages)
+    p = smallest_bucket(cfg.context_pages, pages)
     return pad_inputs(cfg, c, b, p, chunks, decodes)
 
 
@@ -201,16 +202,17 @@ def pad_inputs(cfg: EngineConfig, c, b, p, chunks, decodes) -> StepInputs:
     return StepInputs(batch, temperature, top_k, top_p, seeds, steps)
 
 
-def full_inputs(cfg: EngineConfig, c, b, p, decode_tokens=None) -> StepInputs:
-    """A (c, b, p) step with every row live: the chunk fills c tokens ending at the context bucket,
-    each decode row reads `decode_tokens` (default: the whole bucket) from its own pages. Decode
-    attention stops at the longest live row, so padding rows would time a step that reads nothing.
-    Greedy; the tokens are junk."""
+def full_inputs(cfg: EngineConfig, c, b, p, decode_tokens=None, chunk=None) -> StepInputs:
+    """A (c, b, p) step with every row live: the chunk fills c tokens ending at the context bucket
+    (or, with chunk=(start, tokens), holds `tokens` prompt tokens from `start` on, as a prompt's
+    chunk does), each decode row reads `decode_tokens` (default: the whole bucket) from its own pages.
+    Attention reads only the context live rows have, so padding rows would time a step that reads
+    nothing. Greedy; the tokens are junk."""
     inputs = pad_inputs(cfg, c, b, p, [], [])
     tokens = p * cfg.page_size
     pages = (np.arange((b + 1) * p, dtype=np.int32) % cfg.total_pages).reshape(b + 1, p)
     batch = inputs.batch  # its arrays are fresh: the first segment slot takes the chunk
-    batch.chunk_starts[0], batch.chunk_lens[0] = max(0, tokens - c), min(c, tokens)
+    batch.chunk_starts[0], batch.chunk_lens[0] = chunk or (max(0, tokens - c), min(c, tokens))
     batch.chunk_block_tables[0] = pages[0]
     batch = batch._replace(
         dec_positions=np.full(b, (decode_tokens or tokens) - 1, np.int32), dec_block_tables=pages[1:],
