@@ -147,8 +147,10 @@ def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
                        batch_buckets=(1, 4), context_buckets=(32, 64))
     prof, _, hit = cached_profile(tiny, cfg, progress=False)
     assert not hit and counting == [1]
-    shapes = {(c, b, c + ctx) for c, ctx, b, _, _ in prof["mixed"]["points"]}
-    assert shapes == {(c, b, t) for c in (8, 16) for b in (1, 4) for t in (32, 64)}
+    # Each chunk starting a prompt beside rows reading a quarter of the bucket, and ending each bucket.
+    shapes = {(c, ctx, b, t // b) for c, ctx, b, t, _ in prof["mixed"]["points"]}
+    assert shapes == {(c, 0, b, 8) for c in (8, 16) for b in (1, 4)} | {(c, 0, b, 16) for c in (8, 16) for b in (1, 4)} \
+        | {(c, bucket - c, b, bucket) for c in (8, 16) for b in (1, 4) for bucket in (32, 64)}
     assert prof["mixed"]["fixed"] == {"mc2": 0.0}  # two chunk buckets cannot separate C^2 from C
     # Decode rows read a quarter, half and all of each context bucket (32 and 64 tokens): T is free of B.
     assert {t // b for b, t, _ in prof["decode"]["points"]} == {8, 16, 32, 64} and "fixed" not in prof["decode"]

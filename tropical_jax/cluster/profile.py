@@ -5,12 +5,14 @@
 Times, after warmup, prompts alone (one of each chunk bucket's length, and of 2, 4 and 8 largest chunks,
 each chunk at its place in the prompt), every batch x context bucket (decode; each at a quarter, half
 and all of its context, since attention reads only the context rows have) and mixed steps (every chunk
-bucket x the smallest, a middle and the largest batch bucket x the smallest and largest context bucket),
+bucket x the smallest, a middle and the largest batch bucket x the smallest and largest context bucket,
+each with the chunk starting a prompt beside rows reading a quarter of the bucket and ending the bucket
+beside full rows),
 and writes the CostModel JSON that both the scheduler and the simulator accept: points, fitted by least
 squares when the profile is loaded. A step's cost depends on its buckets and on how much context its
 rows read, so each point is timed with every row live (executor.full_inputs): a mixed step's chunk of C
-tokens ending the context bucket (ctx = context - C), decode rows reading t tokens each (T = B x t).
-Coefficients the points cannot separate (one context bucket: a mixed step's T moves with B) are pinned to 0.
+tokens after ctx tokens of context, decode rows reading t tokens each (T = B x t). Coefficients the
+points cannot separate (one batch bucket, fewer than three chunk buckets) are pinned to 0.
 """
 
 from __future__ import annotations
@@ -43,11 +45,9 @@ def _subset(sizes) -> list:
     return sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
 
 
-def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
+def _pins(chunks: int, batches: int) -> tuple[dict, dict]:
     """(decode, mixed) coefficients the bucket counts cannot separate, pinned to 0."""
     decode, mixed = {}, {}
-    if contexts == 1:  # mixed steps are timed full: T = B x the one context, only B is seen
-        mixed["mcx"] = mixed["mt"] = 0.0
     if batches == 1:
         decode["d1"] = mixed["mb"] = 0.0
     if chunks < 3:
@@ -82,8 +82,11 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     shapes += [("decode", 0, b, p, t, None) for b in executor.batch_sizes for p in cfg.context_pages
                for t in sorted({max(1, p * ps // 4), p * ps // 2, p * ps})]
     if mixed and cfg.mixed_steps:
-        shapes += [("mixed", c, b, p, None, None) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
-                   for p in sorted({cfg.context_pages[0], top})]
+        # Each at two places: the chunk starting a prompt beside rows reading a quarter of the bucket, and
+        # ending the bucket beside full rows, so that context and decode tokens vary apart from C and B.
+        shapes += [("mixed", c, b, p, t, chunk) for c in executor.chunk_sizes for b in _subset(executor.batch_sizes)
+                   for p in sorted({cfg.context_pages[0], top}) if c <= p * ps
+                   for t, chunk in ((max(1, p * ps // 4), (0, c)), (p * ps, None))]
     chunk_ms, decode, mixed_pts = {}, [], []
     for kind, c, b, p, t, chunk in tqdm(shapes, desc="profiling steps", disable=not progress, unit="step"):
         ms = median_ms(lambda: executor.time_step(c, b, p, t, chunk))
@@ -92,11 +95,11 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
         elif kind == "decode":
             decode.append([b, b * t, ms])
         else:
-            mixed_pts.append([c, max(0, p * ps - c), b, b * p * ps, ms])
+            mixed_pts.append([c, chunk[0] if chunk else max(0, p * ps - c), b, b * t, ms])
     prefill = [[length, sum(chunk_ms[step] for step in steps)] for length, steps in chunks.items()]
     while len(prefill) < 3:
         prefill.append([prefill[-1][0] * 2, prefill[-1][1] * 2])
-    decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes), len(cfg.context_pages))
+    decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes))
     decode_fit: dict = {"points": decode}
     if decode_pins:
         decode_fit["fixed"] = decode_pins
