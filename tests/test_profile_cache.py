@@ -141,6 +141,38 @@ def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
     assert profile_mod._prompt_chunks(ex, 300) == [(256, 64, (0, 256)), (64, 64, (256, 44))]
 
 
+@pytest.mark.parametrize("chunks,batches,contexts", [((16,), (1,), (64,)), ((16,), (1, 4), (64,)),
+                                                     ((16, 64), (1,), (32, 64)), ((16, 32, 64), (1, 4, 8), (64,))])
+def test_every_bucket_set_profiles_a_mixed_model_that_fits(monkeypatch, chunks, batches, contexts):
+    clock = [0.0]
+    monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: clock[0])
+    cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=batches[-1], max_chunk_tokens=chunks[-1],
+                       chunk_buckets=chunks, batch_buckets=batches, context_buckets=contexts)
+
+    def true_ms(c, ctx, b, t):  # the mixed model with every coefficient the points can see
+        one_shape = len(chunks) == len(batches) == len(contexts) == 1  # then ctx and t move together
+        return 2.0 + 0.05 * c + (0 if one_shape else 1e-3 * c * ctx) + (0.3 * b if len(batches) > 1 else 0) + 2e-3 * t
+
+    class Executor:
+        chunk_sizes, batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
+        model_cfg = SimpleNamespace(architecture="fake", num_layers=1, hidden_size=8, kv_bytes_per_token=lambda _: 64)
+
+        def chunk_bucket(self, n):
+            return next(c for c in self.chunk_sizes if c >= n)
+
+        def time_step(self, c, b, p, decode_tokens=None, chunk=None):
+            tokens = p * cfg.page_size
+            ctx = chunk[0] if chunk else tokens - c
+            clock[0] += 1e-3 * (true_ms(c, ctx, b, b * (decode_tokens or tokens)) if b else 1.0 + c + ctx)
+
+    ex = Executor()
+    ex.cfg = cfg
+    cm = CostModel.from_json(profile_mod.profile_executor(ex, progress=False))  # every free coefficient determined
+    for c in chunks:
+        for b in batches:
+            assert cm.t_mixed(c, 0, b, b * 8) * 1e3 == pytest.approx(true_ms(c, 0, b, b * 8), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_profiler_measures_mixed_steps_and_the_fit_uses_them(tiny, counting):
     cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=4, max_chunk_tokens=16, chunk_buckets=(8, 16),

@@ -12,7 +12,8 @@ and writes the CostModel JSON that both the scheduler and the simulator accept: 
 squares when the profile is loaded. A step's cost depends on its buckets and on how much context its
 rows read, so each point is timed with every row live (executor.full_inputs): a mixed step's chunk of C
 tokens after ctx tokens of context, decode rows reading t tokens each (T = B x t). Coefficients the
-points cannot separate (one batch bucket, fewer than three chunk buckets) are pinned to 0.
+points cannot separate (one batch bucket, fewer than three chunk buckets, a single mixed shape) are
+pinned to 0.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def _subset(sizes) -> list:
     return sorted({sizes[0], sizes[len(sizes) // 2], sizes[-1]})
 
 
-def _pins(chunks: int, batches: int) -> tuple[dict, dict]:
+def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
     """(decode, mixed) coefficients the bucket counts cannot separate, pinned to 0."""
     decode, mixed = {}, {}
+    if chunks == batches == contexts == 1:  # two mixed points: context and decode tokens move together
+        mixed["mcx"] = 0.0
     if batches == 1:
         decode["d1"] = mixed["mb"] = 0.0
     if chunks < 3:
@@ -99,7 +102,7 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     prefill = [[length, sum(chunk_ms[step] for step in steps)] for length, steps in chunks.items()]
     while len(prefill) < 3:
         prefill.append([prefill[-1][0] * 2, prefill[-1][1] * 2])
-    decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes))
+    decode_pins, mixed_pins = _pins(len(executor.chunk_sizes), len(executor.batch_sizes), len(cfg.context_pages))
     decode_fit: dict = {"points": decode}
     if decode_pins:
         decode_fit["fixed"] = decode_pins
