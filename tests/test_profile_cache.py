@@ -109,9 +109,25 @@ def test_transfer_fit_recovers_latency_and_bandwidth_of_the_copy(monkeypatch):
     CostModel.from_json({**BASE, "transfer": got})  # the scheduler accepts it as it is
 
 
+class FakeExecutor:
+    """What profile_executor reads of an executor; each step advances the fake clock by step_ms(c, b, p,
+    decode_tokens, chunk) milliseconds (the profiler times with time.perf_counter, patched to the clock)."""
+
+    model_cfg = SimpleNamespace(architecture="fake", num_layers=1, hidden_size=8, kv_bytes_per_token=lambda _: 64)
+
+    def __init__(self, cfg, step_ms, monkeypatch):
+        self.cfg, self.step_ms, self.clock = cfg, step_ms, 0.0
+        self.chunk_sizes, self.batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
+        monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: self.clock)
+
+    def chunk_bucket(self, n):
+        return next(c for c in self.chunk_sizes if c >= n)
+
+    def time_step(self, c, b, p, decode_tokens=None, chunk=None):
+        self.clock += 1e-3 * self.step_ms(c, b, p, decode_tokens, chunk)
+
+
 def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: clock[0])
     cfg = EngineConfig(max_model_len=1024, page_size=16, max_num_seqs=2, max_chunk_tokens=256, chunk_buckets=(64, 256),
                        batch_buckets=(1, 2), context_buckets=(1024,), mixed_steps=False)
 
@@ -119,19 +135,11 @@ def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
         start, n = chunk
         return c + 0.01 * n * (start + n / 2)
 
-    class Executor:
-        chunk_sizes, batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
-        model_cfg = SimpleNamespace(architecture="fake", num_layers=1, hidden_size=8, kv_bytes_per_token=lambda _: 64)
+    def step_ms(c, b, p, decode_tokens, chunk):
+        assert (chunk is not None) == (b == 0) and p == 64
+        return cost(c, chunk) if chunk else 1.0
 
-        def chunk_bucket(self, n):
-            return next(c for c in self.chunk_sizes if c >= n)
-
-        def time_step(self, c, b, p, decode_tokens=None, chunk=None):
-            assert (chunk is not None) == (b == 0) and p == 64
-            clock[0] += 1e-3 * (cost(c, chunk) if chunk else 1.0)
-
-    ex = Executor()
-    ex.cfg = cfg
+    ex = FakeExecutor(cfg, step_ms, monkeypatch)
     prof = profile_mod.profile_executor(ex, progress=False)
     # 64 and 256 tokens in one chunk from the start; 512 and 1024 as 2 and 4 chunks of 256, each where it
     # sits in the prompt (before, every chunk was timed at the end of the context bucket).
@@ -144,8 +152,6 @@ def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
 @pytest.mark.parametrize("chunks,batches,contexts", [((16,), (1,), (64,)), ((16,), (1, 4), (64,)),
                                                      ((16, 64), (1,), (32, 64)), ((16, 32, 64), (1, 4, 8), (64,))])
 def test_every_bucket_set_profiles_a_mixed_model_that_fits(monkeypatch, chunks, batches, contexts):
-    clock = [0.0]
-    monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: clock[0])
     cfg = EngineConfig(max_model_len=64, page_size=4, max_num_seqs=batches[-1], max_chunk_tokens=chunks[-1],
                        chunk_buckets=chunks, batch_buckets=batches, context_buckets=contexts)
 
@@ -153,21 +159,12 @@ def test_every_bucket_set_profiles_a_mixed_model_that_fits(monkeypatch, chunks, 
         one_shape = len(chunks) == len(batches) == len(contexts) == 1  # then ctx and t move together
         return 2.0 + 0.05 * c + (0 if one_shape else 1e-3 * c * ctx) + (0.3 * b if len(batches) > 1 else 0) + 2e-3 * t
 
-    class Executor:
-        chunk_sizes, batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
-        model_cfg = SimpleNamespace(architecture="fake", num_layers=1, hidden_size=8, kv_bytes_per_token=lambda _: 64)
+    def step_ms(c, b, p, decode_tokens, chunk):
+        tokens = p * cfg.page_size
+        ctx = chunk[0] if chunk else tokens - c
+        return true_ms(c, ctx, b, b * (decode_tokens or tokens)) if b else 1.0 + c + ctx
 
-        def chunk_bucket(self, n):
-            return next(c for c in self.chunk_sizes if c >= n)
-
-        def time_step(self, c, b, p, decode_tokens=None, chunk=None):
-            tokens = p * cfg.page_size
-            ctx = chunk[0] if chunk else tokens - c
-            clock[0] += 1e-3 * (true_ms(c, ctx, b, b * (decode_tokens or tokens)) if b else 1.0 + c + ctx)
-
-    ex = Executor()
-    ex.cfg = cfg
-    cm = CostModel.from_json(profile_mod.profile_executor(ex, progress=False))  # every free coefficient determined
+    cm = CostModel.from_json(profile_mod.profile_executor(FakeExecutor(cfg, step_ms, monkeypatch), progress=False))  # every free coefficient determined
     for c in chunks:
         for b in batches:
             assert cm.t_mixed(c, 0, b, b * 8) * 1e3 == pytest.approx(true_ms(c, 0, b, b * 8), rel=1e-6)
