@@ -276,3 +276,28 @@ def test_decode_commit_watermark_places_only_what_the_decode_batch_can_carry(hel
         if not expect:
             reason = next(d.reason for d in sched.decisions if d.request == "N")
             assert "no decode batch has room for it" in reason and "M0: no room in its decode batch" in reason
+
+
+@pytest.mark.parametrize("harmless_first", [True, False])
+def test_harmless_first_places_where_no_queued_prompt_turns_late(harmless_first):
+    # P0 runs a 20k prompt (2.05 s with the safety factor), a 10k one due at 3.1 s queued behind it
+    # (ends 3.08 s); M0 runs a 21k inline (ends 2.152 s). A 4k newcomer due at 3.0 s gets its first
+    # token at 2.468 s on P0 (0.418 s), where SJF puts it ahead of the 10k prompt and makes that one
+    # late (3.50 s), or at 2.689 s on M0 in 512-token chunks once the inline ends (the inlined request
+    # then decodes: a 4k chunk would spend its TPOT), harming no one. Earliest first token alone picks
+    # P0; harmless_first picks M0. Where no worker can take the newcomer without harm, it still pushes
+    # the queued prompt late (test_planned_places_a_short_prompt_ahead_of_a_long_one_it_makes_late).
+    sched = Scheduler("1P1M", "planned:chunk_buckets=512/32768,jump_tokens=none,shed=false,handoff_guard=false,"
+                      f"arrival_guard=false,harmless_first={harmless_first}", COST, record_decisions=True)
+    for r, w in ((Request(0, 0.0, 20000, 4, ttft_slo=100.0, output_len=4), "P0"),
+                 (Request(1, 0.0, 21000, 4, ttft_slo=100.0, output_len=4), "M0")):
+        sched.submit(r, 0.0)
+        sched.next_step(w, 0.0)
+        assert r.prefill_worker == w
+    queued_10k = Request(2, 0.0, 10000, 4, ttft_slo=3.1, output_len=4)
+    sched.submit(queued_10k, 0.0)
+    assert queued_10k.prefill_worker == "P0" and "first token 3.080" in sched.decisions[-1].reason
+    newcomer = Request(3, 0.0, 4000, 4, ttft_slo=3.0, output_len=4)
+    sched.submit(newcomer, 0.0)
+    expected = ("M0", "plan ends 2.689") if harmless_first else ("P0", "first token 2.468")
+    assert newcomer.prefill_worker == expected[0] and expected[1] in sched.decisions[-1].reason

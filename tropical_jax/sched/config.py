@@ -108,6 +108,10 @@ class PolicyConfig:
     # goodput counts requests, and protecting every queued prompt turned bursts of newcomers away.
     # Default: None for planned, 0 for every other policy.
     protect_tokens: int | None = _UNSET
+    # Place a newcomer where it makes no queued prompt late whenever rule 1 or 2 can (protecting every
+    # one, as protect_tokens=0), and only where none can, push the prompts protect_tokens leaves
+    # unprotected (docs/algorithm.md, Queued prompts may be pushed late). Default: on for planned.
+    harmless_first: bool | None = None
     # Reject a request whose prefill has not started once, started now alone (on the worker whose queue
     # holds it, or a prefill worker while it waits for a place), it could no longer end by its deadline:
     # at arrival and wherever it waits, for every policy alike (a miss, never dropped from the count).
@@ -182,7 +186,7 @@ class PolicyConfig:
             object.__setattr__(self, "max_multiplex_tokens", None if planned else 8192)
         if self.jump_tokens == _UNSET:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
-        for knob in ("shed", "handoff_guard", "arrival_guard"):
+        for knob in ("shed", "handoff_guard", "arrival_guard", "harmless_first"):
             if getattr(self, knob) is None:
                 object.__setattr__(self, knob, planned)
         if self.decode_commit_watermark == _UNSET:
@@ -253,7 +257,7 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy", "chunk"):
         return v
-    if key in ("shed", "handoff_guard", "arrival_guard"):
+    if key in ("shed", "handoff_guard", "arrival_guard", "harmless_first"):
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")

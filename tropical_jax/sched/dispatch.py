@@ -132,8 +132,9 @@ class TropicalDispatcher:
         return mon.cost.t_decode(n, tokens + r.prompt_len) * mon.cfg.safety_factor <= x * r.tpot_slo
 
     # ---------------- rule 1 ----------------
-    def rule1(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str]]:
-        """Eligible P workers as (outstanding prefill time, first token, name)."""
+    def rule1(self, r: Request, late: bool, why: list | None, spare_all: bool = False) -> list[tuple[float, float, str]]:
+        """Eligible P workers as (outstanding prefill time, first token, name); spare_all: making any
+        queued request late bars a worker, whatever protect_tokens says."""
         mon = self.mon
         iso = mon.iso[r]
         key = local_key(mon, r, iso)
@@ -144,7 +145,7 @@ class TropicalDispatcher:
             return out
         for w in mon.of_role("P"):
             q = self._pq(w)
-            ok, finish = q.insert(key, x, late)
+            ok, finish = q.insert(key, x, late or spare_all)
             if not ok:
                 why is not None and why.append(f"{w.name}: would make a queued request late")
             elif not late and finish > r.deadline:
@@ -197,16 +198,14 @@ class TropicalDispatcher:
         why = [] if explain else None
         late = self.is_late(r, now)
         if not late:
-            if self.mon.cfg.prefer == "finish":
-                return self._earliest_first_token(r, why)
-            rules = (self._p_choice, self._m_choice)
-            if self.mon.cfg.prefer == "multiplex":
-                rules = rules[::-1]
-            for rule in rules:
-                d = rule(r, why)
-                if d is not None:
-                    return d
-            return Decision(WAIT, None, "; ".join(why) if why else "")
+            # harmless_first: first every queued prompt is protected; only if that places r nowhere,
+            # rule 1 again with protect_tokens's protection alone (rule 2 makes no queued prompt late).
+            cfg = self.mon.cfg
+            spare = cfg.harmless_first and cfg.protect_tokens != 0
+            d = self._choose(r, why, spare)
+            if d is None and spare:
+                d = self._p_choice(r, why)
+            return d or Decision(WAIT, None, "; ".join(why) if why else "")
         # Best effort: wherever the first token comes soonest without making anyone else late.
         cands = [(f, n, PATH_PREFILL, None) for _, f, n in self.rule1(r, True, why)]
         cands += [(f, n, PATH_INLINE, pos) for _, f, n, pos in self.rule2(r, True, why)]
@@ -216,18 +215,26 @@ class TropicalDispatcher:
         return Decision(path, name, f"late, best effort: first token {f:.3f} (deadline {r.deadline:.3f})" if explain else "",
                         late=True, position=pos)
 
-    def _earliest_first_token(self, r: Request, why) -> Decision:
-        """prefer=finish (docs/algorithm.md, Earliest first token): the best P (rule 1) and the best M (rule 2)
-        compared by predicted first token; ties go to P (no decode is stalled)."""
-        p, m = self._p_choice(r, why), self._m_choice(r, why)
+    def _choose(self, r: Request, why, spare_all: bool) -> Decision | None:
+        """Rules 1 and 2 in `prefer` order, or for prefer=finish (docs/algorithm.md, Earliest first token)
+        the best P and the best M compared by predicted first token, ties to P (no decode is stalled)."""
+        prefer = self.mon.cfg.prefer
+        if prefer != "finish":
+            rules = (lambda: self._p_choice(r, why, spare_all), lambda: self._m_choice(r, why))
+            for rule in rules[::-1] if prefer == "multiplex" else rules:
+                d = rule()
+                if d is not None:
+                    return d
+            return None
+        p, m = self._p_choice(r, why, spare_all), self._m_choice(r, why)
         if p is None or m is None:
-            return p or m or Decision(WAIT, None, "; ".join(why) if why else "")
+            return p or m
         p_end = min(f for _, f, n in self._last_p if n == p.worker)
         m_end = next(f for _, f, n, _ in self._last_m if n == m.worker)
         return m if m_end < p_end else p
 
-    def _p_choice(self, r: Request, why) -> Decision | None:
-        el = self._last_p = self.rule1(r, False, why)
+    def _p_choice(self, r: Request, why, spare_all: bool = False) -> Decision | None:
+        el = self._last_p = self.rule1(r, False, why, spare_all)
         if not el:
             return None
         out, f, name = min(el)
