@@ -52,7 +52,7 @@ def label(prompt: int, rows: int, context: int) -> str:
 def steps_of(cfg, prompt: int, rows: int, context: int) -> list[tuple]:
     """The (chunk bucket, batch bucket, context pages, decode tokens, chunk start, chunk tokens) steps
     `cfg` pads a workload to."""
-    from tropical_jax.runtime.executor import smallest_bucket
+    from tropical_jax.runtime.executor import prompt_steps, smallest_bucket
 
     pages = lambda tokens: smallest_bucket(cfg.context_pages, -(-tokens // cfg.page_size))  # noqa: E731
     batch = smallest_bucket(cfg.batch_sizes, rows) if rows else 0
@@ -60,11 +60,7 @@ def steps_of(cfg, prompt: int, rows: int, context: int) -> list[tuple]:
         return [(0, batch, pages(context), context, 0, 0)]
     if rows:
         return [(smallest_bucket(cfg.chunk_sizes, prompt), batch, pages(max(prompt, context)), context, 0, prompt)]
-    top, out = cfg.chunk_sizes[-1], []
-    for start in range(0, prompt, top):
-        length = min(top, prompt - start)
-        out.append((smallest_bucket(cfg.chunk_sizes, length), 0, pages(start + length), None, start, length))
-    return out
+    return [(c, 0, p, None, start, n) for c, p, (start, n) in prompt_steps(cfg, prompt)]
 
 
 def run_step(ex, c, b, p, decode_tokens, chunk_start, chunk_tokens):

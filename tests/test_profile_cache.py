@@ -14,6 +14,7 @@ from tropical_jax.cluster import profile as profile_mod
 from tropical_jax.cluster import profile_cache
 from tropical_jax.cluster.profile_cache import cached_profile, identity, key_of
 from tropical_jax.config import EngineConfig
+from tropical_jax.runtime.executor import prompt_steps
 from tropical_jax.sched.cost_model import CostModel, ProfileError
 
 BASE = {"units": "ms", "prefill": {"c2": 1e-4, "c1": 0.1, "c0": 10.0}, "decode": {"d0": 8.0, "d1": 0.5, "d2": 1e-3},
@@ -120,9 +121,6 @@ class FakeExecutor:
         self.chunk_sizes, self.batch_sizes = cfg.chunk_sizes, cfg.batch_sizes
         monkeypatch.setattr(profile_mod.time, "perf_counter", lambda: self.clock)
 
-    def chunk_bucket(self, n):
-        return next(c for c in self.chunk_sizes if c >= n)
-
     def time_step(self, c, b, p, decode_tokens=None, chunk=None):
         self.clock += 1e-3 * self.step_ms(c, b, p, decode_tokens, chunk)
 
@@ -146,7 +144,7 @@ def test_prompts_are_timed_chunk_by_chunk_from_their_start(monkeypatch):
     want = {64: cost(64, (0, 64)), 256: cost(256, (0, 256))}
     want |= {k * 256: sum(cost(256, (s * 256, 256)) for s in range(k)) for k in (2, 4)}
     assert dict(prof["prefill"]["points"]) == pytest.approx(want)
-    assert profile_mod._prompt_chunks(ex, 300) == [(256, 64, (0, 256)), (64, 64, (256, 44))]
+    assert prompt_steps(cfg, 300) == [(256, 64, (0, 256)), (64, 64, (256, 44))]
 
 
 @pytest.mark.parametrize("chunks,batches,contexts", [((16,), (1,), (64,)), ((16,), (1, 4), (64,)),

@@ -25,7 +25,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from ..runtime.executor import smallest_bucket
+from ..runtime.executor import prompt_steps
 
 MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
 
@@ -60,18 +60,6 @@ def _pins(chunks: int, batches: int, contexts: int) -> tuple[dict, dict]:
     return decode, mixed
 
 
-def _prompt_chunks(executor, length: int) -> list[tuple]:
-    """The (chunk bucket, context pages, (start, tokens)) steps that prefill a prompt of `length` tokens
-    alone: largest chunks from its start, each in the context bucket that holds it."""
-    cfg, top = executor.cfg, executor.chunk_sizes[-1]
-    out = []
-    for start in range(0, length, top):
-        n = min(top, length - start)
-        out.append((executor.chunk_bucket(n), smallest_bucket(cfg.context_pages, -(-(start + n) // cfg.page_size)),
-                    (start, n)))
-    return out
-
-
 def profile_executor(executor, progress: bool = True, name: str = "", mixed: bool = True) -> dict:
     cfg = executor.cfg
     ps = cfg.page_size
@@ -80,7 +68,7 @@ def profile_executor(executor, progress: bool = True, name: str = "", mixed: boo
     # does: each chunk at its place in the prompt (attention reads only the context its rows have).
     cmax = executor.chunk_sizes[-1]
     lengths = list(executor.chunk_sizes) + [k * cmax for k in (2, 4, 8) if k * cmax <= cfg.max_model_len]
-    chunks = {length: _prompt_chunks(executor, length) for length in lengths}
+    chunks = {length: prompt_steps(cfg, length) for length in lengths}
     shapes = [("prefill", c, 0, p, None, chunk) for c, p, chunk in dict.fromkeys(sum(chunks.values(), []))]
     shapes += [("decode", 0, b, p, t, None) for b in executor.batch_sizes for p in cfg.context_pages
                for t in sorted({max(1, p * ps // 4), p * ps // 2, p * ps})]

@@ -86,9 +86,6 @@ class ModelExecutor:
         """Every (chunk bucket, batch bucket, context pages) of these kinds this executor may run."""
         return step_shapes(self.cfg, kinds)
 
-    def chunk_bucket(self, n: int) -> int:
-        return smallest_bucket(self.chunk_sizes, n)
-
     def warmup(self, progress: bool = True, kinds=STEP_KINDS, name: str = "the engine") -> None:
         """Compile (or load from the persistent cache) every step of these kinds, after checking that
         their memory mappings fit (runtime/map_budget.py). A step outside them still runs: it compiles
@@ -146,6 +143,17 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray
     seeds: np.ndarray
     steps: np.ndarray
+
+
+def prompt_steps(cfg: EngineConfig, length: int) -> list[tuple[int, int, tuple[int, int]]]:
+    """The (chunk bucket, context pages, (start, tokens)) steps that prefill a prompt of `length` tokens
+    alone: largest chunks from its start, each in the context bucket that holds it."""
+    top, steps = cfg.chunk_sizes[-1], []
+    for start in range(0, length, top):
+        n = min(top, length - start)
+        pages = smallest_bucket(cfg.context_pages, -(-(start + n) // cfg.page_size))
+        steps.append((smallest_bucket(cfg.chunk_sizes, n), pages, (start, n)))
+    return steps
 
 
 def chunk_pages(cfg: EngineConfig, chunks) -> int:
