@@ -186,11 +186,6 @@ class EngineConfig:
             raise ValueError(f"num_pages={self.num_pages} cannot hold even one sequence of max_model_len="
                              f"{self.max_model_len} ({self.pages_per_seq} pages of {self.page_size})")
 
-    def check_request(self, prompt_len: int, max_tokens: int) -> int:
-        """ValueError if the prompt is empty or leaves no room for a generated token; returns
-        max_tokens cut to the context's room."""
-        return min(max_tokens, context_room(prompt_len, self.max_model_len))
-
     @property
     def pages_per_seq(self) -> int:
         return -(-self.max_model_len // self.page_size)
@@ -211,7 +206,7 @@ class EngineConfig:
         """Whether `dimension`'s sizes come from the coarse set (False: the fine one)."""
         if self.bucket_set == "auto":
             raise ValueError(f"bucket_set='auto' has no {dimension} sizes until the engine knows its platform: "
-                             f"use for_platform('cpu' | 'gpu' | 'tpu') (runtime.executor.resolve_buckets does), "
+                             f"use for_platform('cpu' | 'gpu' | 'tpu') (the engine does with its devices' platform), "
                              f"or give bucket_set or {dimension}_buckets")
         return self.bucket_set == "coarse"
 

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+from .config import BUCKET_SETS
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tropical_jax.profile", description=__doc__.splitlines()[0])
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-chunk-tokens", type=int, default=256)
-    ap.add_argument("--bucket-set", choices=["auto", "fine", "coarse"], default="auto",
+    ap.add_argument("--bucket-set", choices=BUCKET_SETS, default="auto",
                     help="the engine's bucket sizes (auto: coarse on CPU, fine on GPU and TPU)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--attention-backend", choices=["reference", "pallas"], default="reference")

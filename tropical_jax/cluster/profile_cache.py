@@ -69,10 +69,8 @@ def model_identity(model) -> dict:
 def identity(model, engine_cfg, tp: int = 1, mixed: bool = True) -> dict:
     import jax
 
-    from ..runtime.executor import resolve_buckets
-
     device = jax.devices()[0]
-    engine_cfg = resolve_buckets(engine_cfg, device.platform)  # "auto" keys as the buckets it stands for
+    engine_cfg = engine_cfg.for_platform(device.platform)  # "auto" keys as the buckets it stands for
     engine = dataclasses.asdict(engine_cfg)
     engine.pop("compilation_cache_dir")
     engine.update(chunk_sizes=list(engine_cfg.chunk_sizes), batch_sizes=list(engine_cfg.batch_sizes),

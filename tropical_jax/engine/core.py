@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..config import EngineConfig
+from ..config import EngineConfig, context_room
 from ..runtime.executor import split_tokens, step_inputs
 from ..runtime.sequence import Sequence, append_token
 from ..sched.config import PolicyConfig
@@ -77,7 +77,7 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        return self.cfg.check_request(len(prompt_ids), params.max_tokens)
+        return min(params.max_tokens, context_room(len(prompt_ids), self.cfg.max_model_len))
 
     def abort(self, request_id, reason: str = "aborted by the client") -> None:
         self.scheduler.abort(request_id, self.now(), reason)

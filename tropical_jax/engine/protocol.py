@@ -13,11 +13,10 @@ from typing import Callable, Protocol
 from ..sampling_params import SamplingParams
 from ..sched.request import Request
 
-# Event kinds: the prefill started; tokens came; the request ended (the last tokens, if any, ride on
-# the "finished" event, whose request.finish_reason is "stop" or "length"); it was refused
-# ("rejected": shed or queue timeout) or stopped ("aborted": the client left, or its step failed);
-# the engine can serve no more ("failed": request is None, text says why).
-EVENT_KINDS = ("scheduled", "token", "finished", "rejected", "aborted", "failed")
+# Event kinds: "scheduled" (the prefill started); "token" (tokens came); "finished" (the request ended:
+# the last tokens, if any, ride on it, and request.finish_reason is "stop" or "length"); "rejected"
+# (refused: shed or queue timeout); "aborted" (the client left, or its step failed); "failed" (the
+# engine can serve no more: request is None, text says why).
 
 
 @dataclass
@@ -49,9 +48,6 @@ class ServingEngine(Protocol):
 
     def seconds_to_timer(self) -> float | None:
         """When the engine next needs run_once though nothing happens (a queue timeout): seconds, or None."""
-
-    def default_ttft_slo(self, prompt_len: int) -> float:
-        """The TTFT SLO a request without one gets (s)."""
 
     def snapshot(self) -> dict:
         """Workers (role, queue, running, KV pages, banked slack), policy, dispatch counts."""

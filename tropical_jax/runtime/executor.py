@@ -44,12 +44,6 @@ def enable_compilation_cache(directory: str | None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def resolve_buckets(cfg: EngineConfig, platform: str | None = None) -> EngineConfig:
-    """cfg with bucket_set "auto" settled for `platform` (default: JAX's default backend, where this
-    process's workers run): the coarse set on CPU, the fine one on GPU and TPU."""
-    return cfg.for_platform(platform or jax.default_backend())
-
-
 def smallest_bucket(sizes, n) -> int:
     """The smallest of sorted bucket `sizes` that holds n."""
     i = bisect.bisect_left(sizes, n)
@@ -60,8 +54,9 @@ def smallest_bucket(sizes, n) -> int:
 
 class ModelExecutor:
     def __init__(self, model_cfg: ModelConfig, graphdef, params, engine_cfg: EngineConfig, mesh=None):
-        platform = mesh.devices.flat[0].platform if mesh is not None else None
-        engine_cfg = resolve_buckets(engine_cfg, platform)
+        # "auto" buckets settle for the devices the steps run on (the default backend without a mesh).
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        engine_cfg = engine_cfg.for_platform(platform)
         self.model_cfg, self.cfg, self.params = model_cfg, engine_cfg, params
         enable_compilation_cache(engine_cfg.compilation_cache_dir)
         self.chunk_sizes = engine_cfg.chunk_sizes
@@ -104,11 +99,6 @@ class ModelExecutor:
                  name, len(shapes), time.perf_counter() - start, compile_count() - compiled - loaded, loaded)
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, chunks, decodes) -> tuple[np.ndarray, np.ndarray]:
-        """chunks: [(sequence, start, length)]; decodes: sequences. Returns the sampled ids of the
-        chunks (one each, meaningful where a chunk ends its prompt) and of the decodes."""
-        return split_tokens(self.cfg, self.execute(step_inputs(self.cfg, chunks, decodes)), chunks)
-
     def time_step(self, c, b, p, decode_tokens=None, chunk=None) -> np.ndarray:
         """Run a step of these buckets as full as they can be, or with decode rows of `decode_tokens`
         tokens of context and a chunk of (start, tokens) (for profiling: full_inputs)."""
