@@ -22,6 +22,7 @@ ROLES = ("P", "M", "D", "C")
 POLICIES = ("tropical", "planned", "colocated", "chunked", "disaggregated")
 MULTIPLEXING = ("tropical", "planned")  # policies with P + M workers and the rule 1-3 dispatcher
 _UNSET = -1  # a knob whose default depends on the policy
+SWITCHES = ("shed", "handoff_guard", "arrival_guard", "harmless_first")  # on/off knobs, on by default for planned only
 # Roles each policy runs on; every listed role with a "+" must appear at least once.
 _POLICY_ROLES = {
     "tropical": ({"P", "M"}, {"M"}),
@@ -186,7 +187,7 @@ class PolicyConfig:
             object.__setattr__(self, "max_multiplex_tokens", None if planned else 8192)
         if self.jump_tokens == _UNSET:
             object.__setattr__(self, "jump_tokens", 2048 if planned else None)
-        for knob in ("shed", "handoff_guard", "arrival_guard", "harmless_first"):
+        for knob in SWITCHES:
             if getattr(self, knob) is None:
                 object.__setattr__(self, knob, planned)
         if self.decode_commit_watermark == _UNSET:
@@ -206,7 +207,8 @@ class PolicyConfig:
         object.__setattr__(self, "chunk_buckets", tuple(sorted(set(self.chunk_buckets))))
         if not 0 < self.memory_watermark <= 1:
             raise ValueError("memory_watermark is a fraction in (0, 1]")
-        if self.decode_latency_watermark <= 0 or self.safety_factor <= 0 or (self.decode_commit_watermark or 1) <= 0:
+        commit = self.decode_commit_watermark  # None: the check is off
+        if self.decode_latency_watermark <= 0 or self.safety_factor <= 0 or (commit is not None and commit <= 0):
             raise ValueError("decode_latency_watermark, decode_commit_watermark and safety_factor must be positive")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError("token_budget must be positive")
@@ -257,7 +259,7 @@ def _parse_value(key: str, v: str):
         return tuple(int(x) for x in v.split("/"))
     if key in ("prefer", "queue_order", "policy", "chunk"):
         return v
-    if key in ("shed", "handoff_guard", "arrival_guard", "harmless_first"):
+    if key in SWITCHES:
         if v.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"{key} must be true or false, got {v!r}")
         return v.lower() in ("true", "1", "on")

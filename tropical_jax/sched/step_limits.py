@@ -74,10 +74,12 @@ def step_limits(mon: Monitor, w: WorkerState, now: float) -> StepLimits | None:
     for p in mon.of_role("P"):
         # The queue finishes in its local order, after the step in flight: predicted with the safety
         # factor for when each request lands, without it for its earliest first token.
-        late, early = p.free_at(now, sf), p.free_at(now)
-        prefill_busy.append((late, late + sf * sum(p.rem.values())))
+        late = p.free_at(now, sf)
+        if cfg.arrival_guard:
+            prefill_busy.append((late, late + sf * sum(p.rem.values())))
         if not cfg.handoff_guard:
             continue
+        early = p.free_at(now)
         for r in p.handoff:  # prefilled, waiting for a destination with room: may land at once
             land(r, now, r.first_token_time)
         for _, rem, r in sorted((local_key(mon, r, rem), rem, r) for r, rem in p.rem.items()):

@@ -49,7 +49,7 @@ class SimResult:
 def fresh(r: Request) -> Request:
     """A copy of r with its inputs only (no recorded outcome)."""
     return Request(r.id, r.arrival, r.prompt_len, r.max_tokens, r.ttft_slo, r.tpot_slo, r.output_len,
-                   r.prompt_token_ids)
+                   r.prompt_token_ids, sheddable=r.sheddable)
 
 
 def _quiet_until(heap: list, arrival: float, strict: bool, prefill_workers: set[str]) -> float:
