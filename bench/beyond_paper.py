@@ -26,7 +26,7 @@ from tropical_jax.sched.baselines import BASELINES
 from tropical_jax.sched.bound import work_bound
 from tropical_jax.sched.config import PolicyConfig
 from tropical_jax.sched.metrics import LENGTH_CLASSES, goodput, mean_sd, summarize
-from tropical_jax.sim.cli import DEFAULT_CLUSTER, load_profile, plot_curves
+from tropical_jax.sim.cli import cluster_for, load_profile, plot_curves
 from tropical_jax.sim.simulator import simulate
 from tropical_jax.sim.workloads import make_requests
 
@@ -59,7 +59,7 @@ def requests(s: dict, rate: float, seed: int, n: int):
 
 
 def cluster(policy: str) -> str:
-    return DEFAULT_CLUSTER[PolicyConfig.parse(policy).policy]
+    return cluster_for(policy, None)
 
 
 def search(s: dict, policy: str, seed: int, n: int) -> dict:
@@ -264,6 +264,9 @@ def main():
     for s in settings:  # the report is rewritten after each setting: an interrupted run leaves a valid one
         all_runs[s] = run_setting(cache, s, POLICIES)
         report(all_runs, results)
+        plot_curves({"workload": f"{s}: {SETTINGS[s]['workload']} (seed 0, shed on)", "profile": SETTINGS[s]["profile"],
+                     "target": TARGET, "policies": {p: rs[0] for p, rs in all_runs[s].items()}},
+                    str(results / f"beyond_paper_{s}.png"))
 
 
 def report(all_runs: dict, results: Path) -> None:
@@ -279,10 +282,6 @@ def report(all_runs: dict, results: Path) -> None:
            "summary": {s: summarize_setting(SETTINGS[s], runs[s]) for s in done}, "runs": runs}
     (results / "beyond_paper.json").write_text(json.dumps(out, indent=1) + "\n")
     write_markdown(out, results / "beyond_paper.md")
-    for s in done:
-        plot_curves({"workload": f"{s}: {SETTINGS[s]['workload']} (seed 0, shed on)", "profile": SETTINGS[s]["profile"],
-                     "target": TARGET, "policies": {p: rs[0] for p, rs in runs[s].items()}},
-                    str(results / f"beyond_paper_{s}.png"))
 
 
 if __name__ == "__main__":

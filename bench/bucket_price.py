@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         "command": "python -m bench.bucket_price" + (f" --reps {a.reps}" if a.reps != 15 else "")
                    + (f" --rounds {a.rounds}" if a.rounds != 6 else ""),
         "machine": describe(), "model": "the embedded default (4 layers x 256, float32)",
-        "engine": {"max_model_len": 1024, "page_size": 16, "max_num_seqs": 32, "max_chunk_tokens": 256},
+        "engine": {k: getattr(configs["fine"], k)
+                   for k in ("max_model_len", "page_size", "max_num_seqs", "max_chunk_tokens")},
         "median_compile_s": round(per_compile, 2),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "sets": {name: {"chunk": list(cfg.chunk_sizes), "batch": list(cfg.batch_sizes),

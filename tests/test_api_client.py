@@ -64,10 +64,6 @@ class FakeEngine(Engine):
             return True
         return super().run_once()
 
-    @property
-    def pages(self):
-        return self.pages_used()
-
 
 CLIENTS = []
 
@@ -187,7 +183,7 @@ def test_requests_cut_by_a_drain_get_a_503_or_an_error_event_and_done():
     status, body, _ = results[True]
     events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
     assert status == 200 and json.loads(events[-2])["error"]["code"] == "shutdown" and events[-1] == "[DONE]"
-    wait_for(lambda: engine.pages == 0)
+    wait_for(lambda: engine.pages_used() == 0)
     assert 'tropical_requests_total{outcome="shutdown"} 2.0' in http.get("/metrics").get_data(as_text=True)
 
 
@@ -217,7 +213,7 @@ def test_a_failing_step_fails_its_requests_only_until_the_engine_is_broken():
     ok = http.post("/v1/completions", json={"prompt": [2], "max_tokens": 3})
     assert ok.status_code == 200 and ok.json["usage"]["completion_tokens"] == 3
     assert http.get("/health").json["status"] == "ok"
-    wait_for(lambda: engine.pages == 0)  # the failed request's page came back
+    wait_for(lambda: engine.pages_used() == 0)  # the failed request's page came back
     engine.worker.fail = MAX_CONSECUTIVE_FAILURES
     for _ in range(MAX_CONSECUTIVE_FAILURES):
         assert http.post("/v1/completions", json={"prompt": [1], "max_tokens": 3}).status_code == 500
@@ -235,9 +231,9 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_pages():
     body = r.response  # the SSE generator
     first = next(iter(body))
     assert b"token_ids" in first
-    wait_for(lambda: engine.pages == 1)
+    wait_for(lambda: engine.pages_used() == 1)
     r.close()  # what waitress does when the client has gone
-    wait_for(lambda: engine.pages == 0 and not server.client.handles)
+    wait_for(lambda: engine.pages_used() == 0 and not server.client.handles)
     assert server.client.state()["workers"][0]["kv_pages_used"] == 0
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from model_helpers import save_tiny_hf
+from test_sched_decisions import PROFILE  # round numbers (ms) for tests that plan by hand: no profiling at startup
 from tropical_jax import LLM, SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -133,9 +134,6 @@ def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     assert llm.engine.pages_used() == 0
 
 
-# A cost model with round numbers (ms) for tests that plan by hand: no profiling at startup.
-PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.25, "c0": 10.0}, "decode": {"d0": 20.0, "d1": 0.0, "d2": 0.0},
-           "kv_bytes_per_token": 1000, "transfer": {"bandwidth_GBps": 1.0, "latency_ms": 1.0}}
 
 
 @pytest.mark.slow

@@ -9,14 +9,11 @@ chunked policy with a 64-token budget packing up to two prompts, first come firs
 
 import pytest
 
+from test_sched_decisions import COST
 from tropical_jax.sched.config import PolicyConfig
-from tropical_jax.sched.cost_model import CostModel
 from tropical_jax.sched.request import Request, RequestStatus
 from tropical_jax.sched.scheduler import Scheduler
 
-COST = CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 0.25, "c0": 10.0},
-                            "decode": {"d0": 20.0, "d1": 0.0, "d2": 0.0}, "kv_bytes_per_token": 1000,
-                            "transfer": {"bandwidth_GBps": 1.0, "latency_ms": 1.0}})
 
 
 def make(**knobs):
