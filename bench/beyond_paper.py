@@ -32,6 +32,7 @@ from tropical_jax.sim.workloads import make_requests
 
 RESULTS = Path(__file__).parent / "results"
 SEEDS, NUM_REQUESTS, TARGET, REL_TOL, SCREEN = 3, 2000, 0.9, 0.03, 0.15
+CACHE = "/tmp/tropical_jax_beyond_paper"  # per-search results, shared with bench/paper_repro.py
 MOONCAKE = dict(workload="mooncake-conversation", profile="a100-internlm2.5-20b-tp2", max_input_len=32768,
                 arrival="poisson", cv=1.0, ttft_scale=5.0, tpot_slo_ms=100.0, rate_lo=0.4, rate_hi=1.2)
 LLAMA70 = dict(profile="a100-llama2-70b-tp4", max_input_len=4096, arrival="poisson", cv=1.0, ttft_scale=5.0,
@@ -240,7 +241,7 @@ def targets(summary: dict) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
-    ap.add_argument("--cache", default="/tmp/tropical_jax_beyond_paper", help="folder of per-search results")
+    ap.add_argument("--cache", default=CACHE, help="folder of per-search results")
     ap.add_argument("--warm", metavar="POLICIES", help="only run these (comma-separated) into the cache; no report")
     ap.add_argument("--rerun", action="append", default=[], metavar="POLICY", help="drop POLICY's cached searches")
     ap.add_argument("--results", default=str(RESULTS), help="output folder")
@@ -269,14 +270,18 @@ def main():
                     str(results / f"beyond_paper_{s}.png"))
 
 
+def results_only(runs: dict) -> dict:
+    """A setting's runs without their CPU seconds, which vary from run to run: the files hold results only."""
+    return {p: [{k: v for k, v in r.items() if k != "cpu_s"} for r in rs] for p, rs in runs.items()}
+
+
 def report(all_runs: dict, results: Path) -> None:
     done = list(all_runs)
     command = "nice -n 10 python -m bench.beyond_paper" + (f" --settings {','.join(done)}" if done != list(SETTINGS)
                                                            else "")
     cpu = sum(r["cpu_s"] for runs in all_runs.values() for rs in runs.values() for r in rs)
     print(f"{cpu:.0f} s of CPU in the searches so far ({platform.platform()})", flush=True)
-    runs = {s: {p: [{k: v for k, v in r.items() if k != "cpu_s"} for r in rs] for p, rs in pols.items()}
-            for s, pols in all_runs.items()}  # CPU seconds vary from run to run: the files hold results only
+    runs = {s: results_only(pols) for s, pols in all_runs.items()}
     out = {"command": command, "num_requests": NUM_REQUESTS, "seeds": SEEDS, "target": TARGET, "rel_tol": REL_TOL,
            "screen": SCREEN, "shed": True, "baselines": BASELINES, "settings": {s: SETTINGS[s] for s in done},
            "summary": {s: summarize_setting(SETTINGS[s], runs[s]) for s in done}, "runs": runs}

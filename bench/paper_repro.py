@@ -18,7 +18,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from bench.beyond_paper import BASELINES, POLICIES, SETTINGS, Cache, cluster, requests, run_setting, spread, summarize_setting
+from bench.beyond_paper import (BASELINES, CACHE, NUM_REQUESTS, POLICIES, SETTINGS, Cache, cluster, requests, results_only,
+                                run_setting, spread, summarize_setting)
 from tropical_jax.sched.config import PolicyConfig
 from tropical_jax.sched.metrics import LENGTH_CLASSES, miss_breakdown, summarize
 from tropical_jax.sim.cli import load_profile
@@ -40,7 +41,7 @@ def reference(setting: str, policy: str, rate: float) -> dict:
     """Seed 0 at `rate` with shedding on: latencies, misses, and why the missed requests went where they went."""
     s = SETTINGS[setting]
     cfg = PolicyConfig.parse(policy, shed=True, ttft_scale=s["ttft_scale"])
-    res = simulate(requests(s, rate, 0, 2000), cluster(policy), cfg, load_profile(s["profile"]),
+    res = simulate(requests(s, rate, 0, NUM_REQUESTS), cluster(policy), cfg, load_profile(s["profile"]),
                    record_decisions=policy in TRACED)
     out = {k: v for k, v in summarize(res.requests).items()
            if k in ("attainment", "ttft_p90", "tpot_p90", "rejected", "misses_by_length")}
@@ -90,12 +91,11 @@ def write_markdown(out: dict, path: Path) -> None:
 
 
 def main():
-    cache = Cache(Path("/tmp/tropical_jax_beyond_paper"), 2000)
+    cache = Cache(Path(CACHE), NUM_REQUESTS)
     out = {"command": "nice -n 10 python -m bench.paper_repro", "paper_goodput": PAPER,
            "paper_latency": PAPER_LATENCY, "settings": {}}
     for name in PAPER:
-        runs = run_setting(cache, name, POLICIES)
-        runs = {p: [{k: v for k, v in r.items() if k != "cpu_s"} for r in rs] for p, rs in runs.items()}
+        runs = results_only(run_setting(cache, name, POLICIES))
         summary = summarize_setting(SETTINGS[name], runs)
         rate = summary["policies"][summary["strongest_baseline"]]["goodput_mean"]
         ref = {p: reference(name, p, rate) for p in POLICIES}
