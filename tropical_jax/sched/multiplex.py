@@ -42,10 +42,13 @@ class PlanState:
     steps: int = 0                # steps planned so far, j above
     min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
     limits: StepLimits | None = None  # how long a step may be, by when it starts (sched/step_limits.py)
+    # Index of the bucket the last pick_chunk chose: where the next search starts (a prompt's steps
+    # mostly take the bucket of the step before). Speed only: any start gives the same answer.
+    bucket_hint: int = 0
 
     def copy(self) -> "PlanState":
         return PlanState(self.t0, self.num_decodes, self.decode_tokens, self.elapsed, self.steps, dict(self.min_a),
-                         self.limits)
+                         self.limits, self.bucket_hint)
 
     def cap(self, elapsed: float) -> float:
         """Longest step starting `elapsed` seconds into the plan that the step limits allow."""
@@ -86,17 +89,27 @@ def step_budget(min_a: dict[float, float], steps: int, elapsed: float, cap: floa
     return cap if cap < least else least
 
 
+def step_room(mon: Monitor, st: PlanState, steps: int, elapsed: float) -> tuple[float, float]:
+    """Longest step (s, before the safety factor) that may start `elapsed` into plan st as its step
+    number `steps` + 1: within the tightest decode's slack and the step limits. Second, the longest
+    without the arrival guard (the same unless that guard binds): the arrival guard never refuses the
+    smallest bucket the rest allows, or an inline could wait for as long as a P worker stays busy."""
+    cfg, limits = mon.cfg, st.limits
+    handoff, arrival = (math.inf, math.inf) if limits is None else limits.caps(st.t0 + elapsed)
+    budget = step_budget(st.min_a, steps, elapsed, handoff, cfg.slack_margin)
+    sf = cfg.safety_factor
+    return (arrival / sf, budget / sf) if arrival < budget else (budget / sf, budget / sf)
+
+
 def chunk_room(mon: Monitor, st: PlanState, steps: int, elapsed: float, ctx: int, decode_tokens: int) -> int:
     """Largest chunk (tokens, at most the largest bucket) a step of plan st may carry when it starts
-    `elapsed` into the plan as its step number `steps` + 1: within the tightest decode's slack and the
-    step limits. The arrival guard never refuses the smallest bucket the rest allows, or an inline
-    could wait for as long as a P worker stays busy."""
-    cfg, cost, sf, top = mon.cfg, mon.cost, mon.cfg.safety_factor, mon.big_chunk
-    handoff, arrival = (math.inf, math.inf) if st.limits is None else st.limits.caps(st.t0 + elapsed)
-    budget = step_budget(st.min_a, steps, elapsed, handoff, cfg.slack_margin)
-    cmax = cost.max_chunk(ctx, st.num_decodes, decode_tokens, min(budget, arrival) / sf, top)
-    if cmax < cfg.chunk_buckets[0] and arrival < budget:
-        cmax = min(cfg.chunk_buckets[0], cost.max_chunk(ctx, st.num_decodes, decode_tokens, budget / sf, top))
+    `elapsed` into the plan as its step number `steps` + 1 (step_room)."""
+    room, without_arrival = step_room(mon, st, steps, elapsed)
+    max_chunk, top, decodes = mon.cost.max_chunk, mon.big_chunk, st.num_decodes
+    cmax = max_chunk(ctx, decodes, decode_tokens, room, top)
+    smallest = mon.cfg.chunk_buckets[0]
+    if cmax < smallest and without_arrival > room:
+        cmax = min(smallest, max_chunk(ctx, decodes, decode_tokens, without_arrival, top))
     return cmax
 
 
@@ -107,18 +120,52 @@ def bucket_floor(buckets: tuple[int, ...], n: int) -> int:
 
 
 def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slack: bool) -> tuple[int, float]:
-    """The rest of the prompt if it fits the step's budget (and the largest bucket), else the largest
-    bucket that fits. Returns (chunk tokens, predicted step time with safety factor); (0, 0.0) when
-    none fits.
+    """The rest of the prompt if it fits the step's room (and the largest bucket), else the largest
+    bucket that fits: bucket_floor(chunk_room) with the rest of the prompt allowed too. Returns
+    (chunk tokens, predicted step time with safety factor); (0, 0.0) when none fits.
+
+    Plans call this for every step (hundreds of thousands of times a simulated run): rather than
+    solve for the largest chunk, it tries buckets from the one the step before chose, whose time it
+    needs anyway (t_mixed grows with the chunk, so the first that fits from above is the largest).
     """
-    cfg, cost = mon.cfg, mon.cost
-    sf = cfg.safety_factor
-    top = mon.big_chunk
-    cmax = chunk_room(mon, st, st.steps, st.elapsed, ctx, st.decode_tokens) if check_slack else top
-    c = remaining if remaining <= cmax else bucket_floor(cfg.chunk_buckets, cmax)
-    if c == 0:
-        return 0, 0.0
-    return c, cost.t_mixed(c, ctx, st.num_decodes, st.decode_tokens) * sf
+    t_mixed, sf = mon.cost.t_mixed, mon.cfg.safety_factor
+    decodes, tokens = st.num_decodes, st.decode_tokens
+    if not check_slack:
+        c = min(remaining, mon.big_chunk)
+        return (c, t_mixed(c, ctx, decodes, tokens) * sf) if c > 0 else (0, 0.0)
+    room, without_arrival = step_room(mon, st, st.steps, st.elapsed)
+    buckets = mon.cfg.chunk_buckets
+    i = st.bucket_hint  # becomes the largest bucket that fits (-1: none), t its time
+    t = t_mixed(buckets[i], ctx, decodes, tokens)
+    if t <= room:
+        while i + 1 < len(buckets):
+            up = t_mixed(buckets[i + 1], ctx, decodes, tokens)
+            if up > room:
+                break
+            i, t = i + 1, up
+    else:
+        while i >= 0:
+            i -= 1
+            if i >= 0:
+                t = t_mixed(buckets[i], ctx, decodes, tokens)
+                if t <= room:
+                    break
+    st.bucket_hint = max(i, 0)
+    if i >= 0 and remaining <= buckets[i]:
+        return (remaining, t_mixed(remaining, ctx, decodes, tokens) * sf) if remaining > 0 else (0, 0.0)
+    if i + 1 < len(buckets) and remaining < buckets[i + 1]:  # the rest may fit between two buckets
+        rest = t_mixed(remaining, ctx, decodes, tokens)
+        if rest <= room:
+            return remaining, rest * sf
+    if i >= 0:
+        return buckets[i], t * sf
+    if without_arrival > room:  # the arrival guard alone refuses every bucket: the smallest may still go
+        for c in (remaining, buckets[0]):
+            if c <= buckets[0]:
+                t = t_mixed(c, ctx, decodes, tokens)
+                if t <= without_arrival:
+                    return c, t * sf
+    return 0, 0.0
 
 
 def is_short(mon: Monitor, r: Request) -> bool:

@@ -39,19 +39,22 @@ class StepLimits:
         return min(self.caps(start))
 
     def caps(self, start: float) -> tuple[float, float]:
-        """The handoff guard's and the arrival guard's longest step starting at `start`."""
-        i = bisect.bisect_right(self.lands, start)
-        handoff = self.ends[i] - start if i < len(self.ends) else math.inf
-        return handoff, math.inf if self.wait == math.inf else self._arrival_cap(start)
+        """The handoff guard's and the arrival guard's longest step starting at `start`.
 
-    def _arrival_cap(self, start: float) -> float:
+        Every step a plan weighs asks this (hundreds of thousands of times a simulated run), hence
+        the arrival cap written out here rather than in a helper."""
+        lands = self.lands
+        handoff = self.ends[bisect.bisect_right(lands, start)] - start if lands and start < lands[-1] else math.inf
+        wait = self.wait
+        if wait == math.inf:
+            return handoff, math.inf
         covered = start  # a prompt arriving by then finds a P worker free in time
         for step_end, queue_end in self.prefill_busy:
-            if start >= queue_end or (step_end <= start + self.wait and queue_end <= step_end):
-                return math.inf  # that P worker is idle then, or becomes idle in time
-            if start < step_end <= start + self.wait:
-                covered = max(covered, step_end)  # its next step is long: it covers until this one ends
-        return covered + self.wait - start
+            if start >= queue_end or (step_end <= start + wait and queue_end <= step_end):
+                return handoff, math.inf  # that P worker is idle then, or becomes idle in time
+            if start < step_end <= start + wait and step_end > covered:
+                covered = step_end  # its next step is long: it covers until this one ends
+        return handoff, covered + wait - start
 
 
 def step_limits(mon: Monitor, w: WorkerState, now: float) -> StepLimits | None:
