@@ -148,6 +148,7 @@ class CostModel:
         m = self.mixed
         self._m = None if m is None else (m["m0"], m["mc2"], m["mcx"], m["mc1"], m["mb"], m["mt"])
         self._shared = min(p["c0"], d["d0"])  # ms: the fixed overhead a derived mixed step shares
+        self._shared_s = self._shared * 1e-3
 
     # ---------------- predictions (seconds) ----------------
     def t_prefill(self, L: int) -> float:
@@ -173,8 +174,7 @@ class CostModel:
         if m is None:
             k2, kx, k1, k0 = self._k
             d0, d1, d2 = self._d
-            return (k2 * C * C + kx * C * ctx + k1 * C + k0) * 1e-3 + (d0 + d1 * B + d2 * T) * 1e-3 \
-                - self._shared * 1e-3
+            return (k2 * C * C + kx * C * ctx + k1 * C + k0) * 1e-3 + (d0 + d1 * B + d2 * T) * 1e-3 - self._shared_s
         m0, mc2, mcx, mc1, mb, mt = m
         return (m0 + mc2 * C * C + mcx * C * ctx + mc1 * C + mb * B + mt * T) * 1e-3
 

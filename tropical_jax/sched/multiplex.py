@@ -43,8 +43,8 @@ class PlanState:
     min_a: dict[float, float] = field(default_factory=dict)  # tpot -> min A_r over decodes with that SLO
     limits: StepLimits | None = None  # how long a step may be, by when it starts (sched/step_limits.py)
     # Index of the bucket the last pick_chunk chose: where the next search starts (a prompt's steps
-    # mostly take the bucket of the step before). Speed only: any start gives the same answer.
-    bucket_hint: int = 0
+    # mostly take the bucket of the step before; None: the middle one). Any start gives the same answer.
+    bucket_hint: int | None = None
 
     def copy(self) -> "PlanState":
         return PlanState(self.t0, self.num_decodes, self.decode_tokens, self.elapsed, self.steps, dict(self.min_a),
@@ -136,6 +136,8 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
     room, without_arrival = step_room(mon, st, st.steps, st.elapsed)
     buckets = mon.cfg.chunk_buckets
     i = st.bucket_hint  # becomes the largest bucket that fits (-1: none), t its time
+    if i is None:
+        i = (len(buckets) - 1) // 2
     t = t_mixed(buckets[i], ctx, decodes, tokens)
     if t <= room:
         while i + 1 < len(buckets):
@@ -150,7 +152,7 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
                 t = t_mixed(buckets[i], ctx, decodes, tokens)
                 if t <= room:
                     break
-    st.bucket_hint = max(i, 0)
+    st.bucket_hint = i if i > 0 else 0
     if i >= 0 and remaining <= buckets[i]:
         return (remaining, t_mixed(remaining, ctx, decodes, tokens) * sf) if remaining > 0 else (0, 0.0)
     if i + 1 < len(buckets) and remaining < buckets[i + 1]:  # the rest may fit between two buckets

@@ -64,15 +64,7 @@ def step_limits(mon: Monitor, w: WorkerState, now: float) -> StepLimits | None:
     if w.role != "M" or not (cfg.handoff_guard or cfg.arrival_guard):
         return None
     sf, cost = cfg.safety_factor, mon.cost
-    batch, load = len(w.decoding) + len(w.incoming) + 1, w.decode_load() + 1
-    landings: list[tuple[float, float]] = []
-
-    def land(r: Request, first_token: float, earliest: float) -> None:
-        lands = first_token + cost.t_transfer(r.prompt_len) * sf
-        end = earliest + r.tpot_slo - cost.t_decode(batch, load + r.prompt_len) * sf
-        if end >= lands:  # else its second token is late whatever w does
-            landings.append((lands, end))
-
+    coming: list[tuple[Request, float, float]] = []  # (request, its first token, its earliest first token)
     prefill_busy = []
     for p in mon.of_role("P"):
         # The queue finishes in its local order, after the step in flight: predicted with the safety
@@ -84,9 +76,17 @@ def step_limits(mon: Monitor, w: WorkerState, now: float) -> StepLimits | None:
             continue
         early = p.free_at(now)
         for r in p.handoff:  # prefilled, waiting for a destination with room: may land at once
-            land(r, now, r.first_token_time)
+            coming.append((r, now, r.first_token_time))
         for _, rem, r in sorted((local_key(mon, r, rem), rem, r) for r, rem in p.rem.items()):
             late, early = late + rem * sf, early + rem
-            land(r, late, early)
+            coming.append((r, late, early))
+    landings: list[tuple[float, float]] = []
+    if coming:  # w's batch is read only then: once per step of w, it is worth sparing
+        batch, load = len(w.decoding) + len(w.incoming) + 1, w.decode_load() + 1
+        for r, first_token, earliest in coming:
+            lands = first_token + cost.t_transfer(r.prompt_len) * sf
+            end = earliest + r.tpot_slo - cost.t_decode(batch, load + r.prompt_len) * sf
+            if end >= lands:  # else its second token is late whatever w does
+                landings.append((lands, end))
     wait = mon.shortest_wait() if cfg.arrival_guard else math.inf
     return StepLimits(landings, prefill_busy, wait) if landings or wait < math.inf else None
