@@ -3,6 +3,7 @@
     run     --workload W --profile P --cluster 1P1M --policy tropical --rate R --num-requests N [--json]
             [--requests-out FILE.jsonl] [--decisions-out FILE.jsonl]          (per-request outcomes, decision log)
     bound   --workload W --profile P --cluster 2C [--max-input-len L] [--json]     (the work bound, docs/algorithm.md)
+            [--window [--class-floor 0.8]]       (and the window bound on this very trace, docs/policies.md)
     goodput --workload W --profile P --policies planned,baselines
             [--cluster tropical=1P1M,colocated=2C] [--target 0.9] [--seeds 1] [--json] [--plot FILE.png]
             [--early-stop] [--jobs N]
@@ -32,6 +33,7 @@ from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
 from ..sched.metrics import goodput, mean_sd, miss_breakdown, record, summarize
+from ..sched.window_bound import window_bound
 from .rate_pool import RatePool
 from .simulator import simulate
 from .workloads import ARRIVALS, make_requests
@@ -88,13 +90,20 @@ def _policy(args, text):
 def bound_for(args, cluster: str, cost: CostModel) -> dict:
     reqs = _requests(args, 1.0, args.seed)
     return work_bound([r.prompt_len for r in reqs], [r.output_len for r in reqs], cost,
-                      len(parse_cluster(cluster).workers), args.tpot_slo_ms / 1000)
+                      len(parse_cluster(cluster).workers), args.tpot_slo_ms / 1000, attainment=args.target)
 
 
 def cmd_bound(args) -> dict:
-    cluster = args.cluster or "2C"
-    return {"workload": args.workload, "profile": args.profile, "cluster": cluster,
-            "max_input_len": args.max_input_len, **bound_for(args, cluster, load_profile(args.profile))}
+    cluster, cost = args.cluster or "2C", load_profile(args.profile)
+    out = {"workload": args.workload, "profile": args.profile, "cluster": cluster,
+           "max_input_len": args.max_input_len, **bound_for(args, cluster, cost)}
+    if args.window:
+        workers = len(parse_cluster(cluster).workers)
+        out["window"] = window_bound(lambda rate: _requests(args, rate, args.seed), cost, workers,
+                                     ttft_scale=args.ttft_scale, tpot_slo=args.tpot_slo_ms / 1000,
+                                     target=args.target, lo=0.5 * out["bound_rps"], hi=out["bound_rps_at_target"],
+                                     class_floor=args.class_floor)
+    return out
 
 
 def run_once(args, policy_text, cluster, rate, seed, cost, max_misses=None, progress=False, record_decisions=False):
@@ -244,7 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rate", type=float, required=True, help="mean arrival rate (requests/s)")
     r.add_argument("--requests-out", metavar="FILE.jsonl", help="write every request's outcome, one JSON per line")
     r.add_argument("--decisions-out", metavar="FILE.jsonl", help="write every dispatch decision with its reason")
-    sub.add_parser("bound", parents=[common], help="the most req/s any policy could serve within SLO")
+    b = sub.add_parser("bound", parents=[common], help="the most req/s any policy could serve within SLO")
+    b.add_argument("--window", action="store_true",
+                   help="also the window bound: the highest rate at which a linear program over this very trace "
+                        "(--seed, --num-requests) serves --target of it within each request's TTFT and TPOT time "
+                        "(tighter where arrivals bunch; a few seconds per rate tried)")
+    b.add_argument("--class-floor", type=float, metavar="F",
+                   help="with --window: every prompt-length class must be served at least this fraction (0.8: "
+                        "no class above 20%% misses)")
+    b.add_argument("--target", type=float, default=0.9, help="SLO attainment the bounds are for (default 0.9)")
     g = sub.add_parser("goodput", parents=[common], help="bisect each policy's goodput")
     g.add_argument("--policies", default="tropical,colocated,chunked,disaggregated",
                    help="comma-separated policies (knobs after a colon) or baseline names; 'baselines' adds "
