@@ -61,3 +61,17 @@ def test_block_table_grows_by_pages_and_fails_atomically():
     assert len(t.pages) == 2 and t.num_tokens == 8 and a.num_free == 1
     t.release(a)
     assert a.num_free == 3 and t.pages == [] and t.num_tokens == 0
+
+
+def test_release_of_a_table_with_a_shared_page_keeps_that_page():
+    a = PageAllocator(num_pages=4, page_size=4)
+    t, other = BlockTable(), BlockTable()
+    assert t.ensure(a, 8) and other.ensure(a, 4)
+    a.incref(t.pages[:1])  # another sequence shares t's first page
+    shared = t.pages[0]
+    t.release(a)
+    assert a.ref_count(shared) == 1 and a.num_free == 2
+    a.free([shared])
+    other.release(a)  # nothing shared any more: the unchecked path
+    assert a.num_free == 4 and all(a.ref_count(p) == 0 for p in range(4))
+    assert a.allocate(4) == [2, 0, 1, 3]  # last freed first: other's page, the shared one, t's second, the never used

@@ -69,42 +69,49 @@ class Batcher:
             return False
         return w.reserve(r, need)
 
-    def _decodes(self, w: WorkerState, now: float) -> list[Request]:
-        """The decode batch, each with a page for the token it is about to write. When pages run out,
-        the latest-arrived decode is preempted (its KV dropped, recomputed later), as vLLM does."""
-        i = 0
-        tables, page = w.tables, w.alloc.page_size
-        while i < len(w.decoding):
-            r = w.decoding[i]
+    def _decodes(self, w: WorkerState, now: float) -> tuple[list[Request], int]:
+        """The decode batch, each with a page for the token it is about to write, and the KV tokens it
+        reads (StepPlan.decode_tokens). When pages run out, the latest-arrived decode is preempted (its
+        KV dropped, recomputed later), as vLLM does."""
+        i = tokens = 0
+        decoding, tables, page = w.decoding, w.tables, w.alloc.page_size
+        while i < len(decoding):
+            r = decoding[i]
             need = r.prompt_len + r.n_out  # decode_ctx(r)
             t = tables.get(r)
             if t is not None and need <= len(t.pages) * page:  # w.reserve's common case, inlined: room left
                 if need > t.num_tokens:
                     t.num_tokens = need
-                i += 1
+            elif not w.reserve(r, need):
+                v = max(range(len(decoding)), key=lambda k: self.mon.seq[decoding[k]])
+                victim = decoding.pop(v)
+                if v < i:
+                    i -= 1
+                    tokens -= victim.prompt_len + victim.n_out
+                w.release(victim)
+                victim.recompute_len = victim.prompt_len + victim.n_out - 1
+                victim.prefilled = 0
+                n_rec = sum(1 for q in w.queue if q.recompute_len)
+                w.queue.insert(n_rec, victim)
+                w.rem[victim] = self.mon.remaining_time(w, victim)
+                self.on_preempt(w, victim, now)
                 continue
-            if w.reserve(r, need):
-                i += 1
-                continue
-            v = max(range(len(w.decoding)), key=lambda k: self.mon.seq[w.decoding[k]])
-            victim = w.decoding.pop(v)
-            if v < i:
-                i -= 1
-            w.release(victim)
-            victim.recompute_len = victim.prompt_len + victim.n_out - 1
-            victim.prefilled = 0
-            n_rec = sum(1 for q in w.queue if q.recompute_len)
-            w.queue.insert(n_rec, victim)
-            w.rem[victim] = self.mon.remaining_time(w, victim)
-            self.on_preempt(w, victim, now)
-        return w.decoding[:self.mon.cfg.max_batch]
+            i += 1
+            tokens += need
+        batch = decoding[:self.mon.cfg.max_batch]
+        if len(batch) < len(decoding):
+            tokens = sum([r.prompt_len + r.n_out for r in batch])
+        return batch, tokens
 
-    def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: list[Request]) -> StepPlan | None:
-        if not chunks and not decodes:
+    def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: tuple[list[Request], int] = ([], 0)
+              ) -> StepPlan | None:
+        """The step of these prefill chunks and this decode batch (as _decodes gives it), if any."""
+        batch, tokens = decodes
+        if not chunks and not batch:
             return None
-        plan = StepPlan(w.name, chunks, decodes, sum([r.prompt_len + r.n_out for r in decodes]), 0.0, now)  # decode_ctx
         cost = self.mon.cost
-        plan.predicted = cost.t_plan(plan) if chunks else cost.t_decode(len(decodes), plan.decode_tokens)
+        plan = StepPlan(w.name, chunks, batch, tokens, 0.0, now)
+        plan.predicted = cost.t_plan(plan) if chunks else cost.t_decode(len(batch), tokens)
         return plan
 
     @staticmethod
@@ -159,18 +166,18 @@ class Batcher:
         limit = self.mon.chunk_limit(w)
         step_time = self.mon.cost.t_chunk if w.role == "P" else None
         return self._plan(w, now, self._pack(w, now, order, sys.maxsize if limit is None else limit,
-                                             step_time=step_time), [])
+                                             step_time=step_time))
 
     def _multiplex(self, w: WorkerState, now: float) -> StepPlan | None:
-        decodes = self._decodes(w, now)
+        decodes = batch, tokens = self._decodes(w, now)
         chunks = []
         if w.queue:
             r = w.queue[0]
             if self._admit(w, r):
                 st = PlanState(t0=now, limits=step_limits(self.mon, w, now))
                 # In-transit decodes get their next token after this step at the earliest.
-                st.min_a = min_slack(decodes + w.incoming, now)
-                st.num_decodes, st.decode_tokens = len(decodes), sum([d.prompt_len + d.n_out for d in decodes])  # decode_ctx
+                st.min_a = min_slack(batch + w.incoming, now)
+                st.num_decodes, st.decode_tokens = len(batch), tokens
                 c, _ = pick_chunk(self.mon, st, r.prefill_target - r.prefilled, r.prefilled, not is_short(self.mon, r))
                 head = self._chunk(r, c) if c else None
                 if head and head.last:  # other inlines that finish here may join it, decodes kept on time
@@ -187,6 +194,6 @@ class Batcher:
 
     def _chunked(self, w: WorkerState, now: float) -> StepPlan | None:
         decodes = self._decodes(w, now)
-        room = self.mon.cfg.chunked_budget - len(decodes)
+        room = self.mon.cfg.chunked_budget - len(decodes[0])
         chunks = self._pack(w, now, self._c_order(w), room) if room > 0 and w.queue else []
         return self._plan(w, now, chunks, decodes)

@@ -48,7 +48,7 @@ class FastForward:
                 until = min(until, self._shed_at[0][0])
             batch = plan.decodes
             ends = self._decode_ends(plan, until, step_time,
-                                     min(steps_left(batch), min(r.max_tokens - r.n_out for r in batch) - 1))
+                                     min(steps_left(batch), min([r.max_tokens - r.n_out for r in batch]) - 1))
             ends = ends[:self._grow_pages(w, batch, len(ends))]
             if not ends:
                 return plan, 0
@@ -59,11 +59,10 @@ class FastForward:
                     self._recalibrated(self.recalibrator.observe_time(
                         "decode", per_step(len(batch), plan.decode_tokens + i * len(batch)), end - start))
                     start = end
-            for r in batch:  # k tokens each; the table holds what the last step read (next_step grows it on)
+            last = ends[-1]
+            for r in batch:  # k tokens each (their tables' token counts: next_step below sets them)
                 r.n_out += k
-                r.last_token_time = ends[-1]
-                t = w.tables[r]
-                t.num_tokens = max(t.num_tokens, r.prompt_len + r.n_out - 1)
+                r.last_token_time = last
             w.busy = None
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
             nxt = self.next_step(worker, ends[-1])

@@ -66,8 +66,8 @@ class CostModelExecutor:
     def steps_left(self, decodes: list[Request]) -> int:
         """How many decode steps of this batch, the one in flight included, end before one of its
         requests gets its last token."""
-        tokens = self.tokens
-        return min(tokens(r) - r.n_out for r in decodes) - 1
+        return min([(r.max_tokens if r.output_len is None or r.output_len > r.max_tokens else r.output_len) - r.n_out
+                    for r in decodes]) - 1  # tokens(r), inlined as in finished()
 
     def transfer(self, t: Transfer) -> tuple[float, bool]:
         """(duration, succeeded) of a KV handoff. A failure is noticed after the full transfer time."""
