@@ -107,11 +107,13 @@ class FastForward:
         the same order, as next_step would one step at a time). Returns how many steps can end
         before one would have to preempt (k if none): the step that cannot get all its pages is
         left to next_step."""
-        page, alloc = w.alloc.page_size, w.alloc
+        page, alloc, tables = w.alloc.page_size, w.alloc, w.tables
         grows = []  # (step, place in the batch): that decode's table needs a page when that step starts
         for place, r in enumerate(batch):
-            ctx = r.prompt_len + r.n_out  # what the step in flight reads
-            grows.extend((i, place) for i in range(len(w.tables[r].pages) * page - ctx + 1, k, page))
+            step = len(tables[r].pages) * page - (r.prompt_len + r.n_out) + 1  # past what the step in flight reads
+            while step < k:
+                grows.append((step, place))
+                step += page
         grows.sort()
         if len(grows) > alloc.num_free:
             k = grows[alloc.num_free][0]

@@ -90,7 +90,7 @@ class WorkerState:
 
     def decode_load(self) -> int:
         """KV tokens of the decode batch, requests in transit to here included."""
-        return sum(decode_ctx(r) for r in self.decoding) + sum(decode_ctx(r) for r in self.incoming)
+        return sum([r.prompt_len + r.n_out for r in (*self.decoding, *self.incoming)])  # decode_ctx, inlined
 
     # ---------------- KV pages ----------------
     def can_admit(self, tokens: int, watermark: float) -> bool:

@@ -161,17 +161,16 @@ class Scheduler(RequestEndings, FastForward):
             for c in plan.chunks:
                 r = c.request
                 r.prefilled += c.length
-                if not c.last:
-                    w.rem[r] = self.mon.remaining_time(w, r)
+                if not c.last:  # w.rem[r] stands: next_step (or set_cost since) counted this chunk as done
+                    continue
+                w.queue.remove(r)
+                w.rem.pop(r, None)
+                if c.recompute:
+                    r.recompute_len = 0
+                    r.prefilled = r.prompt_len
+                    w.decoding.append(r)
                 else:
-                    w.queue.remove(r)
-                    w.rem.pop(r, None)
-                    if c.recompute:
-                        r.recompute_len = 0
-                        r.prefilled = r.prompt_len
-                        w.decoding.append(r)
-                    else:
-                        self._first_token(w, r, now, id(r) in stop)
+                    self._first_token(w, r, now, id(r) in stop)
             self._apply_aborts(now)
             if self.recalibrator is not None:
                 self._recalibrated(self.recalibrator.observe(plan, now - plan.start))

@@ -32,10 +32,11 @@ def load_trace(name: str) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """-> (arrival seconds or None, input lengths, output lengths) in trace order."""
     if name in WORKLOADS:
         with gzip.open(DATA / f"{WORKLOADS[name]}.csv.gz", "rt") as f:
-            rows = list(csv.DictReader(f))
-        times = [r["arrival_s"] for r in rows]
+            rows = csv.reader(f)
+            columns = dict(zip(next(rows), zip(*rows)))  # header -> that column's texts
+        times = columns["arrival_s"]
         arrivals = None if not times[0] else np.array(times, float)
-        return arrivals, np.array([int(r["input_length"]) for r in rows]), np.array([int(r["output_length"]) for r in rows])
+        return arrivals, np.array(columns["input_length"], np.int64), np.array(columns["output_length"], np.int64)
     path = Path(name)
     if not path.exists():
         raise ValueError(f"unknown workload {name!r}: choose one of {', '.join(WORKLOADS)} or a JSONL path")
@@ -98,5 +99,5 @@ def make_requests(workload: str, num_requests: int, rate: float, *, arrival: str
     outs = np.maximum(outputs[idx], 1)
     if max_output_len is not None:
         outs = np.minimum(outs, max_output_len)
-    return [Request(id=i, arrival=float(at[i]), prompt_len=int(ins[i]), max_tokens=int(outs[i]), ttft_slo=ttft_slo,
-                    tpot_slo=tpot_slo, output_len=int(outs[i])) for i in range(num_requests)]
+    return [Request(id=i, arrival=a, prompt_len=n_in, max_tokens=n_out, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                    output_len=n_out) for i, (a, n_in, n_out) in enumerate(zip(at.tolist(), ins.tolist(), outs.tolist()))]
