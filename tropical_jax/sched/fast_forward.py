@@ -39,16 +39,17 @@ class FastForward:
         with self._lock:
             w = self.mon.workers[worker]
             plan = w.busy
-            if plan is None or plan.chunks or w.queue or not self._quiet(worker) \
-                    or plan.decodes != w.decoding[:self.mon.cfg.max_batch]:
+            if plan is None or plan.chunks or w.queue:
+                return plan, 0
+            batch = plan.decodes
+            most = min(steps_left(batch), min([r.max_tokens - r.n_out for r in batch]) - 1)
+            if most <= 0 or batch != w.decoding[:self.mon.cfg.max_batch] or not self._quiet(worker):
                 return plan, 0
             if self._timer is not None:  # a waiting request turns late, or a queue timeout
                 until = min(until, self._timer)
             if self._shed_at:  # shedding looks at the queues again then
                 until = min(until, self._shed_at[0][0])
-            batch = plan.decodes
-            ends = self._decode_ends(plan, until, step_time,
-                                     min(steps_left(batch), min([r.max_tokens - r.n_out for r in batch]) - 1))
+            ends = self._decode_ends(plan, until, step_time, most)
             ends = ends[:self._grow_pages(w, batch, len(ends))]
             if not ends:
                 return plan, 0

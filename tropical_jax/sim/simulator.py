@@ -138,7 +138,9 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
             now = t
             if kind == _STEP:
                 w, plan = payload
-                if fast and not plan.chunks:  # it may have ended as one of a stretch with nothing else to do
+                fin = ex.finished(plan)
+                # It may have ended as one of a stretch with nothing else to do (not if a request stops).
+                if fast and not plan.chunks and not fin:
                     nxt, k = forward(w, [])
                     if nxt is not plan:
                         steps += k
@@ -147,7 +149,6 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
                                                   (w, nxt)))
                             seq += 1
                         continue
-                fin = ex.finished(plan)
                 sched.step_done(w, plan, now, fin)
                 if max_misses is not None:
                     missed.update(r for r in fin if r.tpot > r.tpot_slo)
