@@ -33,7 +33,6 @@ from ..sched.bound import work_bound
 from ..sched.config import PolicyConfig, parse_cluster
 from ..sched.cost_model import CostModel, ProfileError
 from ..sched.metrics import goodput, mean_sd, miss_breakdown, record, summarize
-from ..sched.window_bound import window_bound
 from .rate_pool import RatePool
 from .simulator import simulate
 from .workloads import ARRIVALS, make_requests
@@ -98,6 +97,8 @@ def cmd_bound(args) -> dict:
     out = {"workload": args.workload, "profile": args.profile, "cluster": cluster,
            "max_input_len": args.max_input_len, **bound_for(args, cluster, cost)}
     if args.window:
+        from ..sched.window_bound import window_bound  # here: its scipy takes longer to import than a run takes
+
         workers = len(parse_cluster(cluster).workers)
         out["window"] = window_bound(lambda rate: _requests(args, rate, args.seed), cost, workers,
                                      ttft_scale=args.ttft_scale, tpot_slo=args.tpot_slo_ms / 1000,
