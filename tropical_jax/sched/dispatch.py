@@ -10,6 +10,7 @@ queue simulation (rule 1) or inline frontier (rule 2) is computed once per state
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -36,11 +37,9 @@ class _PQueue:
         sf = mon.cfg.safety_factor
         # The chunk in flight finishes first: its predicted time x safety factor, from its start.
         self.t0 = w.free_at(now, sf)
-        items = sorted((local_key(mon, r, rem), rem * sf, r.deadline, r.prompt_len) for r, rem in w.rem.items())
+        items = [(k, rem * sf, r.deadline, r.prompt_len) for k, rem, r in mon.local_order(w)]
         self.keys = [k for k, _, _, _ in items]
-        self.prefix = [0.0]
-        for _, x, _, _ in items:
-            self.prefix.append(self.prefix[-1] + x)
+        self.prefix = [0.0, *itertools.accumulate(x for _, x, _, _ in items)]
         # margin[p]: how much later every protected request at position >= p may finish. A request
         # already late in the current order cannot be saved and is not protected (docs/algorithm.md, Rule 1); nor, but
         # for a late newcomer, one shorter than protect_tokens (`margin_all` protects every one).
@@ -140,7 +139,9 @@ class TropicalDispatcher:
         key = local_key(mon, r, iso)
         x = iso * mon.cfg.safety_factor
         out = []
-        if not any(self.decode_room(m, r) for m in mon.of_role("M", "D")):
+        # Without a decode_commit_watermark every batch has room: the loop is spared (once per decision).
+        watermark = mon.cfg.decode_commit_watermark
+        if watermark is not None and not any(self.decode_room(m, r) for m in mon.of_role("M", "D")):
             why is not None and why.append("no decode batch has room for it")
             return out
         for w in mon.of_role("P"):

@@ -124,17 +124,28 @@ class Monitor:
         self.cfg = cfg
         self.big_chunk = cfg.chunk_buckets[-1]
         self._by_roles: dict[tuple[str, ...], list[WorkerState]] = {}
+        self._orders: dict[str, tuple[int, list[tuple[tuple, float, Request]]]] = {}  # local_order's, per worker
         # Per live request: submission order (deterministic tie-breaks) and isolated prefill time.
         self.seq: dict[Request, int] = {}
         self.iso: dict[Request, float] = {}
         # First-token waits (TTFT SLO less isolated prefill) of the latest arrivals (sched/step_limits.py).
         self.recent_waits: deque[float] = deque(maxlen=RECENT_ARRIVALS)
+        self._shortest_wait: float | None = None  # min(recent_waits), once per arrival
 
     def of_role(self, *roles: str) -> list[WorkerState]:
         got = self._by_roles.get(roles)
         if got is None:
             got = self._by_roles[roles] = [w for w in self.workers.values() if w.role in roles]
         return got
+
+    def local_order(self, w: WorkerState) -> list[tuple[tuple, float, Request]]:
+        """w's queued prefills in its local order as (local_key, remaining time, request). Kept per
+        w.version (every change of w.rem comes with one): the dispatcher and the M workers' step
+        limits read a P worker's order far more often than it changes."""
+        hit = self._orders.get(w.name)
+        if hit is None or hit[0] != w.version:
+            hit = self._orders[w.name] = (w.version, sorted((local_key(self, r, rem), rem, r) for r, rem in w.rem.items()))
+        return hit[1]
 
     def chunk_limit(self, w: WorkerState) -> int | None:
         """Largest prefill chunk worker w runs alone (None: the whole rest of the prompt)."""
@@ -174,7 +185,9 @@ class Monitor:
     def shortest_wait(self) -> float:
         """The shortest first-token wait among the latest arrivals of one step's prompt (s, safety factor
         included)."""
-        return min(self.recent_waits, default=math.inf)
+        if self._shortest_wait is None:  # read at every M worker step and decision, changed per arrival
+            self._shortest_wait = min(self.recent_waits, default=math.inf)
+        return self._shortest_wait
 
     def track(self, r: Request, seq: int) -> None:
         self.seq[r] = seq
@@ -182,6 +195,7 @@ class Monitor:
         # Only prompts that prefill in one step count: a longer one waits for its own steps anyway.
         one_step = r.prompt_len <= self.big_chunk
         self.recent_waits.append(r.deadline - r.arrival - self.iso[r] * self.cfg.safety_factor if one_step else math.inf)
+        self._shortest_wait = None
 
     def forget(self, r: Request) -> None:
         self.seq.pop(r, None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
+from tropical_jax.sched.monitor import Monitor, WorkerState
 from tropical_jax.sched.request import Request
 
 
@@ -77,7 +77,7 @@ def step_limits(mon: Monitor, w: WorkerState, now: float) -> StepLimits | None:
         early = p.free_at(now)
         for r in p.handoff:  # prefilled, waiting for a destination with room: may land at once
             coming.append((r, now, r.first_token_time))
-        for _, rem, r in sorted((local_key(mon, r, rem), rem, r) for r, rem in p.rem.items()):
+        for _, rem, r in mon.local_order(p):
             late, early = late + rem * sf, early + rem
             coming.append((r, late, early))
     landings: list[tuple[float, float]] = []
