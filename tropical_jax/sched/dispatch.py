@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
-from tropical_jax.sched.multiplex import InlineFrontier, QueuedPlan
+from tropical_jax.sched.multiplex import QueuedPlan
 from tropical_jax.sched.request import PATH_COLOCATED, PATH_INLINE, PATH_PREFILL, Request
 
 WAIT = "wait"
@@ -84,12 +84,11 @@ class TropicalDispatcher:
             hit = self._cache[w.name] = (key, _PQueue(self.mon, w, self._now))
         return hit[1]
 
-    def _mf(self, w: WorkerState) -> tuple[QueuedPlan, InlineFrontier]:
+    def _queued(self, w: WorkerState) -> QueuedPlan:
         key = self._state_key(w)
         hit = self._cache.get(w.name)
         if hit is None or hit[0] != key:
-            queued = QueuedPlan(self.mon, w, self._now)
-            hit = self._cache[w.name] = (key, (queued, InlineFrontier(self.mon, queued.full)))
+            hit = self._cache[w.name] = (key, QueuedPlan(self.mon, w, self._now))
         return hit[1]
 
     def reads(self, r: Request, w: WorkerState) -> bool:
@@ -172,22 +171,25 @@ class TropicalDispatcher:
             if not self.decode_room(w, r):
                 why is not None and why.append(f"{w.name}: no room in its decode batch")
                 continue
-            queued, front = self._mf(w)
-            base = front.base
+            queued = self._queued(w)
+            deadline = math.inf if late else r.deadline
+            jump = cfg.jump_tokens is not None and L <= cfg.jump_tokens and queued.overtaken
+            if why is None and not jump and queued.ends_after(deadline):
+                continue  # no plan behind the queued inlines ends by then (nor need the rest of theirs be made)
+            base = queued.full
             tpot = min([r.tpot_slo, *base.min_a])
             step = mon.cost.t_decode(base.num_decodes + 1, base.decode_tokens + L + 1) * cfg.safety_factor
             if step > cfg.decode_latency_watermark * tpot:
                 why is not None and why.append(
                     f"{w.name}: decode step {step * 1e3:.1f} ms > {cfg.decode_latency_watermark} x TPOT {tpot * 1e3:.0f} ms")
                 continue
-            deadline = math.inf if late else r.deadline
-            if cfg.jump_tokens is not None and L <= cfg.jump_tokens and queued.overtaken:
+            if jump:
                 p = queued.plan_jump(r, deadline)
                 if p.ok:
                     out.append((p.min_slack_left, p.end, w.name, queued.position))
                     continue
                 why is not None and why.append(f"{w.name}: {p.reason}")
-            p = front.plan(r, deadline, explain=why is not None)
+            p = queued.frontier.plan(r, deadline, explain=why is not None)
             if not p.ok:
                 why is not None and why.append(f"{w.name}: {p.reason}")
                 continue

@@ -199,6 +199,13 @@ def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bo
     `deadline`; returns False as soon as it cannot. Non-strict (inlines already admitted): a step
     that fits no chunk is a decode-only step that banks slack.
     """
+    return plan_tokens(mon, st, r, start, strict, deadline) == r.prefill_target and st.t0 + st.elapsed <= deadline
+
+
+def plan_tokens(mon: Monitor, st: PlanState, r: Request, start: int, strict: bool, stop_after: float) -> int:
+    """plan_prefill's steps, stopping once the plan ends after `stop_after` (checked after each chunk,
+    so a non-strict plan may resume from there) or, strict, at a step that fits no chunk. Returns the
+    tokens of r planned (r.prefill_target when all are)."""
     target = r.prefill_target
     check = not is_short(mon, r)
     sf = mon.cfg.safety_factor
@@ -207,7 +214,7 @@ def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bo
         c, s = pick_chunk(mon, st, target - ctx, ctx, check)
         if c == 0:
             if strict:
-                return False
+                return ctx
             idle += 1
             if idle > _MAX_IDLE_STEPS or st.num_decodes == 0:
                 c = min(mon.cfg.chunk_buckets[0], target - ctx)
@@ -218,9 +225,9 @@ def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bo
         idle = 0
         st.advance(s)
         ctx += c
-        if strict and st.t0 + st.elapsed > deadline:
-            return False
-    return True
+        if st.t0 + st.elapsed > stop_after:
+            return ctx
+    return ctx
 
 
 def join(st: PlanState, r: Request) -> None:
@@ -250,29 +257,78 @@ class QueuedPlan:
     `full`: the state after all of them (where a newcomer's plan starts). For the short-prompt lane
     (docs/algorithm.md): `ahead`, the state after the first `position` entries, which a jumper may not
     overtake; `overtaken`, the rest; `margin`, the smallest deadline margin (deadline - planned
-    end) among the overtaken inlines that are on time (inf if none)."""
+    end) among the overtaken inlines that are on time (inf if none).
+
+    Planned as far as asked (`ends_after`) and on from there: a newcomer whose deadline the queued
+    inlines already pass needs no more of their plan (most of those tried under heavy load)."""
 
     def __init__(self, mon: Monitor, w: WorkerState, now: float):
         self.mon = mon
         self.position = jump_position(w)
-        st = start_state(mon, w, now)
-        self.margin = math.inf
-        self.overtaken = w.queue[self.position:]
-        self.starts = [q.prefilled + w.inflight_tokens(q) for q in self.overtaken]
-        self.on_time: list[bool] = []
-        for i, q in enumerate(w.queue):
-            if i == self.position:
-                self.ahead = st.copy()
-            plan_prefill(mon, st, q, q.prefilled + w.inflight_tokens(q), strict=False)
+        self._queue = list(w.queue)
+        self._starts = [q.prefilled + w.inflight_tokens(q) for q in self._queue]
+        self.overtaken = self._queue[self.position:]
+        self.starts = self._starts[self.position:]
+        self._st = start_state(mon, w, now)
+        self._next, self._ctx = 0, self._starts[0] if self._queue else 0  # where the plan goes on
+        self._ahead: PlanState | None = None
+        self._margin = math.inf
+        self._on_time: list[bool] = []
+        self._frontier: InlineFrontier | None = None
+
+    def _plan(self, stop_after: float = math.inf) -> bool:
+        """Plan on until every queued prefill is planned (True) or the plan ends after `stop_after`."""
+        mon, st = self.mon, self._st
+        while self._next < len(self._queue):
+            i, q = self._next, self._queue[self._next]
+            if i == self.position and self._ahead is None:
+                self._ahead = st.copy()
+            self._ctx = plan_tokens(mon, st, q, self._ctx, False, stop_after)
+            if self._ctx < q.prefill_target:
+                return False
             if i >= self.position:
                 m = q.deadline - (st.t0 + st.elapsed)
-                self.on_time.append(m >= 0)
+                self._on_time.append(m >= 0)
                 if m >= 0:
-                    self.margin = min(self.margin, m)
+                    self._margin = min(self._margin, m)
             join(st, q)
-        if not self.overtaken:
-            self.ahead = st
-        self.full = st
+            self._next += 1
+            if self._next < len(self._queue):
+                self._ctx = self._starts[self._next]
+                if st.t0 + st.elapsed > stop_after:
+                    return False
+        return True
+
+    def ends_after(self, deadline: float) -> bool:
+        """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)"""
+        return not self._plan(deadline) or self._st.t0 + self._st.elapsed > deadline
+
+    @property
+    def full(self) -> PlanState:
+        self._plan()
+        return self._st
+
+    @property
+    def ahead(self) -> PlanState:
+        self._plan()
+        return self._st if self._ahead is None else self._ahead
+
+    @property
+    def margin(self) -> float:
+        self._plan()
+        return self._margin
+
+    @property
+    def on_time(self) -> list[bool]:
+        self._plan()
+        return self._on_time
+
+    @property
+    def frontier(self) -> "InlineFrontier":
+        """Newcomers' plans after the queued prefills (made once)."""
+        if self._frontier is None:
+            self._frontier = InlineFrontier(self.mon, self.full)
+        return self._frontier
 
     def plan_jump(self, r: Request, deadline: float) -> "InlinePlan":
         """r's strict plan ahead of the overtaken inlines: it must end by `deadline`, delay them by at
