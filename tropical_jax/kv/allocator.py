@@ -100,7 +100,6 @@ class BlockTable:
 
     def __init__(self):
         self.pages: list[int] = []
-        self.num_tokens = 0
 
     def ensure(self, allocator: PageAllocator, num_tokens: int) -> bool:
         """Grow to hold num_tokens. Returns False, changing nothing, if pages run out."""
@@ -109,10 +108,8 @@ class BlockTable:
             if not allocator.can_allocate(missing):
                 return False
             self.pages.extend(allocator.allocate(missing))
-        self.num_tokens = max(self.num_tokens, num_tokens)
         return True
 
     def release(self, allocator: PageAllocator) -> None:
         allocator.free_own(self.pages)
         self.pages = []
-        self.num_tokens = 0

@@ -61,7 +61,7 @@ class FastForward:
                         "decode", per_step(len(batch), plan.decode_tokens + i * len(batch)), end - start))
                     start = end
             last = ends[-1]
-            for r in batch:  # k tokens each (their tables' token counts: next_step below sets them)
+            for r in batch:  # k tokens each
                 r.n_out += k
                 r.last_token_time = last
             w.busy = None

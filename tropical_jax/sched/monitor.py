@@ -103,10 +103,6 @@ class WorkerState:
         t = self.tables.get(r)
         if t is None:
             t = self.tables[r] = BlockTable()
-        elif tokens <= len(t.pages) * self.alloc.page_size:  # the common decode step: its last page has room
-            if tokens > t.num_tokens:
-                t.num_tokens = tokens
-            return True
         return t.ensure(self.alloc, tokens)
 
     def release(self, r: Request) -> None:

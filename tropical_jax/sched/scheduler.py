@@ -151,13 +151,13 @@ class Scheduler(RequestEndings, FastForward):
                 raise ValueError(f"{worker}: step_done for a plan that is not in flight")
             w.busy = None
             w.touch()
-            stop = {id(r) for r in finished}
+            stop = set(finished)  # requests hash by identity
             for r in plan.decodes:  # each gets its token (the hottest loop of a simulated run: inline)
                 r.n_out += 1
                 r.last_token_time = now
-                if r.n_out >= r.max_tokens or id(r) in stop:
+                if r.n_out >= r.max_tokens or r in stop:
                     w.decoding.remove(r)
-                    self._finish(w, r, now, id(r) in stop)
+                    self._finish(w, r, now, r in stop)
             for c in plan.chunks:
                 r = c.request
                 r.prefilled += c.length
@@ -170,7 +170,7 @@ class Scheduler(RequestEndings, FastForward):
                     r.prefilled = r.prompt_len
                     w.decoding.append(r)
                 else:
-                    self._first_token(w, r, now, id(r) in stop)
+                    self._first_token(w, r, now, r in stop)
             self._apply_aborts(now)
             if self.recalibrator is not None:
                 self._recalibrated(self.recalibrator.observe(plan, now - plan.start))
