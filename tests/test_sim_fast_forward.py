@@ -99,3 +99,22 @@ def test_same_when_stopped_early(policy, cluster, fast_steps):
     reqs = workload(200, rate=10.0, seed=2, mean_out=150)  # planned attains 161, colocated 35
     res = same_either_way(reqs, cluster, policy, fast_steps, kv_capacity_tokens=200_000, max_misses=30)
     assert res.stopped_early
+
+
+@pytest.mark.parametrize("policy,cluster", [("disaggregated", "2P1D"), ("tropical", "1P1M"),
+                                            ("disaggregated:max_prefill_seqs=4", "1P1D")])
+def test_same_past_prefill_steps_that_end_no_prompt(policy, cluster, fast_steps, monkeypatch):
+    """Long prompts prefill in many steps: a decoding worker's stretch runs past those that hand
+    nothing over (Scheduler.earliest_handoff), up to the shortest remaining prefill queued."""
+    crossed = []
+    real = Scheduler.earliest_handoff
+
+    def counting(self, worker, step_end, cost):
+        bound = real(self, worker, step_end, cost)
+        crossed.append(bound > step_end)
+        return bound
+
+    monkeypatch.setattr(Scheduler, "earliest_handoff", counting)
+    reqs = workload(150, rate=1.0, seed=100, max_len=30_000, mean_out=200)
+    same_either_way(reqs, cluster, policy, fast_steps, kv_capacity_tokens=200_000)
+    assert sum(crossed) > 10

@@ -15,8 +15,10 @@ loop; it reads and writes the scheduler's own state.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+from tropical_jax.sched.cost_model import CostModel
 from tropical_jax.sched.plan import StepPlan
 from tropical_jax.sched.request import Request
 
@@ -30,7 +32,7 @@ class FastForward:
         of the batch stops). step_time(B, T): a decode step's real duration (s).
 
         The caller guarantees that nothing happens before `until` that reads this worker: no arrival,
-        transfer or prefill worker's step (it may hand a prompt over); other workers' steps may end
+        transfer, or handoff from a prefill worker (earliest_handoff); other workers' steps may end
         meanwhile, unless recalibration runs (every step feeds one recalibrator, in order). The step
         in flight may end at the very time of the call (the caller's event for it, not yet done).
         Returns the step then in flight (None: the worker turned idle) and how many steps were
@@ -68,6 +70,22 @@ class FastForward:
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
             nxt = self.next_step(worker, ends[-1])
             return nxt, k - (nxt is None)
+
+    def earliest_handoff(self, worker: str, step_end: float, cost: CostModel) -> float:
+        """No handoff from prefill worker `worker`, whose step in flight ends at step_end, before this
+        time, if no request arrives meanwhile and steps take `cost`'s times: step_end when that step
+        ends a prompt, when requests wait for a place (the pass at its end may queue one here), or
+        when `cost` is not the model its queue's remaining times (WorkerState.rem) were predicted
+        with; else each queued prompt still needs its remaining prefill, in steps one after another
+        (a packed step takes no less than its own segment alone: chunk times grow with the chunk and
+        its context), so none ends before step_end plus the shortest of them (inf: none queued)."""
+        with self._lock:
+            w = self.mon.workers[worker]
+            if self.waiting or cost is not self.mon.cost or min(cost.chunk.values()) < 0 \
+                    or any(c.last for c in w.busy.chunks):
+                return step_end
+            # A margin for rounding: the clock adds the steps one at a time, the sum here is taken first.
+            return max(step_end, (step_end + min(w.rem.values(), default=math.inf)) * (1 - 1e-9))
 
     def _quiet(self, worker: str) -> bool:
         """Would the dispatch passes at the ends of `worker`'s decode steps do nothing until the next

@@ -52,15 +52,20 @@ def fresh(r: Request) -> Request:
                    r.prompt_token_ids, sheddable=r.sheddable)
 
 
-def _quiet_until(heap: list, arrival: float, strict: bool, prefill_workers: set[str]) -> float:
+def _quiet_until(heap: list, arrival: float, strict: bool, prefill_workers: set[str],
+                 earliest_handoff: Callable[[str, float], float]) -> float:
     """Until when nothing can read or change a worker that only decodes (Scheduler.fast_forward): the
-    next arrival, transfer, timer, or prefill worker's step end (its prompt, that step's or a later
-    one's, is handed to a decoding worker); other workers' steps touch only their own worker. strict
-    (every step must be seen in order: recalibration, max_misses): the next event of any kind."""
+    next arrival, transfer, timer, or the earliest time a prefill worker may hand a prompt (of its
+    step in flight, or a later one) to a decoding worker, earliest_handoff(worker, end of that step);
+    other workers' steps touch only their own worker. strict (every step must be seen in order:
+    recalibration, max_misses): the next event of any kind."""
     until = arrival
     for t, _, kind, payload in heap:
-        if t < until and (strict or kind != _STEP or payload[0] in prefill_workers):
-            until = t
+        if t < until:
+            if strict or kind != _STEP:
+                until = t
+            elif payload[0] in prefill_workers:
+                until = min(until, earliest_handoff(payload[0], t))
     return until
 
 
@@ -112,10 +117,13 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         from tqdm import tqdm
         bar = tqdm(total=n, desc=f"simulate {sched.cfg.policy} {sched.cluster}", unit="req", leave=False)
 
+    def earliest_handoff(w: str, step_end: float) -> float:
+        return sched.earliest_handoff(w, step_end, ex.cost)
+
     def forward(w: str, others: list[float]) -> tuple:
         """Scheduler.fast_forward of w's decode-only step in flight, up to the next event that could
         read w (strict: the next event of any kind, `others` (steps starting now) included)."""
-        until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers)
+        until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers, earliest_handoff)
         if strict:  # nor a request's TTFT turning missed
             until = min([until, *others] + ([deadlines[0][0]] if deadlines else []))
         return sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
