@@ -86,6 +86,17 @@ def test_cost_model_fits_points_and_derives_mixed():
     assert cm.t_transfer(1000) == pytest.approx(0.001 + 1000 * 1000 / 1e9)
 
 
+def test_decode_ends_add_each_step_time_to_the_clock_as_the_steps_run():
+    cm = CostModel.from_json({**PROFILE, "decode": {"d0": 19.37, "d1": 0.213, "d2": 0.00117}})
+    start, clock, ends = 1234.567, 1234.567, []
+    for i in range(50):  # step by step, as a simulator without fast-forward runs them: bit for bit the same
+        clock += cm.t_decode(7, 9000 + 7 * i)
+        ends.append(clock)
+    assert cm.decode_ends(start, 7, 9000, math.inf, 50) == ends
+    assert cm.decode_ends(start, 7, 9000, math.inf, 20) == ends[:20]  # at most `most`
+    assert cm.decode_ends(start, 7, 9000, ends[30], 50) == ends[:30]  # only those ending before `until`
+
+
 def test_cost_model_kv_bytes_from_model_shape_and_errors(tmp_path):
     d = {k: v for k, v in PROFILE.items() if k != "kv_bytes_per_token"}
     cm = CostModel.from_json({**d, "model": {"num_layers": 48, "num_kv_heads": 8, "head_dim": 128, "dtype_bytes": 2}})

@@ -165,6 +165,22 @@ class CostModel:
         d0, d1, d2 = self._d
         return (d0 + d1 * B + d2 * T) * 1e-3
 
+    def decode_ends(self, start: float, B: int, T: int, until: float, most: int) -> list[float]:
+        """End times of up to `most` decode steps of B >= 1 requests run one after another from
+        `start`, the first reading T KV tokens and each next one B more, while they end before
+        `until`: the clock plus each step's t_decode, in one loop (a simulator fast-forwards
+        thousands of such steps)."""
+        d0, d1, d2 = self._d
+        fixed = d0 + d1 * B  # t_decode's sum, in its order
+        ends: list[float] = []
+        for _ in range(most):
+            end = start + (fixed + d2 * T) * 1e-3
+            if not end < until:
+                break
+            ends.append(end)
+            start, T = end, T + B
+        return ends
+
     def t_mixed(self, C: int, ctx: int, B: int, T: int) -> float:
         if C <= 0:
             return self.t_decode(B, T)

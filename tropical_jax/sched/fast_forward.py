@@ -24,12 +24,13 @@ from tropical_jax.sched.request import Request
 
 
 class FastForward:
-    def fast_forward(self, worker: str, until: float, step_time: Callable[[int, int], float],
+    def fast_forward(self, worker: str, until: float, decode_ends: Callable[[float, int, int, float, int], list[float]],
                      steps_left: Callable[[list[Request]], int]) -> tuple[StepPlan | None, int]:
         """Run the decode-only step in flight on `worker` and the ones that repeat its batch to their
         ends, as step_done (with nothing finished) and next_step would, while each ends before
         `until` and at most steps_left(batch) of them (the driver's count of steps before a request
-        of the batch stops). step_time(B, T): a decode step's real duration (s).
+        of the batch stops). decode_ends(start, B, T, until, most): the real end times of such
+        steps (CostModel.decode_ends).
 
         The caller guarantees that nothing happens before `until` that reads this worker: no arrival,
         transfer, or handoff from a prefill worker (earliest_handoff); other workers' steps may end
@@ -51,7 +52,8 @@ class FastForward:
                 until = min(until, self._timer)
             if self._shed_at:  # shedding looks at the queues again then
                 until = min(until, self._shed_at[0][0])
-            ends = self._decode_ends(plan, until, step_time, most)
+            # The step in flight and those repeating its batch, each reading one more token per decode.
+            ends = decode_ends(plan.start, len(batch), plan.decode_tokens, until, most)
             ends = ends[:self._grow_pages(w, batch, len(ends))]
             if not ends:
                 return plan, 0
@@ -105,20 +107,6 @@ class FastForward:
         return self.recalibrator is None and all(p.busy is not None for p in prefill) \
             and self._passed == tuple(p.version for p in prefill) \
             and not any(self.dispatcher.reads(r, w) for _, r in self.waiting for w in others)
-
-    @staticmethod
-    def _decode_ends(plan: StepPlan, until: float, step_time: Callable[[int, int], float], most: int) -> list[float]:
-        """End times of `plan` and the steps repeating its batch (each reading one more token per
-        decode), at most `most` of them, each before `until`."""
-        ends: list[float] = []
-        start, b, t = plan.start, len(plan.decodes), plan.decode_tokens
-        while len(ends) < most:
-            end = start + step_time(b, t)
-            if not end < until:
-                break
-            ends.append(end)
-            start, t = end, t + b
-        return ends
 
     @staticmethod
     def _grow_pages(w, batch: list[Request], k: int) -> int:

@@ -126,7 +126,7 @@ def simulate(requests: Iterable[Request], cluster: str | ClusterSpec, policy: st
         until = _quiet_until(heap, reqs[i].arrival if i < n else math.inf, strict, prefill_workers, earliest_handoff)
         if strict:  # nor a request's TTFT turning missed
             until = min([until, *others] + ([deadlines[0][0]] if deadlines else []))
-        return sched.fast_forward(w, until, ex.cost.t_decode, ex.steps_left)
+        return sched.fast_forward(w, until, ex.cost.decode_ends, ex.steps_left)
 
     while True:
         t_next = heap[0][0] if heap else None
