@@ -155,9 +155,11 @@ class TropicalDispatcher:
         return out
 
     # ---------------- rule 2 ----------------
-    def rule2(self, r: Request, late: bool, why: list | None) -> list[tuple[float, float, str, int | None]]:
+    def rule2(self, r: Request, late: bool, why: list | None, beat: float = math.inf
+              ) -> list[tuple[float, float, str, int | None]]:
         """Eligible M workers as (min slack left after the plan, first token, name, queue position if
-        it jumps the queued inlines, else None)."""
+        it jumps the queued inlines, else None). A plan behind the queued inlines that would end after
+        `beat` (another worker's first token) need not be made: it is left out as if too late."""
         mon, cfg = self.mon, self.mon.cfg
         L = r.prompt_len
         out = []
@@ -173,8 +175,9 @@ class TropicalDispatcher:
                 continue
             queued = self._queued(w)
             deadline = math.inf if late else r.deadline
+            cut = min(deadline, beat)
             jump = cfg.jump_tokens is not None and L <= cfg.jump_tokens and queued.overtaken
-            if why is None and not jump and queued.ends_after(deadline):
+            if why is None and not jump and queued.ends_after(cut):
                 continue  # no plan behind the queued inlines ends by then (nor need the rest of theirs be made)
             base = queued.full
             tpot = min([r.tpot_slo, *base.min_a])
@@ -189,7 +192,7 @@ class TropicalDispatcher:
                     out.append((p.min_slack_left, p.end, w.name, queued.position))
                     continue
                 why is not None and why.append(f"{w.name}: {p.reason}")
-            p = queued.frontier.plan(r, deadline, explain=why is not None)
+            p = queued.frontier.plan(r, cut, explain=why is not None)
             if not p.ok:
                 why is not None and why.append(f"{w.name}: {p.reason}")
                 continue
@@ -229,10 +232,13 @@ class TropicalDispatcher:
                 if d is not None:
                     return d
             return None
-        p, m = self._p_choice(r, why, spare_all), self._m_choice(r, why)
+        p = self._p_choice(r, why, spare_all)
+        p_end = math.inf if p is None else min(f for _, f, n in self._last_p if n == p.worker)
+        # One M worker wins only by a plan that ends before p's first token: planning past it is spared.
+        # (With several, the one with most slack is chosen first, whatever its end: all are planned.)
+        m = self._m_choice(r, why, p_end if why is None and len(self.mon.of_role("M")) == 1 else math.inf)
         if p is None or m is None:
             return p or m
-        p_end = min(f for _, f, n in self._last_p if n == p.worker)
         m_end = next(f for _, f, n, _ in self._last_m if n == m.worker)
         return m if m_end < p_end else p
 
@@ -244,8 +250,8 @@ class TropicalDispatcher:
         return Decision(PATH_PREFILL, name, f"rule 1: first token {f:.3f} <= deadline {r.deadline:.3f}, "
                         f"outstanding {out:.3f} s" if why is not None else "")
 
-    def _m_choice(self, r: Request, why) -> Decision | None:
-        el = self._last_m = self.rule2(r, False, why)
+    def _m_choice(self, r: Request, why, beat: float = math.inf) -> Decision | None:
+        el = self._last_m = self.rule2(r, False, why, beat)
         if not el:
             return None
         # Largest minimum slack left; ties to the earlier plan end, then the worker name.
