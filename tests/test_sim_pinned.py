@@ -69,3 +69,15 @@ def test_planned_with_the_papers_knobs_is_tropical():
     res = simulate(reqs, "1P1M", paper, load_profile(MOONCAKE[1]))
     tropical = CASES[1]  # tropical's pinned outcome on these requests
     assert tropical[0] == "tropical" and res.counters == tropical[9] and fingerprint(res.requests) == tropical[6]
+
+
+@pytest.mark.parametrize("cluster,rate", [("1P1M", 2.0), ("1P2M", 3.0)])
+def test_explained_decisions_are_the_same_decisions(cluster, rate):
+    # Unexplained, rule 2 gives up on a worker as soon as its plan cannot win (it ends after the
+    # deadline, or with one M worker after the P worker's first token); explained, it makes every plan
+    # in full to say why. Under heavy load, where that matters most, both must decide alike.
+    reqs = [make_requests(MOONCAKE[0], 300, rate, seed=2, max_input_len=MOONCAKE[2]) for _ in range(2)]
+    quiet, explained = (simulate(rs, cluster, "planned", load_profile(MOONCAKE[1]), record_decisions=record)
+                        for rs, record in zip(reqs, (False, True)))
+    assert quiet.counters == explained.counters and quiet.counters["waited"] > 10
+    assert fingerprint(quiet.requests) == fingerprint(explained.requests)
