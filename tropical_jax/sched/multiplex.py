@@ -342,7 +342,8 @@ class QueuedPlan:
             return InlinePlan(False, end, left, steps, f"jump: delays a queued inline past its margin {self.margin:.3f} s")
         join(st, r)
         for q, start, on_time in zip(self.overtaken, self.starts, self.on_time):  # replanned behind r
-            plan_prefill(mon, st, q, start, strict=False)
+            # One on time must stay so: planned no further than its deadline (past it, r may not jump).
+            plan_tokens(mon, st, q, start, False, q.deadline if on_time else math.inf)
             if on_time and st.t0 + st.elapsed > q.deadline:
                 return InlinePlan(False, end, left, steps, f"jump: queued inline {q.id} would turn late")
             join(st, q)
