@@ -146,12 +146,12 @@ def pick_chunk(mon: Monitor, st: PlanState, remaining: int, ctx: int, check_slac
                 break
             i, t = i + 1, up
     else:
+        i -= 1
         while i >= 0:
+            t = t_mixed(buckets[i], ctx, decodes, tokens)
+            if t <= room:
+                break
             i -= 1
-            if i >= 0:
-                t = t_mixed(buckets[i], ctx, decodes, tokens)
-                if t <= room:
-                    break
     st.bucket_hint = i if i > 0 else 0
     if i >= 0 and remaining <= buckets[i]:
         return (remaining, t_mixed(remaining, ctx, decodes, tokens) * sf) if remaining > 0 else (0, 0.0)
@@ -295,7 +295,7 @@ class QueuedPlan:
             self._next += 1
             if self._next < len(self._queue):
                 self._ctx = self._starts[self._next]
-                if st.t0 + st.elapsed > stop_after:
+                if st.t0 + st.elapsed > stop_after:  # its last chunk ended past it
                     return False
         return True
 
