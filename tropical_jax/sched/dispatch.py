@@ -37,19 +37,23 @@ class _PQueue:
         sf = mon.cfg.safety_factor
         # The chunk in flight finishes first: its predicted time x safety factor, from its start.
         self.t0 = w.free_at(now, sf)
-        items = [(k, rem * sf, r.deadline, r.prompt_len) for k, rem, r in mon.local_order(w)]
-        self.keys = [k for k, _, _, _ in items]
-        self.prefix = [0.0, *itertools.accumulate(x for _, x, _, _ in items)]
+        order = mon.local_order(w)
+        self.keys = [k for k, _, _ in order]
+        self.prefix = prefix = [0.0, *itertools.accumulate(rem * sf for _, rem, _ in order)]
         # margin[p]: how much later every protected request at position >= p may finish. A request
         # already late in the current order cannot be saved and is not protected (docs/algorithm.md, Rule 1); nor, but
         # for a late newcomer, one shorter than protect_tokens (`margin_all` protects every one).
-        n, least = len(items), mon.cfg.protect_tokens
+        n, least = len(order), mon.cfg.protect_tokens
         self.margin, self.margin_all = [math.inf] * (n + 1), [math.inf] * (n + 1)
+        kept = kept_all = math.inf  # the running minima, from the back of the queue
         for i in range(n - 1, -1, -1):
-            m = items[i][2] - (self.t0 + self.prefix[i + 1])
-            self.margin_all[i] = min(self.margin_all[i + 1], m) if m >= 0 else self.margin_all[i + 1]
-            kept = m >= 0 and least is not None and items[i][3] >= least
-            self.margin[i] = min(self.margin[i + 1], m) if kept else self.margin[i + 1]
+            r = order[i][2]
+            m = r.deadline - (self.t0 + prefix[i + 1])
+            if m >= 0:
+                kept_all = m if m < kept_all else kept_all
+                if least is not None and r.prompt_len >= least:
+                    kept = m if m < kept else kept
+            self.margin_all[i], self.margin[i] = kept_all, kept
         self.outstanding = self.t0 - now + self.prefix[-1]
 
     def insert(self, key: tuple, x: float, late: bool = False) -> tuple[bool, float]:
