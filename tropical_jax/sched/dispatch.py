@@ -180,7 +180,7 @@ class TropicalDispatcher:
             queued = self._queued(w)
             deadline = math.inf if late else r.deadline
             cut = min(deadline, beat)
-            jump = cfg.jump_tokens is not None and L <= cfg.jump_tokens and queued.overtaken
+            jump = cfg.jump_tokens is not None and L <= cfg.jump_tokens and bool(queued.overtaken)
             if why is None and not jump and queued.ends_after(cut):
                 continue  # no plan behind the queued inlines ends by then (nor need the rest of theirs be made)
             base = queued.full
