@@ -13,12 +13,15 @@ work must also fit in the time it may run in, on the given number of workers:
   `fixed` (shared by every request decoding in the step);
 - each worker runs one step at a time.
 
-Time is cut at every arrival and deadline; decode work and step overheads are placed in blocks of
-`block_s` seconds (a block counts for a request if it meets the request's span: coarser blocks only
-loosen the bound). Relaxed to x_j in [0, 1] (request j served) and work divisible in time, this is a
-linear program whose maximum Σx/n is at least the SLO attainment of every schedule the simulator can
-run on that trace with these step costs (noise 0). With `class_floor` each prompt-length class must be
-served at least that fraction (no class above 1 − class_floor misses); infeasible counts as 0.
+Time is cut at every arrival, TTFT deadline and last-token deadline (and every `block_s` seconds).
+Prefill and the steps' fixed costs are placed piece by piece; decode work in blocks of `block_s`
+seconds (a block counts for a request if it meets the request's time: coarser blocks only loosen the
+bound). Relaxed to x_j in [0, 1] (request j served) and work divisible in time, this is a linear
+program whose maximum Σx/n is at least the SLO attainment of every schedule the simulator can run on
+that trace with these step costs (noise 0). KV memory, transfers, which worker holds a request and
+whole requests (x_j 0 or 1) are left out, which only loosens it. With `class_floor` each
+prompt-length class must be served at least that fraction (no class above 1 − class_floor misses);
+infeasible counts as 0.
 """
 
 from __future__ import annotations
@@ -76,56 +79,47 @@ def served_fraction(requests, cost: CostModel, num_workers: int, ttft_scale: flo
     t0, end = a.min(), last.max()
     block_edges = t0 + block_s * np.arange(math.ceil((end - t0) / block_s))
     block_edges = np.append(block_edges[block_edges < end], end)
-    block_width = np.diff(block_edges)
-    cuts = np.unique(np.concatenate([a, deadline, block_edges]))
+    cuts = np.unique(np.concatenate([a, deadline, last, block_edges]))
     width = np.diff(cuts)                                   # the pieces of time
-    piece_block = np.searchsorted(block_edges, cuts[:-1], side="right") - 1
-    m, nb = len(width), len(block_width)
+    at = lambda t: np.searchsorted(cuts, t)  # noqa: E731  (the cut a time is)
+    block_cut = at(block_edges)
+    m, nb = len(width), len(block_edges) - 1
 
-    # Variables: x (n), prefill work per (request, piece), decode work per (request, block), overhead per block.
-    first, stop = np.searchsorted(cuts, a), np.searchsorted(cuts, deadline)
-    p_req, p_piece = _spans(first, stop)
-    b_first = np.searchsorted(block_edges, a, side="right") - 1
-    b_stop = np.minimum(np.searchsorted(block_edges, last, side="left"), nb)
-    decoding = tokens > 0
-    d_req, d_block = _spans(b_first[decoding], b_stop[decoding], np.flatnonzero(decoding))
-    o_req, o_block = d_req, d_block                         # the blocks a request's decode steps may fall in
+    # Variables: x (served, n), prefill work per (request, piece), decode work per (request, block), and
+    # the steps' fixed cost cumulated up to each cut (a request's share of it is the difference of two).
+    p_req, p_piece = _spans(at(a), at(deadline))
+    decoding = np.flatnonzero(tokens > 0)
+    b_first = np.searchsorted(block_edges, a[decoding], side="right") - 1
+    d_req, d_block = _spans(b_first, np.minimum(np.searchsorted(block_edges, last[decoding]), nb), decoding)
     ny, nz = len(p_req), len(d_req)
-    x_at, y_at, z_at, o_at = 0, n, n + ny, n + ny + nz
-    nvar = o_at + nb
-
-    # Equalities: each request's prefill and decode work, scaled by x.
-    served_rows = np.arange(n)
-    eq = _matrix([(served_rows, x_at + served_rows, -prefill), (p_req, y_at + np.arange(ny), 1.0),
-                  (n + served_rows[decoding], x_at + served_rows[decoding], -decode[decoding]),
-                  (n + d_req, z_at + np.arange(nz), 1.0)], 2 * n, nvar)
-    # Inequalities: each block's capacity, then each request's share of step overheads.
-    rows = [(piece_block[p_piece], y_at + np.arange(ny), 1.0), (d_block, z_at + np.arange(nz), 1.0),
-            (np.arange(nb), o_at + np.arange(nb), 1.0),
-            (nb + served_rows[decoding], x_at + served_rows[decoding], f.fixed * tokens[decoding]),
-            (nb + o_req, o_at + o_block, -1.0)]
-    rhs = [num_workers * block_width, np.zeros(n)]
-    nrows = nb + n
-    if class_floor is not None:
-        for name, lo, hi in LENGTH_CLASSES:
-            members = np.flatnonzero((L >= lo) & (L < hi))
-            if len(members):
-                rows.append((np.full(len(members), nrows), x_at + members, -1.0))
-                rhs.append([-class_floor * len(members)])
-                nrows += 1
-    ub = _matrix(rows, nrows, nvar)
-    # Fine pieces bound the prefill alone (arrivals and deadlines cut them): the pieces' capacity, and
-    # one request's prefill no faster than the clock.
-    fine = _matrix([(p_piece, y_at + np.arange(ny), 1.0)], m, nvar)
+    y, z, o = n + np.arange(ny), n + ny + np.arange(nz), n + ny + nz  # o + k: fixed cost before cut k
+    nvar = o + m + 1
+    eq = _matrix([(np.arange(n), np.arange(n), -prefill), (p_req, y, 1.0),  # each request's work, scaled by x
+                  (n + decoding, decoding, -decode[decoding]), (n + d_req, z, 1.0)], 2 * n, nvar)
+    piece_block = np.searchsorted(block_cut, np.arange(m), side="right") - 1
+    rows = _Rows(nvar)
+    rows.add(num_workers * np.diff(block_edges),            # each block: everything in it
+             (piece_block[p_piece], y, 1.0), (d_block, z, 1.0), (np.arange(nb), o + block_cut[1:], 1.0),
+             (np.arange(nb), o + block_cut[:-1], -1.0))
+    rows.add(num_workers * width, (p_piece, y, 1.0),       # each piece: its prefill and fixed costs
+             (np.arange(m), o + np.arange(1, m + 1), 1.0), (np.arange(m), o + np.arange(m), -1.0))
+    rows.add(np.zeros(m), (np.arange(m), o + np.arange(m), 1.0), (np.arange(m), o + np.arange(1, m + 1), -1.0))
+    k = np.arange(len(decoding))                            # each request's steps inside its time
+    rows.add(np.zeros(len(decoding)), (k, decoding, f.fixed * tokens[decoding]), (k, o + at(last[decoding]), -1.0),
+             (k, o + at(a[decoding]), 1.0))
+    for name, lo, hi in LENGTH_CLASSES if class_floor is not None else ():
+        members = np.flatnonzero((L >= lo) & (L < hi))
+        if len(members):
+            rows.add([-class_floor * len(members)], (np.zeros(len(members), int), members, -1.0))
     bounds = np.zeros((nvar, 2))
-    bounds[:, 1] = np.inf
-    bounds[x_at:y_at, 1] = 1.0
-    bounds[y_at:z_at, 1] = width[p_piece]
-    bounds[z_at:o_at, 1] = block_width[d_block]
-    c = np.zeros(nvar)
-    c[x_at:y_at] = -1.0
-    res = linprog(c, A_ub=sparse.vstack([ub, fine]).tocsr(), b_ub=np.concatenate(rhs + [num_workers * width]),
-                  A_eq=eq, b_eq=np.zeros(2 * n), bounds=bounds, method="highs")
+    bounds[:n, 1] = 1.0
+    bounds[y, 1] = width[p_piece]                           # one request's prefill no faster than the clock
+    bounds[z, 1] = np.diff(block_edges)[d_block]
+    bounds[o + 1:, 1] = np.inf                              # nothing before the first arrival
+    cost_vector = np.zeros(nvar)
+    cost_vector[:n] = -1.0
+    res = linprog(cost_vector, A_ub=rows.matrix(), b_ub=rows.rhs(), A_eq=eq, b_eq=np.zeros(2 * n), bounds=bounds,
+                  method="highs-ipm")  # interior point: several times faster here than simplex
     if res.status == 2:  # infeasible: the class floor cannot be met
         return 0.0
     if res.status != 0:
@@ -139,6 +133,24 @@ def _spans(first, stop, owners=None):
     owner = np.repeat(np.arange(len(first)) if owners is None else owners, counts)
     offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     return owner, np.repeat(first, counts) + offset
+
+
+class _Rows:
+    """Inequality rows (≤ rhs), added in groups: (row within the group, column, value) triples."""
+
+    def __init__(self, ncols: int):
+        self.ncols, self.parts, self.rhs_parts, self.count = ncols, [], [], 0
+
+    def add(self, rhs, *parts):
+        self.parts += [(np.asarray(r) + self.count, c, v) for r, c, v in parts]
+        self.rhs_parts.append(np.asarray(rhs, float))
+        self.count += len(self.rhs_parts[-1])
+
+    def matrix(self):
+        return _matrix(self.parts, self.count, self.ncols)
+
+    def rhs(self):
+        return np.concatenate(self.rhs_parts)
 
 
 def _matrix(parts, nrows, ncols):
