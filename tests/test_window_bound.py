@@ -71,7 +71,7 @@ def test_no_policy_serves_more_than_the_bound(policy, cluster):
 
 def test_cli_window_bound(capsys):
     args = ["bound", "--workload", "arxiv-summarization", "--profile", "a100-llama2-70b-tp4", "--max-input-len",
-            "4096", "--num-requests", "200", "--window", "--json"]
+            "4096", "--num-requests", "100", "--window", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)["window"]
     assert out["met_rps"] < out["bound_rps"] <= out["met_rps"] * 1.011
