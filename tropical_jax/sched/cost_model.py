@@ -239,6 +239,32 @@ class CostModel:
                 hi = mid - 1
         return lo
 
+    def min_chunked_time(self, tokens: int, start: int, most: int, B: int, T: int) -> float:
+        """A lower bound (s) on the summed t_mixed of any steps that prefill tokens [start, start + tokens)
+        in chunks of at most `most` tokens, each beside B or more decodes reading T or more KV tokens,
+        and on any decode-only steps among them; 0 where the coefficients give none (a negative one).
+
+        A chunk c at ctx costs a0 + a2·c² + ax·c·ctx + a1·c (ms), and over any chunking
+        sum(c·ctx) = start·N + (N² − sum(c²))/2, 0 < sum(c²) <= N·most, and N/most steps at least.
+        Cheap next to planning those steps one by one (sched/multiplex.py prunes plans with it)."""
+        k2, kx, k1, k0 = self._k
+        d0, d1, d2 = self._d
+        if self._m is None:
+            mixed = (k0 + d0 + d1 * B + d2 * T - self._shared, k2, kx, k1)
+            growth = (d1, d2)  # what more decodes and tokens add
+        else:
+            m0, mc2, mcx, mc1, mb, mt = self._m
+            mixed = (m0 + mb * B + mt * T, mc2, mcx, mc1)
+            growth = (mb, mt)
+        # Without decodes a step is a chunk alone, until a prefill ends and joins the batch.
+        a0, a2, ax, a1 = mixed if B > 0 else (min(x, y) for x, y in zip(mixed, (k0, k2, kx, k1)))
+        if tokens <= 0 or a0 < 0 or min(d0, d1, d2, *growth) < 0:
+            return 0.0
+        steps = -(-tokens // most)
+        curve = a2 - ax / 2  # the coefficient of sum(c²)
+        spread = curve * tokens * most if curve < 0 else 0.0  # sum(c²) at its largest, or dropped
+        return (steps * a0 + spread + ax * (start * tokens + tokens * tokens / 2) + a1 * tokens) * 1e-3
+
     def scaled(self, factors: dict[str, float]) -> "CostModel":
         """This model with each kind of step's time x its factor (plan.STEP_KINDS; the prefill factor
         scales prefills and chunks); transfers and capacity unchanged."""

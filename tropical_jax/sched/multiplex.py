@@ -283,6 +283,8 @@ class QueuedPlan:
             i, q = self._next, self._queue[self._next]
             if i == self.position and self._ahead is None:
                 self._ahead = st.copy()
+            if stop_after < math.inf and st.t0 + st.elapsed + self._least_rest() > stop_after:
+                return False  # the rest cannot end by then: no need to plan it step by step (yet)
             self._ctx = plan_tokens(mon, st, q, self._ctx, False, stop_after)
             if self._ctx < q.prefill_target:
                 return False
@@ -298,6 +300,19 @@ class QueuedPlan:
                 if st.t0 + st.elapsed > stop_after:  # its last chunk ended past it
                     return False
         return True
+
+    def _least_rest(self) -> float:
+        """A lower bound (s) on how much longer the plan of the prefills not yet planned takes, with a
+        margin for the rounding of a step-by-step sum: every chunk at most the largest bucket, every
+        step beside at least the decodes the plan has now and those of the prefills that end before."""
+        mon, st = self.mon, self._st
+        least, decodes, tokens = 0.0, st.num_decodes, st.decode_tokens
+        for i in range(self._next, len(self._queue)):
+            q = self._queue[i]
+            start = self._ctx if i == self._next else self._starts[i]
+            least += mon.cost.min_chunked_time(q.prefill_target - start, start, mon.big_chunk, decodes, tokens)
+            decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
+        return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
 
     def ends_after(self, deadline: float) -> bool:
         """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)"""
