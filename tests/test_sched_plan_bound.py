@@ -53,3 +53,32 @@ def test_bound_is_tight_for_whole_chunks_of_the_derived_model():
 def test_no_bound_from_a_negative_coefficient():
     odd = CostModel.from_json({**BASE, "mixed": {"m0": -5.0, "mc2": 1e-6, "mcx": 2e-6, "mc1": 0.08, "mb": 0.2, "mt": 1e-4}})
     assert odd.min_chunked_time(1000, 0, 512, 4, 100) == 0.0
+
+
+def test_queued_inlines_too_late_for_a_newcomer_behind_them():
+    # Two inlines queued on M0 beside a decode; a 6k newcomer. ends_after(cut, then=newcomer) may say
+    # "too late" before the queued plan reaches the cut, but only where the newcomer's own plan behind
+    # them indeed ends after it.
+    from test_sched_decisions import queued
+    from test_sched_planned import decoding
+    from tropical_jax.sched.multiplex import QueuedPlan
+    from tropical_jax.sched.request import Request
+    from tropical_jax.sched.scheduler import Scheduler
+
+    cost = CostModel.from_json({**BASE, "kv_capacity_tokens": 10**6})
+    sched = Scheduler("1M", "planned:chunk_buckets=256/1024/4096,arrival_guard=false", cost)
+    decoding(sched, "M0", 2000, 0.2, 0.0)
+    for i, L in enumerate((9000, 5000)):
+        queued(sched, "M0", Request(f"q{i}", 0.0, L, 4, ttft_slo=100.0, output_len=4))
+    r = Request("new", 0.0, 6000, 4, ttft_slo=100.0, output_len=4)
+    w = sched.workers["M0"]
+    queue_end = QueuedPlan(sched.mon, w, 0.0).full
+    new_end = QueuedPlan(sched.mon, w, 0.0).frontier.plan(r).end
+    queue_end = queue_end.t0 + queue_end.elapsed
+    earlier = 0
+    for k in range(1, 200):
+        cut = new_end * k / 100
+        too_late = QueuedPlan(sched.mon, w, 0.0).ends_after(cut, then=r)
+        assert not too_late or new_end > cut  # never refuses a plan that ends by the cut
+        earlier += too_late and cut >= queue_end
+    assert earlier > 0  # the newcomer's least time decided some cuts the queued plan alone does not

@@ -283,7 +283,7 @@ class QueuedPlan:
             i, q = self._next, self._queue[self._next]
             if i == self.position and self._ahead is None:
                 self._ahead = st.copy()
-            if stop_after < math.inf and st.t0 + st.elapsed + self._least_rest() > stop_after:
+            if stop_after < math.inf and st.t0 + st.elapsed + self._least_time(self._rest()) > stop_after:
                 return False  # the rest cannot end by then: no need to plan it step by step (yet)
             self._ctx = plan_tokens(mon, st, q, self._ctx, False, stop_after)
             if self._ctx < q.prefill_target:
@@ -301,21 +301,31 @@ class QueuedPlan:
                     return False
         return True
 
-    def _least_rest(self) -> float:
-        """A lower bound (s) on how much longer the plan of the prefills not yet planned takes, with a
-        margin for the rounding of a step-by-step sum: every chunk at most the largest bucket, every
-        step beside at least the decodes the plan has now and those of the prefills that end before."""
+    def _rest(self) -> list[tuple[Request, int]]:
+        """The queued prefills not yet planned, each with the token its plan starts from."""
+        return [(self._queue[i], self._ctx if i == self._next else self._starts[i])
+                for i in range(self._next, len(self._queue))]
+
+    def _least_time(self, prefills: list[tuple[Request, int]], timed_from: int = 0) -> float:
+        """A lower bound (s) on how much longer the plan of prefills[timed_from:] takes, planned on from
+        here after prefills[:timed_from] ((request, token its plan starts from), in order), with a margin
+        for the rounding of a step-by-step sum: every chunk at most the largest bucket, every step beside
+        at least the decodes the plan has now and those of the prefills that end before."""
         mon, st = self.mon, self._st
         least, decodes, tokens = 0.0, st.num_decodes, st.decode_tokens
-        for i in range(self._next, len(self._queue)):
-            q = self._queue[i]
-            start = self._ctx if i == self._next else self._starts[i]
-            least += mon.cost.min_chunked_time(q.prefill_target - start, start, mon.big_chunk, decodes, tokens)
+        for i, (q, start) in enumerate(prefills):
+            if i >= timed_from:
+                least += mon.cost.min_chunked_time(q.prefill_target - start, start, mon.big_chunk, decodes, tokens)
             decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
         return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
 
-    def ends_after(self, deadline: float) -> bool:
-        """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)"""
+    def ends_after(self, deadline: float, then: Request | None = None) -> bool:
+        """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)
+        With `then`: too late for a plan of `then` behind them to end by `deadline`? (Theirs is planned
+        only until `deadline` less the least time that plan takes.)"""
+        if then is not None:
+            rest = self._rest()
+            deadline -= self._least_time([*rest, (then, 0)], len(rest))
         return not self._plan(deadline) or self._st.t0 + self._st.elapsed > deadline
 
     @property
