@@ -230,6 +230,14 @@ def plan_tokens(mon: Monitor, st: PlanState, r: Request, start: int, strict: boo
     return ctx
 
 
+def least_time(mon: Monitor, tokens: int, start: int, decodes: int, decode_tokens: int) -> float:
+    """A lower bound (s, safety factor included) on any plan's steps for tokens [start, start + tokens)
+    of a prompt beside `decodes` or more decodes reading `decode_tokens` or more (CostModel.min_chunked_time),
+    less a margin for the rounding of a step-by-step sum: a plan that must end later can be refused unmade."""
+    least = mon.cost.min_chunked_time(tokens, start, mon.big_chunk, decodes, decode_tokens)
+    return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
+
+
 def join(st: PlanState, r: Request) -> None:
     """r, whose prefill the plan just finished, decodes from now on: a new request has one TPOT of
     slack at its first token; a recompute keeps the slack it had (its tokens were due all along)."""
@@ -307,17 +315,16 @@ class QueuedPlan:
                 for i in range(self._next, len(self._queue))]
 
     def _least_time(self, prefills: list[tuple[Request, int]], timed_from: int = 0) -> float:
-        """A lower bound (s) on how much longer the plan of prefills[timed_from:] takes, planned on from
-        here after prefills[:timed_from] ((request, token its plan starts from), in order), with a margin
-        for the rounding of a step-by-step sum: every chunk at most the largest bucket, every step beside
-        at least the decodes the plan has now and those of the prefills that end before."""
-        mon, st = self.mon, self._st
+        """A lower bound (s) on how much longer the plan of prefills[timed_from:] takes (least_time of
+        each), planned on from here after prefills[:timed_from] ((request, token its plan starts from),
+        in order): every step beside the decodes the plan has now and those of the prefills ended before."""
+        st = self._st
         least, decodes, tokens = 0.0, st.num_decodes, st.decode_tokens
         for i, (q, start) in enumerate(prefills):
             if i >= timed_from:
-                least += mon.cost.min_chunked_time(q.prefill_target - start, start, mon.big_chunk, decodes, tokens)
+                least += least_time(self.mon, q.prefill_target - start, start, decodes, tokens)
             decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
-        return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
+        return least
 
     def ends_after(self, deadline: float, then: Request | None = None) -> bool:
         """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)
@@ -411,6 +418,12 @@ class InlineFrontier:
         self.tokens_done.append(ctx + c)
         self.planned_time.append(self.planned_time[-1] + mon.cost.t_mixed(c, ctx, b.num_decodes, T) * sf)
 
+    def _least_rest(self, L: int) -> float:
+        """Least time (least_time) of the steps a prompt of L tokens needs after those planned so far,
+        which it takes too (it is longer than they reach)."""
+        b, done = self.base, self.tokens_done[-1]
+        return least_time(self.mon, L - done, done, b.num_decodes, b.decode_tokens + len(self.reach) * b.num_decodes)
+
     def plan(self, r: Request, deadline: float = math.inf, explain: bool = True) -> InlinePlan:
         """r's strict plan after the queued inlines, to end by `deadline`. explain=False: a plan that
         will miss the deadline is given up as soon as that is sure (its end is then not computed)."""
@@ -422,7 +435,7 @@ class InlineFrontier:
         else:
             L = r.prefill_target
             while (not self.reach or self.reach[-1] < L) and not self.stuck:
-                if not explain and b.t0 + self.planned_time[-1] > deadline:  # its steps all end later still
+                if not explain and b.t0 + self.planned_time[-1] + self._least_rest(L) > deadline:
                     return InlinePlan(False, math.inf, -math.inf, len(self.reach), "plan ends after the deadline")
                 self._extend()
             if self.reach[-1] < L:
