@@ -107,7 +107,7 @@ def served_fraction(requests, cost: CostModel, num_workers: int, ttft_scale: flo
     k = np.arange(len(decoding))                            # each request's steps inside its time
     rows.add(np.zeros(len(decoding)), (k, decoding, f.fixed * tokens[decoding]), (k, o + at(last[decoding]), -1.0),
              (k, o + at(a[decoding]), 1.0))
-    for name, lo, hi in LENGTH_CLASSES if class_floor is not None else ():
+    for _, lo, hi in LENGTH_CLASSES if class_floor is not None else ():
         members = np.flatnonzero((L >= lo) & (L < hi))
         if len(members):
             rows.add([-class_floor * len(members)], (np.zeros(len(members), int), members, -1.0))
