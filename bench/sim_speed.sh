@@ -3,8 +3,8 @@
 # and, given one, in another (before a change), alternating so both see the same machine load:
 #     bench/sim_speed.sh [OTHER_CHECKOUT]
 # Goodput searches run in one process (--jobs 1, where the checkout has the option) so that CPU counts
-# all their work; the last command, a search with --jobs 2, runs only where --jobs exists: its worker
-# processes are not this shell's children, so only its wall time means something.
+# all their work; the last two, searches with --jobs 2 (the default on 2 cores), run only where --jobs
+# exists: their worker processes are not this shell's children, so only their wall time means something.
 # Prints: checkout | command | CPU s | wall s | attainment rejected {policy: goodput}
 RUN="python -m tropical_jax.sim run --workload mooncake-conversation --profile a100-internlm2.5-20b-tp2 --max-input-len 32768 --json"
 GOODPUT="python -m tropical_jax.sim goodput --workload mooncake-conversation --profile a100-internlm2.5-20b-tp2 --max-input-len 32768 --rate-lo 0.45 --rate-hi 1.0 --json"
@@ -17,6 +17,7 @@ CMDS=(
 "$GOODPUT --policies disaggregated"
 "$GOODPUT --policies planned"
 "$GOODPUT --policies planned --early-stop"
+"$GOODPUT --policies planned --jobs 2"
 "$GOODPUT --policies planned --early-stop --jobs 2"
 )
 here=$(cd "$(dirname "$0")/.." && pwd)
