@@ -15,12 +15,15 @@ from tropical_jax.sim.simulator import simulate
 from tropical_jax.sim.workloads import make_requests
 
 
+def profile_json(d0=20.0):
+    return {"units": "ms", "prefill": {"c2": 0.0, "c1": 1.0, "c0": 0.0}, "decode": {"d0": d0, "d1": 0.0, "d2": 0.0},
+            "kv_bytes_per_token": 1, "transfer": {"bandwidth_GBps": 1000, "latency_ms": 0.0}}
+
+
 def cost(d0=20.0):
     """Prefill 1 ms per token, no fixed cost: a prompt of L tokens takes L ms and must start by 2L ms
     at TTFT scale 2; decode steps cost d0 ms whatever their batch."""
-    return CostModel.from_json({"units": "ms", "prefill": {"c2": 0.0, "c1": 1.0, "c0": 0.0},
-                                "decode": {"d0": d0, "d1": 0.0, "d2": 0.0}, "kv_bytes_per_token": 1,
-                                "transfer": {"bandwidth_GBps": 1000, "latency_ms": 0.0}})
+    return CostModel.from_json(profile_json(d0))
 
 
 def burst(workers, class_floor=None):
@@ -55,6 +58,21 @@ def test_step_floor_is_the_cheapest_form_of_each_cost():
     assert f.prefill2 == pytest.approx(c.prefill["c2"] * 1e-3) and f.prefill1 == pytest.approx(c.prefill["c1"] * 1e-3)
     assert f.fixed == pytest.approx(c.decode["d0"] * 1e-3)
     assert f.prefill2 * 4096**2 + f.prefill1 * 4096 <= c.t_prefill(4096)
+
+
+def test_step_floor_takes_a_fitted_mixed_step_when_cheaper_and_refuses_negative_terms():
+    mixed = {"m0": 5.0, "mc2": 0.5, "mcx": 0.4, "mc1": 2.0, "mb": 0.0, "mt": 0.0}
+    c = CostModel.from_json({**profile_json(), "mixed": mixed})
+    f = StepFloor.of(c)
+    # prefill c2 = 0, c1 = 1 (derived chunk k2 = kx = 0, k1 = 1); the mixed step's quadratic is
+    # min(mc2, mcx/2) = 0.2 but its chunk form is cheaper (0); decode d0 = 20 ms against m0 = 5 ms.
+    assert (f.prefill2, f.prefill1, f.fixed) == pytest.approx((0.0, 1e-3, 5e-3))
+    # A step's time is at least the floors of what it holds, in each form the simulator runs.
+    for C, ctx, B, T in [(64, 0, 3, 900), (512, 256, 1, 10), (1, 0, 8, 8)]:
+        assert c.t_mixed(C, ctx, B, T) >= f.prefill2 * C * (C + 2 * ctx) + f.prefill1 * C + f.fixed \
+            + f.token1 * B + f.token_ctx * T
+    with pytest.raises(ValueError, match=">= 0"):
+        StepFloor.of(CostModel.from_json({**profile_json(), "mixed": {**mixed, "mcx": -0.1}}))
 
 
 @pytest.mark.parametrize("policy, cluster", [("planned", "1P1M"), ("colocated", "2C"), ("disaggregated", "1P1D")])

@@ -4,9 +4,9 @@ on one given trace, from a linear program over time.
 The work bounds (bound.py) charge each request its cost and ignore time. Here every served request's
 work must also fit in the time it may run in, on the given number of workers:
 
-- its prefill, at least a2·L² + a1·L of worker time (the cheapest the profile allows: whole, chunked
-  or packed with others), runs between its arrival and its TTFT deadline (arrival + ttft_scale x its
-  isolated prefill time), on one worker at a time (no faster than the clock);
+- its prefill, at least a2·L² + a1·L of worker time (StepFloor: the cheapest the profile allows,
+  however chunked or packed with others), runs between its arrival and its TTFT deadline (arrival +
+  ttft_scale x its isolated prefill time), on one worker at a time (no faster than the clock);
 - its n_out − 1 decode tokens, at least t1 + t2·ctx each (ctx = its prompt plus the tokens before),
   run between its arrival and its last allowed token, deadline + (n_out − 1)·TPOT SLO;
 - those tokens come from n_out − 1 distinct steps in that span, each with a fixed cost of at least
@@ -48,16 +48,20 @@ class StepFloor:
 
     @classmethod
     def of(cls, cost: CostModel) -> "StepFloor":
-        p, k, d, m = cost.prefill, cost.chunk, cost.decode, cost.mixed
+        """The cheapest of the forms the simulator runs a step in (CostModelExecutor: t_chunk, t_decode
+        or t_mixed; never t_prefill, which only sets the TTFT deadline)."""
+        k, d, m = cost.chunk, cost.decode, cost.mixed
+        used = [*k.values(), *d.values(), *(m.values() if m else ())]
+        if min(used) < 0:  # a negative term makes a step cheaper than its other terms: no floor holds
+            raise ValueError("the window bound needs a profile whose chunk, decode and mixed coefficients are >= 0")
         # Chunks C_i after ctx_i = C_1 + .. + C_{i-1} tokens sum to Σ C_i² + 2·C_i·ctx_i = L², so any
         # split of a prompt costs at least min(k2, kx/2)·L²; packing prompts together only adds.
-        quad = [p["c2"], k["k2"], k["kx"] / 2] + ([m["mc2"], m["mcx"] / 2] if m else [])
-        lin = [p["c1"], k["k1"]] + ([m["mc1"]] if m else [])
+        quad = [k["k2"], k["kx"] / 2] + ([m["mc2"], m["mcx"] / 2] if m else [])
+        lin = [k["k1"]] + ([m["mc1"]] if m else [])
         tok, ctx = [d["d1"]] + ([m["mb"]] if m else []), [d["d2"]] + ([m["mt"]] if m else [])
         # A derived mixed step's fixed part is k0 + d0 − min(c0, d0); a fitted one's m0.
-        fixed = [d["d0"], m["m0"] if m else k["k0"] + d["d0"] - min(p["c0"], d["d0"])]
-        return cls(*(max(0.0, min(v)) * 1e-3 for v in (quad, lin, tok, ctx, fixed)))
-
+        fixed = [d["d0"], m["m0"] if m else k["k0"] + d["d0"] - min(cost.prefill["c0"], d["d0"])]
+        return cls(*(min(v) * 1e-3 for v in (quad, lin, tok, ctx, fixed)))
 
 def served_fraction(requests, cost: CostModel, num_workers: int, ttft_scale: float = 5.0, tpot_slo: float = 0.1,
                     block_s: float = 5.0, class_floor: float | None = None) -> float:
