@@ -69,61 +69,64 @@ def served_fraction(requests, cost: CostModel, num_workers: int, ttft_scale: flo
     floor cannot be met). `requests`: anything with arrival, prompt_len and output_len (sched Requests)."""
     if not requests:
         raise ValueError("the window bound needs at least one request")
-    a = np.array([r.arrival for r in requests], float)
-    L = np.array([r.prompt_len for r in requests], np.int64)
-    n_out = np.maximum(np.array([r.output_len for r in requests], np.int64), 1)
-    n = len(a)
-    f = StepFloor.of(cost)
-    Lf, tokens = L.astype(float), (n_out - 1).astype(float)
-    prefill = f.prefill2 * Lf * Lf + f.prefill1 * Lf
-    decode = tokens * (f.token1 + f.token_ctx * Lf) + f.token_ctx * tokens * (tokens + 1) / 2
-    deadline = a + ttft_scale * np.array([cost.t_prefill(int(x)) for x in L])
+    arrival = np.array([r.arrival for r in requests], float)
+    prompt = np.array([r.prompt_len for r in requests], np.int64)
+    tokens = np.maximum(np.array([r.output_len for r in requests], np.int64) - 1, 0).astype(float)  # decoded
+    n = len(arrival)
+    floor, length = StepFloor.of(cost), prompt.astype(float)
+    prefill = floor.prefill2 * length * length + floor.prefill1 * length
+    decode = tokens * (floor.token1 + floor.token_ctx * length) + floor.token_ctx * tokens * (tokens + 1) / 2
+    deadline = arrival + ttft_scale * np.array([cost.t_prefill(int(x)) for x in prompt])
     last = deadline + tokens * tpot_slo
 
-    t0, end = a.min(), last.max()
-    block_edges = t0 + block_s * np.arange(math.ceil((end - t0) / block_s))
+    start, end = arrival.min(), last.max()
+    block_edges = start + block_s * np.arange(math.ceil((end - start) / block_s))
     block_edges = np.append(block_edges[block_edges < end], end)
-    cuts = np.unique(np.concatenate([a, deadline, last, block_edges]))
-    width = np.diff(cuts)                                   # the pieces of time
-    at = lambda t: np.searchsorted(cuts, t)  # noqa: E731  (the cut a time is)
-    block_cut = at(block_edges)
-    m, nb = len(width), len(block_edges) - 1
+    cuts = np.unique(np.concatenate([arrival, deadline, last, block_edges]))
+    width, block_width = np.diff(cuts), np.diff(block_edges)  # piece k is [cuts[k], cuts[k + 1]]
+    block_cut = np.searchsorted(cuts, block_edges)
+    num_pieces, num_blocks = len(width), len(block_width)
+    pieces, blocks = np.arange(num_pieces), np.arange(num_blocks)
 
-    # Variables: x (served, n), prefill work per (request, piece), decode work per (request, block), and
-    # the steps' fixed cost cumulated up to each cut (a request's share of it is the difference of two).
-    p_req, p_piece = _spans(at(a), at(deadline))
+    # Variables: served (x, one per request), prefill work per (request, piece of its TTFT time),
+    # decode work per (request, block meeting its time), and the steps' fixed cost summed up to each cut
+    # (what lies between two cuts is the difference of two of them).
+    pre_req, pre_piece = _spans(np.searchsorted(cuts, arrival), np.searchsorted(cuts, deadline))
     decoding = np.flatnonzero(tokens > 0)
-    b_first = np.searchsorted(block_edges, a[decoding], side="right") - 1
-    d_req, d_block = _spans(b_first, np.minimum(np.searchsorted(block_edges, last[decoding]), nb), decoding)
-    ny, nz = len(p_req), len(d_req)
-    y, z, o = n + np.arange(ny), n + ny + np.arange(nz), n + ny + nz  # o + k: fixed cost before cut k
-    nvar = o + m + 1
-    eq = _matrix([(np.arange(n), np.arange(n), -prefill), (p_req, y, 1.0),  # each request's work, scaled by x
-                  (n + decoding, decoding, -decode[decoding]), (n + d_req, z, 1.0)], 2 * n, nvar)
-    piece_block = np.searchsorted(block_cut, np.arange(m), side="right") - 1
-    rows = _Rows(nvar)
-    rows.add(num_workers * np.diff(block_edges),            # each block: everything in it
-             (piece_block[p_piece], y, 1.0), (d_block, z, 1.0), (np.arange(nb), o + block_cut[1:], 1.0),
-             (np.arange(nb), o + block_cut[:-1], -1.0))
-    rows.add(num_workers * width, (p_piece, y, 1.0),       # each piece: its prefill and fixed costs
-             (np.arange(m), o + np.arange(1, m + 1), 1.0), (np.arange(m), o + np.arange(m), -1.0))
-    rows.add(np.zeros(m), (np.arange(m), o + np.arange(m), 1.0), (np.arange(m), o + np.arange(1, m + 1), -1.0))
-    k = np.arange(len(decoding))                            # each request's steps inside its time
-    rows.add(np.zeros(len(decoding)), (k, decoding, f.fixed * tokens[decoding]), (k, o + at(last[decoding]), -1.0),
-             (k, o + at(a[decoding]), 1.0))
+    first_block = np.searchsorted(block_edges, arrival[decoding], side="right") - 1
+    dec_req, dec_block = _spans(first_block, np.minimum(np.searchsorted(block_edges, last[decoding]), num_blocks),
+                                decoding)
+    pre_var = n + np.arange(len(pre_req))
+    dec_var = n + len(pre_req) + np.arange(len(dec_req))
+    fixed_var = n + len(pre_req) + len(dec_req)  # + k: the fixed cost of all steps before cut k
+    num_vars = fixed_var + num_pieces + 1
+    served_work = _matrix([(np.arange(n), np.arange(n), -prefill), (pre_req, pre_var, 1.0),  # x_j times its work
+                           (n + decoding, decoding, -decode[decoding]), (n + dec_req, dec_var, 1.0)], 2 * n, num_vars)
+    piece_block = np.searchsorted(block_cut, pieces, side="right") - 1
+    rows = _Rows(num_vars)
+    rows.add(num_workers * block_width,                   # each block: all the work in it, on the workers
+             (piece_block[pre_piece], pre_var, 1.0), (dec_block, dec_var, 1.0),
+             (blocks, fixed_var + block_cut[1:], 1.0), (blocks, fixed_var + block_cut[:-1], -1.0))
+    rows.add(num_workers * width, (pre_piece, pre_var, 1.0),  # each piece: its prefill and fixed costs
+             (pieces, fixed_var + pieces + 1, 1.0), (pieces, fixed_var + pieces, -1.0))
+    rows.add(np.zeros(num_pieces), (pieces, fixed_var + pieces, 1.0), (pieces, fixed_var + pieces + 1, -1.0))  # grows
+    each = np.arange(len(decoding))                       # a request's steps, each a fixed cost, inside its time
+    rows.add(np.zeros(len(decoding)), (each, decoding, floor.fixed * tokens[decoding]),
+             (each, fixed_var + np.searchsorted(cuts, last[decoding]), -1.0),
+             (each, fixed_var + np.searchsorted(cuts, arrival[decoding]), 1.0))
     for _, lo, hi in LENGTH_CLASSES if class_floor is not None else ():
-        members = np.flatnonzero((L >= lo) & (L < hi))
+        members = np.flatnonzero((prompt >= lo) & (prompt < hi))
         if len(members):
             rows.add([-class_floor * len(members)], (np.zeros(len(members), int), members, -1.0))
-    bounds = np.zeros((nvar, 2))
+    bounds = np.zeros((num_vars, 2))                      # the fixed cost before the first cut stays 0
     bounds[:n, 1] = 1.0
-    bounds[y, 1] = width[p_piece]                           # one request's prefill no faster than the clock
-    bounds[z, 1] = np.diff(block_edges)[d_block]
-    bounds[o + 1:, 1] = np.inf                              # nothing before the first arrival
-    cost_vector = np.zeros(nvar)
-    cost_vector[:n] = -1.0
-    res = linprog(cost_vector, A_ub=rows.matrix(), b_ub=rows.rhs(), A_eq=eq, b_eq=np.zeros(2 * n), bounds=bounds,
-                  method="highs-ipm")  # interior point: several times faster here than simplex
+    bounds[pre_var, 1] = width[pre_piece]                 # one request's prefill no faster than the clock
+    bounds[dec_var, 1] = block_width[dec_block]
+    bounds[fixed_var + 1:, 1] = np.inf
+    most_served = np.zeros(num_vars)
+    most_served[:n] = -1.0
+    res = linprog(most_served, A_ub=rows.matrix(), b_ub=rows.rhs(), A_eq=served_work, b_eq=np.zeros(2 * n),
+                  bounds=bounds, method="highs-ipm")  # interior point: several times faster here than simplex
     if res.status == 2:  # infeasible: the class floor cannot be met
         return 0.0
     if res.status != 0:
