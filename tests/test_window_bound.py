@@ -98,3 +98,11 @@ def test_cli_window_bound(capsys):
     assert main(args + ["--class-floor", "0.8"]) == 0
     floor = json.loads(capsys.readouterr().out)["window"]
     assert floor["class_floor"] == 0.8 and floor["bound_rps"] <= out["bound_rps"]
+
+
+@pytest.mark.parametrize("extra, message", [([], "add --window"), (["--window"], "in [0, 1]")])
+def test_cli_class_floor_needs_the_window_and_a_fraction(capsys, extra, message):
+    args = ["bound", "--workload", "arxiv-summarization", "--profile", "a100-llama2-70b-tp4", "--num-requests", "20",
+            "--class-floor", "1.5", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

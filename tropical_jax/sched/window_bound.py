@@ -69,6 +69,8 @@ def served_fraction(requests, cost: CostModel, num_workers: int, ttft_scale: flo
     floor cannot be met). `requests`: anything with arrival, prompt_len and output_len (sched Requests)."""
     if not requests:
         raise ValueError("the window bound needs at least one request")
+    if class_floor is not None and not 0 <= class_floor <= 1:
+        raise ValueError(f"the class floor is a fraction of each class, in [0, 1] (got {class_floor})")
     arrival = np.array([r.arrival for r in requests], float)
     prompt = np.array([r.prompt_len for r in requests], np.int64)
     tokens = np.maximum(np.array([r.output_len for r in requests], np.int64) - 1, 0).astype(float)  # decoded

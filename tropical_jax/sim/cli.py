@@ -93,6 +93,8 @@ def bound_for(args, cluster: str, cost: CostModel) -> dict:
 
 
 def cmd_bound(args) -> dict:
+    if args.class_floor is not None and not args.window:
+        raise ValueError("--class-floor is a condition of the window bound: add --window")
     cluster, cost = args.cluster or "2C", load_profile(args.profile)
     out = {"workload": args.workload, "profile": args.profile, "cluster": cluster,
            "max_input_len": args.max_input_len, **bound_for(args, cluster, cost)}
