@@ -106,3 +106,47 @@ def test_cli_class_floor_needs_the_window_and_a_fraction(capsys, extra, message)
             "--class-floor", "1.5", *extra]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy, cluster", [("planned", "1P1M"), ("chunked", "2C"), ("disaggregated", "1P1D")])
+def test_every_simulated_step_and_served_request_fits_the_programs_constraints(policy, cluster):
+    # The program's premises, checked on a schedule the simulator makes: every step lasts at least the
+    # floors of what it holds, and a served request's chunks add up to its prompt's quadratic inside its
+    # TTFT time while its n_out − 1 decode steps lie inside its last token's time. Then the schedule,
+    # spread over time, is a solution of the program with x = served, and the program cannot be lower.
+    profile = load_profile("a100-internlm2.5-20b-tp2")
+    floor = StepFloor.of(profile)
+    reqs = make_requests("mooncake-conversation", 120, 1.2, seed=0, max_input_len=32768)
+    steps = []
+
+    def observe(event, now, *payload):
+        if event == "step_start":
+            worker, plan = payload
+            steps.append([now, worker, [(c.request, c.start, c.length) for c in plan.chunks], list(plan.decodes),
+                          plan.decode_tokens])
+        elif event == "step_end":  # the step in flight on that worker: its start becomes (start, end)
+            step = next(s for s in steps if s[1] == payload[0])
+            step[:2] = [(step[0], now), None]
+
+    res = simulate(reqs, cluster, PolicyConfig.parse(policy, shed=True), profile, seed=0, observer=observe)
+    prefill_work, decode_steps = {}, {}
+    assert all(worker is None for _, worker, *_ in steps)  # every step ended
+    for (start, end), _, chunks, decodes, ctx in steps:
+        work = sum(floor.prefill2 * n * (n + 2 * s) + floor.prefill1 * n for _, s, n in chunks)
+        if decodes:
+            work += floor.fixed + floor.token1 * len(decodes) + floor.token_ctx * ctx
+        assert work <= (end - start) * (1 + 1e-9)
+        for r, s, n in chunks:
+            prefill_work.setdefault(r.id, []).append((start, end, n * (n + 2 * s)))
+        for r in decodes:
+            decode_steps.setdefault(r.id, []).append((start, end))
+    served = [r for r in res.requests if r.attained]
+    assert len(served) > 60, len(served)
+    for r in served:
+        deadline = r.arrival + r.ttft_slo
+        first = [(s, e, w) for s, e, w in prefill_work[r.id] if e <= r.first_token_time]  # not a recompute after
+        assert sum(w for *_, w in first) >= r.prompt_len**2
+        assert all(r.arrival <= s and e <= deadline + 1e-9 for s, e, _ in first)
+        mine = decode_steps.get(r.id, [])
+        assert len(mine) >= r.output_len - 1
+        assert all(r.arrival <= s and e <= deadline + (r.output_len - 1) * r.tpot_slo + 1e-9 for s, e in mine)
