@@ -75,3 +75,26 @@ def test_release_of_a_table_with_a_shared_page_keeps_that_page():
     other.release(a)  # nothing shared any more: the unchecked path
     assert a.num_free == 4 and all(a.ref_count(p) == 0 for p in range(4))
     assert a.allocate(4) == [2, 0, 1, 3]  # last freed first: other's page, the shared one, t's second, the never used
+
+
+@pytest.mark.parametrize("listing", ["freed_elsewhere", "released_twice", "listed_twice"])
+def test_release_of_a_page_already_free_raises_and_changes_nothing(listing):
+    # The unchecked release (nothing shared) still must never put a page on the free list twice:
+    # the allocator would hand it to two sequences.
+    a = PageAllocator(num_pages=6, page_size=4)
+    t, other = BlockTable(), BlockTable()
+    assert t.ensure(a, 12) and other.ensure(a, 4)
+    if listing == "freed_elsewhere":
+        a.free(t.pages[1:2])
+        bad, pages = t.pages[1], t.pages
+    elif listing == "released_twice":
+        pages = list(t.pages)
+        t.release(a)
+        bad = pages[0]
+    else:
+        pages = t.pages + t.pages[:1]
+        bad = pages[0]
+    refs, free = [a.ref_count(p) for p in range(6)], a.num_free
+    with pytest.raises(ValueError, match=f"double free of page {bad}"):
+        a.free_own(pages)
+    assert [a.ref_count(p) for p in range(6)] == refs and a.num_free == free

@@ -80,16 +80,29 @@ class PageAllocator:
                 self._free.append(p)
 
     def free_own(self, pages: list[int]) -> None:
-        """free() for pages that one holder got from allocate (a block table's): distinct and held, so
-        unless some page is shared there is nothing to check. Freeing a long prompt's table page by
-        page is a simulated run's costliest allocator call; the checks would triple it."""
+        """free() for the pages of one block table, which it got from allocate: distinct and held. Unless
+        some page is shared, the one check is that none is free already (its table released twice, or
+        the page freed elsewhere), one test per page as it is zeroed: free()'s full checks would triple
+        the cost of a simulated run's costliest allocator call, and a page put on the free list twice
+        would be handed to two sequences."""
         if self._shared:
             self.free(pages)
             return
         refs = self._refs
         for p in pages:
+            if not refs[p]:  # free already, or listed twice here (zeroed at its first listing)
+                self._undo_release(pages, p)
             refs[p] = 0
         self._free.extend(pages)
+
+    def _undo_release(self, pages: list[int], bad: int) -> None:
+        """free_own found page `bad` free: give back the pages it zeroed before it, then raise."""
+        stop = pages.index(bad)
+        if bad not in self._free:  # held until this call, so zeroed at its first listing: stopped at its second
+            stop = pages.index(bad, stop + 1)
+        for p in pages[:stop]:
+            self._refs[p] = 1
+        raise ValueError(f"double free of page {bad}")
 
     def ref_count(self, page: int) -> int:
         return self._refs[page]
