@@ -469,6 +469,26 @@ def test_decode_out_of_pages_preempts_youngest():
     assert s.counters["preemptions"] == 1 and math.isclose(plan.predicted, 0.02)
 
 
+def test_decode_tokens_drop_a_preempted_decode_counted_before():
+    """A victim ahead of the decode that ran out of pages leaves the step: its KV tokens, already counted,
+    come off decode_tokens (the predicted step time reads them)."""
+    s = make("1C", policy="colocated", cap=1520)        # 95 pages of 16
+    a = decoding(s, "C0", L=791, n_out=10)              # 50 pages, full: needs a 51st
+    b = decoding(s, "C0", L=700, n_out=10)              # 45 pages, room left in its last: counted first
+    s.workers["C0"].decoding[:] = [b, a]
+    plan = s.next_step("C0", NOW)                       # a finds no page: b (youngest) is preempted
+    assert plan.decodes == [a] and b.recompute_len == 709
+    assert plan.decode_tokens == sum(r.prompt_len + r.n_out for r in plan.decodes) == 801
+
+
+def test_decode_tokens_count_only_the_batch_max_batch_keeps():
+    s = make("1C", policy="colocated", max_batch=2)
+    rs = [decoding(s, "C0", L=L) for L in (150, 150, 300)]
+    plan = s.next_step("C0", NOW)
+    assert plan.decodes == rs[:2]
+    assert plan.decode_tokens == sum(r.prompt_len + r.n_out for r in plan.decodes) == 320
+
+
 def test_inline_frontier_equals_step_by_step_plan():
     """The shared-sequence planner gives exactly the step-by-step strict plan, for any prompt length."""
     from tropical_jax.sched.multiplex import InlineFrontier, QueuedPlan, plan_prefill
