@@ -103,10 +103,11 @@ class Batcher:
             tokens = sum([r.prompt_len + r.n_out for r in batch])
         return batch, tokens
 
-    def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: tuple[list[Request], int] = ([], 0)
+    def _plan(self, w: WorkerState, now: float, chunks: list[Chunk], decodes: tuple[list[Request], int] | None = None
               ) -> StepPlan | None:
-        """The step of these prefill chunks and this decode batch (as _decodes gives it), if any."""
-        batch, tokens = decodes
+        """The step of these prefill chunks and this decode batch (as _decodes gives it; none if not
+        given), if any."""
+        batch, tokens = decodes if decodes is not None else ([], 0)  # a list of its own for every plan
         if not chunks and not batch:
             return None
         cost = self.mon.cost
