@@ -26,7 +26,7 @@ import math
 import sys
 from typing import Callable
 
-from tropical_jax.sched.monitor import Monitor, WorkerState, local_key, min_slack
+from tropical_jax.sched.monitor import Monitor, WorkerState, min_slack
 from tropical_jax.sched.multiplex import PlanState, is_short, pick_chunk
 from tropical_jax.sched.plan import Chunk, StepPlan, packed_shape
 from tropical_jax.sched.request import Request
@@ -49,7 +49,7 @@ class Batcher:
 
     # ---------------- helpers ----------------
     def _local_order(self, w: WorkerState) -> list[Request]:
-        return sorted(w.queue, key=lambda r: local_key(self.mon, r, w.rem[r]))
+        return [r for _, _, r in self.mon.local_order(w)]
 
     def _c_order(self, w: WorkerState) -> list[Request]:
         """Colocated worker: recomputes first, then prefills in progress, then the local order."""
@@ -94,6 +94,7 @@ class Batcher:
                 n_rec = sum(1 for q in w.queue if q.recompute_len)
                 w.queue.insert(n_rec, victim)
                 w.rem[victim] = self.mon.remaining_time(w, victim)
+                w.touch()  # before _c_order reads the local order
                 self.on_preempt(w, victim, now)
                 continue
             i += 1

@@ -120,12 +120,12 @@ class Monitor:
         self.cfg = cfg
         self.big_chunk = cfg.chunk_buckets[-1]
         self._by_roles: dict[tuple[str, ...], list[WorkerState]] = {}
-        self._orders: dict[str, tuple[int, list[tuple[tuple, float, Request]]]] = {}  # local_order's, per worker
+        self._orders: dict[str, tuple[int, tuple[tuple[tuple, float, Request], ...]]] = {}  # local_order's, per worker
         # Per live request: submission order (deterministic tie-breaks) and isolated prefill time.
         self.seq: dict[Request, int] = {}
         self.iso: dict[Request, float] = {}
         # First-token waits (TTFT SLO less isolated prefill) of the latest arrivals (sched/step_limits.py).
-        self.recent_waits: deque[float] = deque(maxlen=RECENT_ARRIVALS)
+        self._recent_waits: deque[float] = deque(maxlen=RECENT_ARRIVALS)
         self._shortest_wait: float | None = None  # min(recent_waits), once per arrival
 
     def of_role(self, *roles: str) -> list[WorkerState]:
@@ -134,13 +134,15 @@ class Monitor:
             got = self._by_roles[roles] = [w for w in self.workers.values() if w.role in roles]
         return got
 
-    def local_order(self, w: WorkerState) -> list[tuple[tuple, float, Request]]:
+    def local_order(self, w: WorkerState) -> tuple[tuple[tuple, float, Request], ...]:
         """w's queued prefills in its local order as (local_key, remaining time, request). Kept per
-        w.version (every change of w.rem comes with one): the dispatcher and the M workers' step
-        limits read a P worker's order far more often than it changes."""
+        w.version, so whatever changes w.rem touches w once it is done, before anything reads the order
+        again: the dispatcher, the batcher and the M workers' step limits read a worker's order far more
+        often than it changes."""
         hit = self._orders.get(w.name)
         if hit is None or hit[0] != w.version:
-            hit = self._orders[w.name] = (w.version, sorted((local_key(self, r, rem), rem, r) for r, rem in w.rem.items()))
+            order = tuple(sorted((local_key(self, r, rem), rem, r) for r, rem in w.rem.items()))
+            hit = self._orders[w.name] = (w.version, order)
         return hit[1]
 
     def chunk_limit(self, w: WorkerState) -> int | None:
@@ -182,7 +184,7 @@ class Monitor:
         """The shortest first-token wait among the latest arrivals of one step's prompt (s, safety factor
         included)."""
         if self._shortest_wait is None:  # read at every M worker step and decision, changed per arrival
-            self._shortest_wait = min(self.recent_waits, default=math.inf)
+            self._shortest_wait = min(self._recent_waits, default=math.inf)
         return self._shortest_wait
 
     def track(self, r: Request, seq: int) -> None:
@@ -190,7 +192,7 @@ class Monitor:
         self.iso[r] = self.isolated_prefill(r)
         # Only prompts that prefill in one step count: a longer one waits for its own steps anyway.
         one_step = r.prompt_len <= self.big_chunk
-        self.recent_waits.append(r.deadline - r.arrival - self.iso[r] * self.cfg.safety_factor if one_step else math.inf)
+        self._recent_waits.append(r.deadline - r.arrival - self.iso[r] * self.cfg.safety_factor if one_step else math.inf)
         self._shortest_wait = None
 
     def forget(self, r: Request) -> None:

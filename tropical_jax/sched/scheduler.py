@@ -150,7 +150,6 @@ class Scheduler(RequestEndings, FastForward):
             if w.busy is not plan:
                 raise ValueError(f"{worker}: step_done for a plan that is not in flight")
             w.busy = None
-            w.touch()
             stop = set(finished)  # requests hash by identity
             for r in plan.decodes:  # each gets its token (the hottest loop of a simulated run: inline)
                 r.n_out += 1
@@ -171,6 +170,7 @@ class Scheduler(RequestEndings, FastForward):
                     w.decoding.append(r)
                 else:
                     self._first_token(w, r, now, r in stop)
+            w.touch()  # after its queue and w.rem changed (Monitor.local_order)
             self._apply_aborts(now)
             if self.recalibrator is not None:
                 self._recalibrated(self.recalibrator.observe(plan, now - plan.start))
