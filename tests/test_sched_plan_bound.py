@@ -56,7 +56,7 @@ def test_no_bound_from_a_negative_coefficient():
 
 
 def test_queued_inlines_too_late_for_a_newcomer_behind_them():
-    # Two inlines queued on M0 beside a decode; a 6k newcomer. ends_after(cut, then=newcomer) may say
+    # Two inlines queued on M0 beside a decode; a 6k newcomer. too_late_for(newcomer, cut) may say
     # "too late" before the queued plan reaches the cut, but only where the newcomer's own plan behind
     # them indeed ends after it; its frontier plan, given up early without an explanation, agrees.
     from test_sched_decisions import queued
@@ -78,7 +78,7 @@ def test_queued_inlines_too_late_for_a_newcomer_behind_them():
     earlier = 0
     for k in range(1, 200):
         cut = new_end * k / 100
-        too_late = QueuedPlan(sched.mon, w, 0.0).ends_after(cut, then=r)
+        too_late = QueuedPlan(sched.mon, w, 0.0).too_late_for(r, cut)
         assert not too_late or new_end > cut  # never refuses a plan that ends by the cut
         assert QueuedPlan(sched.mon, w, 0.0).frontier.plan(r, cut, explain=False).ok == (new_end <= cut)
         earlier += too_late and cut >= queue_end

@@ -181,7 +181,7 @@ class TropicalDispatcher:
             deadline = math.inf if late else r.deadline
             cut = min(deadline, beat)
             jump = cfg.jump_tokens is not None and L <= cfg.jump_tokens and bool(queued.overtaken)
-            if why is None and not jump and queued.ends_after(cut, then=r):
+            if why is None and not jump and queued.too_late_for(r, cut):
                 continue  # no plan behind the queued inlines ends by then (nor need the rest of theirs be made)
             base = queued.full
             tpot = min([r.tpot_slo, *base.min_a])

@@ -75,16 +75,18 @@ class FastForward:
 
     def earliest_handoff(self, worker: str, step_end: float, cost: CostModel) -> float:
         """No handoff from prefill worker `worker`, whose step in flight ends at step_end, before this
-        time, if no request arrives meanwhile and steps take `cost`'s times: step_end when that step
-        ends a prompt, when requests wait for a place (the pass at its end may queue one here), or
-        when `cost` is not the model its queue's remaining times (WorkerState.rem) were predicted
-        with; else each queued prompt still needs its remaining prefill, in steps one after another
-        (a packed step takes no less than its own segment alone: chunk times grow with the chunk and
-        its context), so none ends before step_end plus the shortest of them (inf: none queued)."""
+        time, if no request arrives meanwhile and steps take `cost`'s times: step_end when requests
+        wait for a place (the pass at its end may queue one here), or when `cost` is not the model its
+        queue's remaining times (WorkerState.rem) were predicted with; else each queued prompt still
+        needs its remaining prefill, in steps one after another, so none ends before step_end plus the
+        shortest of them (inf: none queued; step_end when the step in flight ends a prompt, whose
+        remaining time is then 0). That holds because P workers chunk as the remaining times assume:
+        a prompt's first segment in a step is min(its rest, the chunk limit) and the prompts packed
+        behind it finish there, and a packed step takes no less than its own segment alone (chunk
+        times grow with the chunk and its context)."""
         with self._lock:
             w = self.mon.workers[worker]
-            if self.waiting or cost is not self.mon.cost or min(cost.chunk.values()) < 0 \
-                    or any(c.last for c in w.busy.chunks):
+            if self.waiting or cost is not self.mon.cost or min(cost.chunk.values()) < 0:
                 return step_end
             # A margin for rounding: the clock adds the steps one at a time, the sum here is taken first.
             return max(step_end, (step_end + min(w.rem.values(), default=math.inf)) * (1 - 1e-9))

@@ -191,15 +191,12 @@ def start_state(mon: Monitor, w: WorkerState, now: float) -> PlanState:
     return st
 
 
-def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, strict: bool,
-                 deadline: float = math.inf) -> bool:
-    """Plan r's prefill from token `start` onto st (mutated); `join` it afterwards if it is to decode.
-
-    strict: every step must carry a chunk that keeps every decode on time, and the plan must end by
-    `deadline`; returns False as soon as it cannot. Non-strict (inlines already admitted): a step
-    that fits no chunk is a decode-only step that banks slack.
-    """
-    return plan_tokens(mon, st, r, start, strict, deadline) == r.prefill_target and st.t0 + st.elapsed <= deadline
+def plan_prefill(mon: Monitor, st: PlanState, r: Request, start: int, deadline: float = math.inf) -> bool:
+    """Plan r's prefill from token `start` onto st (mutated), strictly: every step must carry a chunk
+    that keeps every decode on time, and the plan must end by `deadline`; returns False as soon as it
+    cannot. `join` r afterwards if it is to decode. (Inlines already admitted are planned by
+    plan_tokens, non-strict.)"""
+    return plan_tokens(mon, st, r, start, True, deadline) == r.prefill_target and st.t0 + st.elapsed <= deadline
 
 
 def plan_tokens(mon: Monitor, st: PlanState, r: Request, start: int, strict: bool, stop_after: float) -> int:
@@ -267,7 +264,7 @@ class QueuedPlan:
     overtake; `overtaken`, the rest; `margin`, the smallest deadline margin (deadline - planned
     end) among the overtaken inlines that are on time (inf if none).
 
-    Planned as far as asked (`ends_after`) and on from there: a newcomer whose deadline the queued
+    Planned as far as asked (`too_late_for`) and on from there: a newcomer whose deadline the queued
     inlines already pass needs no more of their plan (most of those tried under heavy load)."""
 
     def __init__(self, mon: Monitor, w: WorkerState, now: float):
@@ -326,13 +323,11 @@ class QueuedPlan:
             decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
         return least
 
-    def ends_after(self, deadline: float, then: Request | None = None) -> bool:
-        """Does the plan of the queued prefills end after `deadline`? (Planned only that far if so.)
-        With `then`: too late for a plan of `then` behind them to end by `deadline`? (Theirs is planned
-        only until `deadline` less the least time that plan takes.)"""
-        if then is not None:
-            rest = self._rest()
-            deadline -= self._least_time([*rest, (then, 0)], len(rest))
+    def too_late_for(self, r: Request, deadline: float) -> bool:
+        """Is it too late for a plan of r behind the queued prefills to end by `deadline`? (Theirs is
+        planned only until `deadline` less the least time that plan takes.)"""
+        rest = self._rest()
+        deadline -= self._least_time([*rest, (r, 0)], len(rest))
         return not self._plan(deadline) or self._st.t0 + self._st.elapsed > deadline
 
     @property
@@ -367,7 +362,7 @@ class QueuedPlan:
         most their smallest margin, and (replanned behind it) every one on time must stay on time."""
         mon, a = self.mon, self.ahead
         st = a.copy()
-        if not plan_prefill(mon, st, r, 0, strict=True, deadline=deadline):
+        if not plan_prefill(mon, st, r, 0, deadline):
             return InlinePlan(False, math.inf, -math.inf, st.steps - a.steps, "jump: no plan by the deadline")
         end, left, steps = st.t0 + st.elapsed, st.min_slack_left(), st.steps - a.steps
         if end - (a.t0 + a.elapsed) > self.margin:
@@ -430,7 +425,7 @@ class InlineFrontier:
         b = self.base
         if is_short(self.mon, r):  # no slack check: plan it directly
             st = b.copy()
-            plan_prefill(self.mon, st, r, 0, strict=True)
+            plan_prefill(self.mon, st, r, 0)
             steps, end, left = st.steps - b.steps, st.t0 + st.elapsed, st.min_slack_left()
         else:
             L = r.prefill_target
