@@ -521,28 +521,45 @@ def test_inline_frontier_equals_step_by_step_plan():
     assert checked > 200
 
 
-def test_pick_chunk_matches_a_scan_of_the_buckets():
-    """pick_chunk (closed-form largest chunk) = the rest of the prompt or the largest bucket whose
-    mixed step fits, found by trying every candidate."""
-    from tropical_jax.sched.multiplex import PlanState, pick_chunk
+def test_pick_chunk_matches_chunk_room_and_a_scan_of_the_buckets():
+    """pick_chunk (a search from the bucket the step before chose) = the rest of the prompt if it is
+    within chunk_room, else bucket_floor(chunk_room): the chunk InlineFrontier plans with (closed form),
+    whatever bucket the search starts from and whatever the step limits. Without limits, also the rest
+    or the largest bucket whose mixed step fits, found by trying every candidate."""
+    from tropical_jax.sched.multiplex import PlanState, bucket_floor, chunk_room, pick_chunk
+    from tropical_jax.sched.step_limits import StepLimits
 
     rng = __import__("random").Random(9)
+    buckets = (64, 128, 256, 512, 1024, 2048)
+    binding = 0  # cases where the limits change the chunk
     for mixed in (None, {"m0": 25.0, "mc2": 1e-6, "mcx": 3e-6, "mc1": 0.09, "mb": 0.3, "mt": 4e-5}):
         prof = {**PROFILE, "prefill": {"c2": 2e-6, "c1": 0.1, "c0": 15.0}, "decode": {"d0": 20.0, "d1": 0.2, "d2": 5e-5}}
         cost = CostModel.from_json({**prof, "mixed": mixed} if mixed else prof)
-        s = make("1M", cost=cost, safety_factor=1.03, chunk_buckets=(64, 128, 256, 512, 1024, 2048))
-        for _ in range(400):
+        s = make("1M", cost=cost, safety_factor=1.03, chunk_buckets=buckets)
+        for _ in range(600):
+            limits = None
+            if rng.random() < 0.6:
+                landings = [(rng.uniform(0, 0.6), rng.uniform(0.1, 0.9)) for _ in range(rng.randint(0, 3))]
+                busy = [(rng.uniform(0, 0.5), rng.uniform(0, 1.5)) for _ in range(rng.randint(0, 2))]
+                limits = StepLimits(landings, busy, rng.choice([math.inf, rng.uniform(0.01, 0.4)]))
             st = PlanState(t0=0.0, num_decodes=rng.randint(0, 40), decode_tokens=rng.randint(0, 200_000),
-                           elapsed=rng.uniform(0, 0.3), steps=rng.randint(0, 5), min_a={0.1: rng.uniform(0, 0.8)})
+                           elapsed=rng.uniform(0, 0.3), steps=rng.randint(0, 5), min_a={0.1: rng.uniform(0, 0.8)},
+                           limits=limits, bucket_hint=rng.choice([None, *range(len(buckets))]))
             R, ctx = rng.randint(1, 5000), rng.randint(0, 20_000)
-            budget = st.budget(0.0)
+            room = chunk_room(s.mon, st, st.steps, st.elapsed, ctx, st.decode_tokens)
+            free = st.copy()
+            got = pick_chunk(s.mon, st, R, ctx, True)[0]
+            assert got == (R if R <= room else bucket_floor(buckets, room))
+            free.limits = None
             want = 0
-            for b in reversed(s.cfg.chunk_buckets):
+            for b in reversed(buckets):
                 c = min(b, R)
-                if cost.t_mixed(c, ctx, st.num_decodes, st.decode_tokens) * 1.03 <= budget:
+                if cost.t_mixed(c, ctx, free.num_decodes, free.decode_tokens) * 1.03 <= free.budget(0.0):
                     want = c
                     break
-            assert pick_chunk(s.mon, st, R, ctx, True)[0] == want
+            assert pick_chunk(s.mon, free, R, ctx, True)[0] == want
+            binding += got != want
+    assert binding > 50
 
 
 def test_requests_no_worker_could_ever_serve_are_rejected_at_once():
