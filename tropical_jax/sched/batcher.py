@@ -195,7 +195,7 @@ class Batcher:
         return plan if plan is not None else self._plan(w, now, [], self._decodes(w, now))
 
     def _chunked(self, w: WorkerState, now: float) -> StepPlan | None:
-        decodes = self._decodes(w, now)
-        room = self.mon.cfg.chunked_budget - len(decodes[0])
+        decodes = batch, _ = self._decodes(w, now)
+        room = self.mon.cfg.chunked_budget - len(batch)
         chunks = self._pack(w, now, self._c_order(w), room) if room > 0 and w.queue else []
         return self._plan(w, now, chunks, decodes)

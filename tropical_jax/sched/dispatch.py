@@ -239,7 +239,8 @@ class TropicalDispatcher:
         p = self._p_choice(r, why, spare_all)
         p_end = math.inf if p is None else min(f for _, f, n in self._last_p if n == p.worker)
         # One M worker wins only by a plan that ends before p's first token: planning past it is spared.
-        # (With several, the one with most slack is chosen first, whatever its end: all are planned.)
+        # (With several, the one with most slack is chosen first, whatever its end: each is planned up
+        # to r's deadline, as rule 2 does, not up to p's first token.)
         m = self._m_choice(r, why, p_end if why is None and len(self.mon.of_role("M")) == 1 else math.inf)
         if p is None or m is None:
             return p or m

@@ -311,23 +311,28 @@ class QueuedPlan:
         return [(self._queue[i], self._ctx if i == self._next else self._starts[i])
                 for i in range(self._next, len(self._queue))]
 
-    def _least_time(self, prefills: list[tuple[Request, int]], timed_from: int = 0) -> float:
-        """A lower bound (s) on how much longer the plan of prefills[timed_from:] takes (least_time of
-        each), planned on from here after prefills[:timed_from] ((request, token its plan starts from),
-        in order): every step beside the decodes the plan has now and those of the prefills ended before."""
+    def _least_time(self, prefills: list[tuple[Request, int]]) -> float:
+        """A lower bound (s) on how much longer the plan of these prefills ((request, token its plan
+        starts from), in order) takes, planned on from here: least_time of each, beside the decodes the
+        plan has now and those of the prefills before it."""
         st = self._st
         least, decodes, tokens = 0.0, st.num_decodes, st.decode_tokens
-        for i, (q, start) in enumerate(prefills):
-            if i >= timed_from:
-                least += least_time(self.mon, q.prefill_target - start, start, decodes, tokens)
+        for q, start in prefills:
+            least += least_time(self.mon, q.prefill_target - start, start, decodes, tokens)
             decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
         return least
+
+    def _batch_after(self) -> tuple[int, int]:
+        """The plan's decode batch (decodes, KV tokens they read) once the queued prefills not yet
+        planned have joined it."""
+        st, rest = self._st, self._queue[self._next:]
+        return st.num_decodes + len(rest), st.decode_tokens + sum(q.prompt_len for q in rest)
 
     def too_late_for(self, r: Request, deadline: float) -> bool:
         """Is it too late for a plan of r behind the queued prefills to end by `deadline`? (Theirs is
         planned only until `deadline` less the least time that plan takes.)"""
-        rest = self._rest()
-        deadline -= self._least_time([*rest, (r, 0)], len(rest))
+        decodes, tokens = self._batch_after()
+        deadline -= least_time(self.mon, r.prefill_target, 0, decodes, tokens)
         return not self._plan(deadline) or self._st.t0 + self._st.elapsed > deadline
 
     @property
