@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from sched_helpers import ids as _ids, queued
 from tropical_jax.sched.config import PolicyConfig
 from tropical_jax.sched.cost_model import CostModel, ProfileError
 from tropical_jax.sched.plan import StepPlan
@@ -21,7 +22,6 @@ PROFILE = {"units": "ms", "prefill": {"c2": 0.0, "c1": 0.25, "c0": 10.0}, "decod
            "kv_bytes_per_token": 1000, "transfer": {"bandwidth_GBps": 1.0, "latency_ms": 1.0}}
 COST = CostModel.from_json(PROFILE)
 NOW = 100.0
-_ids = iter(range(10**9))
 
 
 def make(cluster="2M", policy="tropical", cost=COST, cap=100_000, **knobs):
@@ -46,18 +46,6 @@ def decoding(s, worker, L=100, slack=0.3, n_out=10, tpot=0.1):
     s.mon.track(r, next(_ids))
     assert w.reserve(r, L + n_out - 1)  # the last sampled token is not in the cache yet
     w.decoding.append(r)
-    s.live += 1
-    return r
-
-
-def queued(s, worker, r):
-    """Put r in worker's local prefill queue (as if dispatched there earlier)."""
-    w = s.workers[worker]
-    s.mon.track(r, next(_ids))
-    if w.role == "M":
-        assert w.reserve(r, r.prompt_len + 1)
-    w.queue.append(r)
-    w.rem[r] = s.mon.remaining_time(w, r)
     s.live += 1
     return r
 

@@ -15,15 +15,15 @@ MIXED = CostModel.from_json({**BASE, "mixed": {"m0": 25.0, "mc2": 1e-6, "mcx": 4
 FITTED_CHUNK = CostModel.from_json({**BASE, "chunk": {"k2": 3e-6, "kx": 1e-6, "k1": 0.1, "k0": 15.0}})
 
 
-def random_steps(cost, rng, tokens, start, most, B, T):
+def random_steps(cost, rng, tokens, start, most, B, T, largest=False):
     """Summed t_mixed of one random chunking of [start, start + tokens), with decodes that only grow
-    and decode-only steps between chunks."""
+    and decode-only steps between chunks; largest: chunks of `most` (the last the rest), none between."""
     total, ctx, end = 0.0, start, start + tokens
     while ctx < end:
-        if B and rng.random() < 0.2:
+        if B and not largest and rng.random() < 0.2:
             total += cost.t_decode(B, T)
         else:
-            c = min(rng.randint(1, most), end - ctx)
+            c = min(most if largest else rng.randint(1, most), end - ctx)
             total += cost.t_mixed(c, ctx, B, T)
             ctx += c
         B, T = B + rng.choice((0, 0, 1)), T + B + rng.randint(0, 500)
@@ -39,6 +39,7 @@ def test_no_chunking_beats_the_bound(cost):
         T = T if B else 0
         least = cost.min_chunked_time(tokens, start, most, B, T)
         assert 0 < least <= random_steps(cost, rng, tokens, start, most, B, T) * (1 + 1e-12)
+        assert least <= random_steps(cost, rng, tokens, start, most, B, T, largest=True) * (1 + 1e-12)
 
 
 def test_bound_is_tight_for_whole_chunks_of_the_derived_model():
@@ -59,8 +60,7 @@ def test_queued_inlines_too_late_for_a_newcomer_behind_them():
     # Two inlines queued on M0 beside a decode; a 6k newcomer. too_late_for(newcomer, cut) may say
     # "too late" before the queued plan reaches the cut, but only where the newcomer's own plan behind
     # them indeed ends after it; its frontier plan, given up early without an explanation, agrees.
-    from test_sched_decisions import queued
-    from test_sched_planned import decoding
+    from sched_helpers import decoding, queued
     from tropical_jax.sched.multiplex import QueuedPlan
     from tropical_jax.sched.request import Request
     from tropical_jax.sched.scheduler import Scheduler

@@ -3,7 +3,7 @@ the work bound."""
 
 import pytest
 
-from test_sched_decisions import queued  # puts a request in a worker's queue, as if dispatched there
+from sched_helpers import decoding, queued
 from tropical_jax.sched.bound import work_bound
 from tropical_jax.sched.config import PolicyConfig
 from tropical_jax.sched.cost_model import CostModel
@@ -86,21 +86,6 @@ def test_work_bound_by_hand():
     assert half["step_bound_rps_at_target"] == pytest.approx(1.8 / (0.109 / 2))
     with pytest.raises(ValueError, match="misses the TPOT SLO"):
         work_bound([10], [5], COST, 1, tpot_slo=0.01)
-
-
-def decoding(sched, worker, L, slack, now, tpot=0.1, n_out=5, max_tokens=1000):
-    """A request in `worker`'s decode batch with `slack` seconds banked at `now`."""
-    r = Request(f"d{L}-{slack}", 0.0, L, max_tokens, ttft_slo=100.0, tpot_slo=tpot, output_len=max_tokens)
-    r.n_out = n_out
-    r.first_token_time = now + slack - tpot * n_out
-    r.last_token_time = now
-    r.path = "inline"
-    w = sched.workers[worker]
-    sched.mon.track(r, 10**6 + len(sched.mon.seq))
-    assert w.reserve(r, L + n_out - 1)
-    w.decoding.append(r)
-    sched.live += 1
-    return r
 
 
 def test_long_prompt_inlined_in_many_chunks_keeps_every_decode_on_time():
