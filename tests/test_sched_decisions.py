@@ -479,7 +479,8 @@ def test_decode_tokens_count_only_the_batch_max_batch_keeps():
 
 def test_inline_frontier_equals_step_by_step_plan():
     """The shared-sequence planner gives exactly the step-by-step strict plan, for any prompt length."""
-    from tropical_jax.sched.multiplex import InlineFrontier, QueuedPlan, plan_prefill
+    from tropical_jax.sched.inline_plans import InlineFrontier, QueuedPlan
+    from tropical_jax.sched.multiplex import plan_prefill
 
     cost = CostModel.from_json({**PROFILE, "prefill": {"c2": 2e-6, "c1": 0.1, "c0": 15.0},
                                 "decode": {"d0": 20.0, "d1": 0.2, "d2": 5e-5}})

@@ -61,7 +61,7 @@ def test_queued_inlines_too_late_for_a_newcomer_behind_them():
     # "too late" before the queued plan reaches the cut, but only where the newcomer's own plan behind
     # them indeed ends after it; its frontier plan, given up early without an explanation, agrees.
     from sched_helpers import decoding, queued
-    from tropical_jax.sched.multiplex import QueuedPlan
+    from tropical_jax.sched.inline_plans import QueuedPlan
     from tropical_jax.sched.request import Request
     from tropical_jax.sched.scheduler import Scheduler
 

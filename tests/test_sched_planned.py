@@ -155,7 +155,7 @@ def test_short_prompt_jumps_a_long_inline_that_stays_on_time():
     sched, x, j = lane()
     w = sched.workers["M0"]
     assert j.path == "inline" and j.jumped and w.queue == [j, x] and sched.counters["jumped"] == 1
-    from tropical_jax.sched.multiplex import QueuedPlan
+    from tropical_jax.sched.inline_plans import QueuedPlan
     sched.dispatcher.begin_pass(0.0)
     after = QueuedPlan(sched.mon, w, 0.0)
     assert after.full.t0 + after.full.elapsed <= x.deadline

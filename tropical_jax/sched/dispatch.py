@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from tropical_jax.sched.monitor import Monitor, WorkerState, local_key
-from tropical_jax.sched.multiplex import QueuedPlan
+from tropical_jax.sched.inline_plans import QueuedPlan
 from tropical_jax.sched.request import PATH_COLOCATED, PATH_INLINE, PATH_PREFILL, Request
 
 WAIT = "wait"
