@@ -382,6 +382,21 @@ def test_arrival_guard_keeps_a_worker_free_for_the_shortest_recent_wait(p_state,
     assert step_limits(t.mon, t.workers["M0"], NOW) is None  # no limit at all
 
 
+def test_cached_plans_start_when_a_step_that_overran_its_prediction_ends():
+    """A worker's plans are cached while its state stands; they start when its step in flight ends,
+    so once that step has run past its predicted end (the real engine's steps vary), they start now."""
+    s = make("1P1M")
+    busy_until(s, "P0", NOW + 0.1)
+    busy_until(s, "M0", NOW + 0.1)
+    p, m, d = s.workers["P0"], s.workers["M0"], s.dispatcher
+    d.begin_pass(NOW)
+    assert d._pq(p).t0 == d._queued(m).full.t0 == NOW + 0.1
+    d.begin_pass(NOW + 0.05)  # still within the predicted steps: the same plans
+    assert d._pq(p).t0 == d._queued(m).full.t0 == NOW + 0.1
+    d.begin_pass(NOW + 0.5)   # both steps overran and are still in flight
+    assert d._pq(p).t0 == d._queued(m).full.t0 == NOW + 0.5
+
+
 def test_p_worker_srpt_at_chunk_boundary():
     s = make("1P1M", max_multiplex_tokens=100)
     a = req(3000)

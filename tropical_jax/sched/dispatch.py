@@ -74,9 +74,10 @@ class TropicalDispatcher:
         self._now = now
 
     def _state_key(self, w: WorkerState) -> tuple:
-        # An idle worker's plans start now, so they also depend on the time; an M worker's on the
-        # prefill workers' state and recent arrivals (sched/step_limits.py).
-        key = (w.version, self._now if w.busy is None else None)
+        # Plans start when w is free (start_state, _PQueue): now if idle or if its step in flight has
+        # overrun its predicted end, so then they also depend on the time. An M worker's plans depend
+        # on the prefill workers' state and recent arrivals too (sched/step_limits.py).
+        key = (w.version, w.free_at(self._now, self.mon.cfg.safety_factor))
         if w.role == "M" and (self.mon.cfg.handoff_guard or self.mon.cfg.arrival_guard):
             key += (self.mon.shortest_wait(), *(p.version for p in self.mon.of_role("P")))
         return key
