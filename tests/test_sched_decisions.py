@@ -397,6 +397,21 @@ def test_cached_plans_start_when_a_step_that_overran_its_prediction_ends():
     assert d._pq(p).t0 == d._queued(m).full.t0 == NOW + 0.5
 
 
+def test_cached_m_plans_see_a_prefill_step_that_overran():
+    """An M worker's plans under the arrival guard read when the P workers are free; a P step in
+    flight that ran past its predicted end keeps its version, so the cache must still see the time."""
+    s = make("1P1M", arrival_guard=True)
+    s.mon.track(req(40, ttft_slo=0.1), next(_ids))
+    busy_until(s, "P0", NOW + 0.5)
+    busy_until(s, "M0", NOW + 2.0)
+    queued(s, "M0", req(2048))
+    d, m = s.dispatcher, s.workers["M0"]
+    d.begin_pass(NOW)
+    assert d._queued(m).full.limits.prefill_busy[0][0] == pytest.approx(NOW + 0.5 * s.mon.cfg.safety_factor)
+    d.begin_pass(NOW + 1.0)  # P0's step is still in flight, past its predicted end; M0's is not
+    assert d._queued(m).full.limits.prefill_busy[0][0] == NOW + 1.0
+
+
 def test_p_worker_srpt_at_chunk_boundary():
     s = make("1P1M", max_multiplex_tokens=100)
     a = req(3000)

@@ -75,11 +75,14 @@ class TropicalDispatcher:
 
     def _state_key(self, w: WorkerState) -> tuple:
         # Plans start when w is free (start_state, _PQueue): now if idle or if its step in flight has
-        # overrun its predicted end, so then they also depend on the time. An M worker's plans depend
-        # on the prefill workers' state and recent arrivals too (sched/step_limits.py).
-        key = (w.version, w.free_at(self._now, self.mon.cfg.safety_factor))
+        # overrun its predicted end, so then they also depend on the time. An M worker's step limits
+        # (sched/step_limits.py) read recent arrivals and when each P worker is free, with and without
+        # the safety factor, and its prefilled requests waiting to be handed over land "now".
+        now, sf = self._now, self.mon.cfg.safety_factor
+        key = (w.version, w.free_at(now, sf))
         if w.role == "M" and (self.mon.cfg.handoff_guard or self.mon.cfg.arrival_guard):
-            key += (self.mon.shortest_wait(), *(p.version for p in self.mon.of_role("P")))
+            key += (self.mon.shortest_wait(), *((p.version, p.free_at(now, sf), p.free_at(now),
+                                                 now if p.handoff else None) for p in self.mon.of_role("P")))
         return key
 
     def _pq(self, w: WorkerState) -> _PQueue:
