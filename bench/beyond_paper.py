@@ -238,31 +238,37 @@ def targets(summary: dict) -> list[str]:
     return lines + [""]
 
 
+def setting_names(text: str) -> list[str]:
+    """--settings: comma-separated names of SETTINGS."""
+    names = text.split(",")
+    unknown = [s for s in names if s not in SETTINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    return names
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", type=setting_names, default=list(SETTINGS),
+                    help=f"comma-separated, from {', '.join(SETTINGS)}")
     ap.add_argument("--cache", default=CACHE, help="folder of per-search results")
     ap.add_argument("--warm", metavar="POLICIES", help="only run these (comma-separated) into the cache; no report")
     ap.add_argument("--rerun", action="append", default=[], metavar="POLICY", help="drop POLICY's cached searches")
     ap.add_argument("--results", default=str(RESULTS), help="output folder")
     a = ap.parse_args()
-    settings = a.settings.split(",")
-    unknown = [s for s in settings if s not in SETTINGS]
-    if unknown:
-        ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     cache = Cache(Path(a.cache), NUM_REQUESTS)
     for p in a.rerun:
-        for s in settings:
+        for s in a.settings:
             for seed in range(SEEDS):
                 cache.path(s, p, seed).unlink(missing_ok=True)
     if a.warm:
-        for s in settings:
+        for s in a.settings:
             run_setting(cache, s, [p for p in POLICIES if p in a.warm.split(",")])
         return
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     all_runs = {}
-    for s in settings:  # the report is rewritten after each setting: an interrupted run leaves a valid one
+    for s in a.settings:  # the report is rewritten after each setting: an interrupted run leaves a valid one
         all_runs[s] = run_setting(cache, s, POLICIES)
         report(all_runs, results)
         plot_curves({"workload": f"{s}: {SETTINGS[s]['workload']} (seed 0, shed on)", "profile": SETTINGS[s]["profile"],

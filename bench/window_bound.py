@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.beyond_paper import NUM_REQUESTS, SEEDS, SETTINGS, TARGET, requests
+from bench.beyond_paper import NUM_REQUESTS, SEEDS, SETTINGS, TARGET, requests, setting_names
 from tropical_jax.sched.bound import work_bound
 from tropical_jax.sched.window_bound import served_fraction, window_bound
 from tropical_jax.sim.cli import load_profile
@@ -29,14 +29,6 @@ from tropical_jax.sim.cli import load_profile
 RESULTS = Path(__file__).parent / "results"
 WORKERS, CLASS_FLOOR, REL_TOL = 2, 0.8, 0.01
 EVERY_SEED = ("mooncake", "arxiv")  # settings run at every seed (the 90%-of-bound targets); the rest seed 0, for time
-
-
-def setting_names(text: str) -> list[str]:
-    names = text.split(",")
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
-    return names
 
 
 def worst_class(run: dict) -> float:
