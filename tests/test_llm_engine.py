@@ -134,8 +134,6 @@ def test_preemption_under_page_pressure_keeps_greedy_tokens(tmp_path):
     assert llm.engine.pages_used() == 0
 
 
-
-
 @pytest.mark.slow
 def test_the_single_worker_steps_are_the_schedulers_plans(tmp_path):
     """Hand-computed: the default policy (chunked, shortest prompt first) packs prompts into a

@@ -15,7 +15,6 @@ from tropical_jax.sched.request import Request, RequestStatus
 from tropical_jax.sched.scheduler import Scheduler
 
 
-
 def make(**knobs):
     events = []
     policy = PolicyConfig(policy="chunked", token_budget=64, chunk_buckets=(64,), queue_order="fcfs",
