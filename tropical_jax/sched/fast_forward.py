@@ -70,7 +70,7 @@ class FastForward:
                 r.last_token_time = last
             w.busy = None
             w.version += 2 * k - 1  # a touch at each step's end and at each start but the next one
-            nxt = self.next_step(worker, ends[-1])
+            nxt = self.next_step(worker, last)
             return nxt, k - (nxt is None)
 
     def earliest_handoff(self, worker: str, step_end: float, cost: CostModel) -> float:
@@ -105,7 +105,7 @@ class FastForward:
             return False
         if not self.waiting:
             return True
-        others = [w for w in self.mon.workers.values() if w.role != "P"]
+        others = self.mon.of_role("M", "D", "C")
         return self.recalibrator is None and all(p.busy is not None for p in prefill) \
             and self._passed == tuple(p.version for p in prefill) \
             and not any(self.dispatcher.reads(r, w) for _, r in self.waiting for w in others)
