@@ -29,10 +29,11 @@ class RatePool:
         idle workers; a result still running for a rate no longer wanted keeps its worker until done."""
         if self._pool is None:
             return
+        busy = sum(not r.ready() for r in self._started.values())
         for i, rate in enumerate(rates):
-            busy = sum(not r.ready() for r in self._started.values())
             if rate not in self._started and (i == 0 or busy < self.jobs):
                 self._started[rate] = self._pool.apply_async(self.evaluate, (rate,))
+                busy += 1
 
     def __call__(self, rate):
         if self._pool is None:
