@@ -27,8 +27,6 @@ from tqdm import tqdm
 
 from ..runtime.executor import prompt_steps
 
-MIXED_COEFS = ("m0", "mc2", "mcx", "mc1", "mb", "mt")
-
 
 def median_ms(fn, reps: int = 5) -> float:
     """Median wall time of `reps` calls after one unmeasured call, in ms (the median resists a busy host)."""
