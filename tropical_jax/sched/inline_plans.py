@@ -51,7 +51,7 @@ class QueuedPlan:
             i, q = self._next, self._queue[self._next]
             if i == self.position and self._ahead is None:
                 self._ahead = st.copy()
-            if stop_after < math.inf and st.t0 + st.elapsed + self._least_time(self._rest()) > stop_after:
+            if stop_after < math.inf and st.t0 + st.elapsed + self._least_time() > stop_after:
                 return False  # the rest cannot end by then: no need to plan it step by step (yet)
             self._ctx = plan_tokens(mon, st, q, self._ctx, False, stop_after)
             if self._ctx < q.prefill_target:
@@ -69,18 +69,14 @@ class QueuedPlan:
                     return False
         return True
 
-    def _rest(self) -> list[tuple[Request, int]]:
-        """The queued prefills not yet planned, each with the token its plan starts from."""
-        return [(self._queue[i], self._ctx if i == self._next else self._starts[i])
-                for i in range(self._next, len(self._queue))]
-
-    def _least_time(self, prefills: list[tuple[Request, int]]) -> float:
-        """A lower bound (s) on how much longer the plan of these prefills ((request, token its plan
-        starts from), in order) takes, planned on from here: least_time of each, beside the decodes the
-        plan has now and those of the prefills before it."""
+    def _least_time(self) -> float:
+        """A lower bound (s) on how much longer the plan of the queued prefills not yet planned takes,
+        planned on from here: least_time of each from the token its plan starts at, beside the decodes
+        the plan has now and those of the prefills before it."""
         st = self._st
         least, decodes, tokens = 0.0, st.num_decodes, st.decode_tokens
-        for q, start in prefills:
+        for i in range(self._next, len(self._queue)):
+            q, start = self._queue[i], self._ctx if i == self._next else self._starts[i]
             least += least_time(self.mon, q.prefill_target - start, start, decodes, tokens)
             decodes, tokens = decodes + 1, tokens + q.prompt_len  # it joins the batch (join)
         return least
