@@ -36,7 +36,6 @@ class QueuedPlan:
         self._queue = list(w.queue)
         self._starts = [q.prefilled + w.inflight_tokens(q) for q in self._queue]
         self.overtaken = self._queue[self.position:]
-        self.starts = self._starts[self.position:]
         self._st = start_state(mon, w, now)
         self._next, self._ctx = 0, self._starts[0] if self._queue else 0  # where the plan goes on
         self._ahead: PlanState | None = None
@@ -132,7 +131,7 @@ class QueuedPlan:
         if end - (a.t0 + a.elapsed) > self.margin:
             return InlinePlan(False, end, left, steps, f"jump: delays a queued inline past its margin {self.margin:.3f} s")
         join(st, r)
-        for q, start, on_time in zip(self.overtaken, self.starts, self.on_time):  # replanned behind r
+        for q, start, on_time in zip(self.overtaken, self._starts[self.position:], self.on_time):  # replanned behind r
             # One on time must stay so: planned no further than its deadline (past it, r may not jump).
             plan_tokens(mon, st, q, start, False, q.deadline if on_time else math.inf)
             if on_time and st.t0 + st.elapsed > q.deadline:
