@@ -48,10 +48,6 @@ class PlanState:
         return PlanState(self.t0, self.num_decodes, self.decode_tokens, self.elapsed, self.steps, dict(self.min_a),
                          self.limits, self.bucket_hint)
 
-    def cap(self, elapsed: float) -> float:
-        """Longest step starting `elapsed` seconds into the plan that the step limits allow."""
-        return math.inf if self.limits is None else self.limits.cap(self.t0 + elapsed)
-
     def add_decode(self, a: float, tpot: float, ctx: int) -> None:
         if a < self.min_a.get(tpot, math.inf):
             self.min_a[tpot] = a
@@ -59,8 +55,9 @@ class PlanState:
         self.decode_tokens += ctx
 
     def budget(self, margin: float) -> float:
-        """Longest next step (s) that keeps every decode's token of that step on time (and the cap)."""
-        return step_budget(self.min_a, self.steps, self.elapsed, self.cap(self.elapsed), margin)
+        """Longest next step (s) that keeps every decode's token of that step on time, within the step limits."""
+        cap = math.inf if self.limits is None else self.limits.cap(self.t0 + self.elapsed)
+        return step_budget(self.min_a, self.steps, self.elapsed, cap, margin)
 
     def min_slack_left(self) -> float:
         """Smallest slack of any decode after the steps planned so far (inf without decodes)."""
