@@ -85,19 +85,19 @@ class TropicalDispatcher:
                                                  now if p.handoff else None) for p in self.mon.of_role("P")))
         return key
 
-    def _pq(self, w: WorkerState) -> _PQueue:
+    def _plans(self, w: WorkerState, make):
+        """make(mon, w, now), made again only when w's state key has changed (one per worker)."""
         key = self._state_key(w)
         hit = self._cache.get(w.name)
         if hit is None or hit[0] != key:
-            hit = self._cache[w.name] = (key, _PQueue(self.mon, w, self._now))
+            hit = self._cache[w.name] = (key, make(self.mon, w, self._now))
         return hit[1]
 
+    def _pq(self, w: WorkerState) -> _PQueue:
+        return self._plans(w, _PQueue)
+
     def _queued(self, w: WorkerState) -> QueuedPlan:
-        key = self._state_key(w)
-        hit = self._cache.get(w.name)
-        if hit is None or hit[0] != key:
-            hit = self._cache[w.name] = (key, QueuedPlan(self.mon, w, self._now))
-        return hit[1]
+        return self._plans(w, QueuedPlan)
 
     def reads(self, r: Request, w: WorkerState) -> bool:
         """May deciding r read w's state? Rule 2 refuses a prompt over max_multiplex_tokens before it
