@@ -233,13 +233,10 @@ class TropicalDispatcher:
         """Rules 1 and 2 in `prefer` order, or for prefer=finish (docs/algorithm.md, Earliest first token)
         the best P and the best M compared by predicted first token, ties to P (no decode is stalled)."""
         prefer = self.mon.cfg.prefer
-        if prefer != "finish":
-            rules = (lambda: self._p_choice(r, why, spare_all), lambda: self._m_choice(r, why))
-            for rule in rules[::-1] if prefer == "multiplex" else rules:
-                d = rule()
-                if d is not None:
-                    return d
-            return None
+        if prefer == "prefill":
+            return self._p_choice(r, why, spare_all) or self._m_choice(r, why)
+        if prefer == "multiplex":
+            return self._m_choice(r, why) or self._p_choice(r, why, spare_all)
         p = self._p_choice(r, why, spare_all)
         p_end = math.inf if p is None else min(f for _, f, n in self._last_p if n == p.worker)
         # One M worker wins only by a plan that ends before p's first token: planning past it is spared.
