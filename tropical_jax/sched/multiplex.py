@@ -218,7 +218,7 @@ def plan_tokens(mon: Monitor, st: PlanState, r: Request, start: int, strict: boo
         st.advance(s)
         ctx += c
         if st.t0 + st.elapsed > stop_after:
-            return ctx
+            break
     return ctx
 
 
