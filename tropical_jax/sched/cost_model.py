@@ -246,7 +246,7 @@ class CostModel:
 
         A chunk c at ctx costs a0 + a2·c² + ax·c·ctx + a1·c (ms), and over any chunking
         sum(c·ctx) = start·N + (N² − sum(c²))/2, 0 < sum(c²) <= N·most, and N/most steps at least.
-        Cheap next to planning those steps one by one (sched/multiplex.py prunes plans with it)."""
+        Cheap next to planning those steps one by one (sched/inline_plans.py prunes plans with it)."""
         k2, kx, k1, k0 = self._k
         d0, d1, d2 = self._d
         if self._m is None:

@@ -15,8 +15,16 @@ from dataclasses import dataclass
 
 from tropical_jax.sched.monitor import Monitor, WorkerState
 from tropical_jax.sched.multiplex import (PlanState, bucket_floor, chunk_room, is_short, join, jump_position,
-                                          least_time, plan_prefill, plan_tokens, start_state)
+                                          plan_prefill, plan_tokens, start_state)
 from tropical_jax.sched.request import Request
+
+
+def least_time(mon: Monitor, tokens: int, start: int, decodes: int, decode_tokens: int) -> float:
+    """A lower bound (s, safety factor included) on any plan's steps for tokens [start, start + tokens)
+    of a prompt beside `decodes` or more decodes reading `decode_tokens` or more (CostModel.min_chunked_time),
+    less a margin for the rounding of a step-by-step sum: a plan that must end later can be refused unmade."""
+    least = mon.cost.min_chunked_time(tokens, start, mon.big_chunk, decodes, decode_tokens)
+    return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
 
 
 class QueuedPlan:

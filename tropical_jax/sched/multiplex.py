@@ -222,14 +222,6 @@ def plan_tokens(mon: Monitor, st: PlanState, r: Request, start: int, strict: boo
     return ctx
 
 
-def least_time(mon: Monitor, tokens: int, start: int, decodes: int, decode_tokens: int) -> float:
-    """A lower bound (s, safety factor included) on any plan's steps for tokens [start, start + tokens)
-    of a prompt beside `decodes` or more decodes reading `decode_tokens` or more (CostModel.min_chunked_time),
-    less a margin for the rounding of a step-by-step sum: a plan that must end later can be refused unmade."""
-    least = mon.cost.min_chunked_time(tokens, start, mon.big_chunk, decodes, decode_tokens)
-    return least * mon.cfg.safety_factor * (1 - 1e-9) - 1e-9
-
-
 def join(st: PlanState, r: Request) -> None:
     """r, whose prefill the plan just finished, decodes from now on: a new request has one TPOT of
     slack at its first token; a recompute keeps the slack it had (its tokens were due all along)."""
