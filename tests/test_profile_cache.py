@@ -162,7 +162,8 @@ def test_every_bucket_set_profiles_a_mixed_model_that_fits(monkeypatch, chunks, 
         ctx = chunk[0] if chunk else tokens - c
         return true_ms(c, ctx, b, b * (decode_tokens or tokens)) if b else 1.0 + c + ctx
 
-    cm = CostModel.from_json(profile_mod.profile_executor(FakeExecutor(cfg, step_ms, monkeypatch), progress=False))  # every free coefficient determined
+    # Every coefficient the points can see is determined, the rest pinned to 0.
+    cm = CostModel.from_json(profile_mod.profile_executor(FakeExecutor(cfg, step_ms, monkeypatch), progress=False))
     for c in chunks:
         for b in batches:
             assert cm.t_mixed(c, 0, b, b * 8) * 1e3 == pytest.approx(true_ms(c, 0, b, b * 8), rel=1e-6)
